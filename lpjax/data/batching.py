@@ -1,0 +1,97 @@
+"""Deterministic, resumable, shardable minibatches over in-memory arrays, built on grain.
+
+Batch number `step` is a pure function of (seed, step): grain's `MapDataset`
+is random access, `shuffle` before `repeat` reshuffles each epoch with a seed
+folded with the epoch number, and batching happens before `repeat` so no batch
+straddles two epochs. Resuming at `start_step` is therefore a slice, not a
+replay, and the returned grain iterator can also report and restore its
+position with `get_state()` / `set_state()`.
+"""
+
+import functools
+
+import grain
+import numpy as np
+
+# The arrays already live in memory; reader threads would only contend for the
+# GIL and a deep prefetch buffer would hold hundreds of batches in RAM.
+_IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
+    full, remainder = divmod(num_examples, batch_size)
+    return full + (1 if remainder and not drop_remainder else 0)
+
+
+def _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count):
+    num_examples = len(x)
+    if len(y) != num_examples:
+        raise ValueError(f"x has {num_examples} rows but y has {len(y)}; pass matching arrays")
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} must be between 1 and the {num_examples} examples; "
+            "lower batch_size or use more data")
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
+            "pass jax.process_index() and jax.process_count()")
+    if batch_size % shard_count:
+        raise ValueError(
+            f"global batch_size={batch_size} is not divisible by shard_count={shard_count}; "
+            "choose a batch size that is a multiple of the number of shards")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed} must be in [0, 2**32) for grain's shuffle")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0")
+
+
+def global_batch_indices(
+    num_examples: int, batch_size: int, *, seed: int, drop_remainder: bool = True
+) -> grain.MapDataset:
+    """Infinite random-access dataset whose element `step` is that step's example indices."""
+    return (
+        grain.MapDataset.range(num_examples)
+        .shuffle(seed=seed)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .repeat()
+    )
+
+
+def _take_shard(indices: np.ndarray, shard_index: int, shard_count: int) -> np.ndarray:
+    # Proportional bounds give equal slices for full batches and still partition
+    # a short final batch (drop_remainder=False) as evenly as possible.
+    start = len(indices) * shard_index // shard_count
+    stop = len(indices) * (shard_index + 1) // shard_count
+    return indices[start:stop]
+
+
+def _gather(indices: np.ndarray, x: np.ndarray, y: np.ndarray):
+    return x[indices], y[indices]
+
+
+def batch_iterator(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    drop_remainder: bool = True,
+    start_step: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.DatasetIterator:
+    """Endless (x_batch, y_batch) numpy pairs, reshuffled every epoch.
+
+    `batch_size` is the global batch; this shard receives its
+    `batch_size // shard_count` rows, and the shards' outputs concatenated in
+    shard order equal the global batch. The first item yielded is global step
+    `start_step`. With `drop_remainder=False` the last batch of each epoch is
+    shorter and shards may differ by one row on that step.
+    """
+    _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count)
+    batches = (
+        global_batch_indices(len(x), batch_size, seed=seed, drop_remainder=drop_remainder)
+        .map(functools.partial(_take_shard, shard_index=shard_index, shard_count=shard_count))
+        .map(functools.partial(_gather, x=x, y=y))
+    )
+    return iter(batches[start_step:].to_iter_dataset(_IN_MEMORY_READ_OPTIONS))

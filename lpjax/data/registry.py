@@ -1,0 +1,32 @@
+"""Name -> loader lookup, so configs can refer to datasets by string."""
+
+import inspect
+
+from lpjax.data.dataset import Dataset
+from lpjax.data.embedded_images import load_digits, load_mnist5k
+from lpjax.data.text_bytes import load_text_bytes
+
+DATASETS = {
+    "digits": load_digits,
+    "mnist5k": load_mnist5k,
+    "text_bytes": load_text_bytes,
+}
+
+
+def _accepted_options(loader) -> list:
+    return [name for name in inspect.signature(loader).parameters if name != "seed"]
+
+
+def load_dataset(name: str, *, seed: int = 0, **options) -> Dataset:
+    """Loads a registered dataset; `options` are the loader's keyword arguments."""
+    if name not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    loader = DATASETS[name]
+    accepted = _accepted_options(loader)
+    unexpected = sorted(set(options) - set(accepted))
+    if unexpected:
+        raise ValueError(
+            f"dataset {name!r} got unknown option(s) {', '.join(unexpected)}; "
+            f"accepted options: {', '.join(accepted)}")
+    return loader(seed=seed, **options)

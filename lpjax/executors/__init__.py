@@ -1,0 +1,22 @@
+"""Executors: where and how a schedule's tasks run. See DESIGN.md §4."""
+
+from ..errors import ConfigError
+from .dataflow import DataflowExecutor
+from .placement import PerStageMeshes, SingleDevice, make_stage_mesh
+
+
+def make_executor(kernels, schedule, layout=None):
+    """The reference executor when ``layout`` is None, else the layout's executor."""
+    if layout is None:
+        return DataflowExecutor(kernels, schedule, SingleDevice())
+    if layout.stages != len(kernels):
+        raise ConfigError(f"layout has {layout.stages} stages but the model has {len(kernels)}; make them equal")
+    mesh = make_stage_mesh(layout.stages, layout.data)
+    if layout.executor == "mpmd":
+        return DataflowExecutor(kernels, schedule, PerStageMeshes(mesh))
+    from .spmd import SpmdExecutor  # only homogeneous models can use it
+
+    return SpmdExecutor(kernels, schedule, mesh)
+
+
+__all__ = ["DataflowExecutor", "PerStageMeshes", "SingleDevice", "make_executor", "make_stage_mesh"]

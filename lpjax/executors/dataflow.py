@@ -1,0 +1,130 @@
+"""Runs a schedule's task table, stage by stage, with the method's per-stage kernels.
+
+The same interpreter is the reference executor (every stage on one device, tasks in table order)
+and the per-stage MPMD executor (stage k jitted on its own devices, activations and cotangents moved
+with ``jax.device_put``). Nothing here waits on the host, so stages on different devices overlap
+through JAX's asynchronous dispatch.
+
+Message bookkeeping, with ``d = j - k`` the distance from stage k to the loss j that sent it:
+
+- synchronous schedules: stage k's backward task for microbatch m consumes the cotangents about m;
+- streaming: stage k's task for microbatch m consumes the cotangents about ``m - 2d`` (each hop back
+  costs two clocks: one for the later stage to run, one for the message to return) and applies them
+  to the residual it stored when it ran that microbatch, so the gradient is exact for the parameter
+  version that produced the activation, and lands in the update of the step that m belongs to.
+"""
+
+import functools
+
+import jax
+
+from ..schedules import BACKWARD, FORWARD, LOCAL
+
+DELAY_PER_HOP = 2  # microbatches between stage k running m and stage k-1 receiving its cotangent
+
+
+class DataflowExecutor:
+    def __init__(self, kernels, schedule, placement):
+        self.kernels = kernels
+        self.schedule = schedule
+        self.placement = placement
+        self.num_stages = len(kernels)
+        self.states = [placement.put_state(k, kern.init_state()) for k, kern in enumerate(kernels)]
+        self.backward = any(kern.sources for kern in kernels)
+        self.done = [0] * self.num_stages
+        self.fed = 0
+        self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
+        self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_log()
+        self._cells = {}
+
+    # -- public ------------------------------------------------------------------------------
+    def feed(self, microbatch_inputs, microbatch_labels):
+        """Queue one step's microbatches (sequences of arrays) and run every clock they unlock."""
+        for x, y in zip(microbatch_inputs, microbatch_labels):
+            m = self.fed
+            self.inputs[(0, m)] = self.placement.put_batch(0, x)
+            for k, kern in enumerate(self.kernels):
+                if kern.trains_head:
+                    self.labels[(k, m)] = self.placement.put_batch(k, y)
+            self.fed += 1
+        self._run(drain=False)
+
+    def drain(self):
+        """Finish every fed microbatch at every stage (the fill/drain bubble of a stream)."""
+        self._run(drain=True)
+
+    def take_log(self):
+        log, self.log = self.log, []
+        return log
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _run(self, drain):
+        clocks = self.schedule.plan(self.num_stages, self.done, self.fed, drain=drain, backward=self.backward)
+        for clock in clocks:
+            for task in clock:
+                if task is not None:
+                    self._execute(task)
+                    if task.phase != BACKWARD:
+                        self.done[task.stage] = task.microbatch + 1
+
+    def _execute(self, task):
+        k, m = task.stage, task.microbatch
+        kern = self.kernels[k]
+        if task.phase == BACKWARD:
+            about = {j: m for j in kern.sources}
+        elif task.phase == LOCAL:
+            about = {j: m - DELAY_PER_HOP * (j - k) for j in kern.sources}
+        else:
+            about = {}
+        present = tuple(j for j in about if (k, j, about[j]) in self.messages)
+        cotangents = {j: self.messages.pop((k, j, about[j])) for j in present}
+        residuals = {j: self._residual(k, j, about[j]) for j in present}
+        cell = self._cell(k, task.phase, present, task.update)
+        state = self.states[k]
+        if task.phase == BACKWARD:
+            state, passed = cell(state, residuals, cotangents)
+        else:
+            x = self.inputs.pop((k, m))
+            y = self.labels.pop((k, m), None)
+            state, h, own_dx, residual, passed, metrics = cell(state, x, y, residuals, cotangents)
+            if k + 1 < self.num_stages:
+                self.inputs[(k + 1, m)] = self.placement.put_batch(k + 1, h)
+            if own_dx is not None:
+                self.messages[(k - 1, k, m)] = self.placement.put_batch(k - 1, own_dx)
+            if residual is not None:
+                self.residuals[(k, m)] = [residual, len(kern.sources)]
+            self.log.append((k, m, metrics))
+        for j, dx in passed.items():
+            self.messages[(k - 1, j, about[j])] = self.placement.put_batch(k - 1, dx)
+        self.states[k] = state
+
+    def _residual(self, k, j, m):
+        entry = self.residuals[(k, m)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.residuals[(k, m)]
+        return entry[0]
+
+    # -- compiled cells ----------------------------------------------------------------------
+    def _cell(self, k, phase, present, update):
+        key = (k, phase, present, update)
+        if key not in self._cells:
+            kern = self.kernels[k]
+            fn = _backward_cell if phase == BACKWARD else _forward_cell
+            self._cells[key] = jax.jit(functools.partial(fn, kern, update))
+        return self._cells[key]
+
+
+def _forward_cell(kern, update, state, x, y, residuals, cotangents):
+    state, h, own_dx, residual, metrics = kern.forward(state, x, y)
+    state, passed = kern.backward(state, residuals, cotangents)
+    if update:
+        state = kern.update(state)
+    return state, h, own_dx, residual, passed, metrics
+
+
+def _backward_cell(kern, update, state, residuals, cotangents):
+    state, passed = kern.backward(state, residuals, cotangents)
+    if update:
+        state = kern.update(state)
+    return state, passed

@@ -1,0 +1,162 @@
+"""Pure per-stage update rules (DESIGN.md §3), shared unchanged by every executor.
+
+Each stage owns a ``StageState`` (params, non-trainable state such as batch statistics, optimizer
+state and a gradient sum). Three pure functions act on it:
+
+- ``forward``: run the body on the stage's input, score its own head, add ``∂L_k/∂(θ_k, φ_k)`` to
+  the gradient sum, and return the activation for stage k+1, the input cotangent ``∂L_k/∂h_{k-1}``
+  for stage k-1 (only when the window lets it pass) and the body's VJP residual, kept so that later
+  losses can reach this stage's parameters without a second forward pass.
+- ``backward``: apply residuals to cotangents arriving from later stages' losses, add the parameter
+  part to the gradient sum and pass on the input part where the window allows.
+- ``update``: one optax step with the mean gradient over the microbatches seen since the last one.
+
+Stage boundaries are cut with ``jax.lax.stop_gradient``; a loss's gradient only crosses a boundary
+as an explicit cotangent message, which is what makes the window exact.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .losses import accuracy
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StageState:
+    params: Any  # {"body": ..., "head": ...}
+    rest: Any  # non-Param variables (batch stats, RNG counters): {"body": ..., "head": ...}
+    opt_state: Any
+    grad_sum: Any  # same tree as the trainable params
+    grad_count: Any  # microbatches whose own loss is in grad_sum
+
+
+def _split(module):
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+class StageKernels:
+    """The update rule of stage ``k`` of ``K`` for one method, as pure functions."""
+
+    def __init__(self, stage, k, num_stages, method, tx, loss_fn):
+        self.k, self.num_stages = k, num_stages
+        self.tx, self.loss_fn = tx, loss_fn
+        self.weight = method.weights(num_stages)[k]
+        self.trains_head = self.weight != 0.0
+        self.sources = method.sources(k, num_stages)
+        self.passes_on = {j: method.passes_on(j, k, num_stages) for j in self.sources}
+        self.sends_own_gradient = self.trains_head and method.passes_on(k, k, num_stages)
+        stage.eval()
+        self.body_eval_def, _, _ = _split(stage.body)
+        self.head_eval_def, _, _ = _split(stage.head)
+        stage.train()
+        self.body_def, body_params, body_rest = _split(stage.body)
+        self.head_def, head_params, head_rest = _split(stage.head)
+        self._initial = ({"body": body_params, "head": head_params}, {"body": body_rest, "head": head_rest})
+
+    # -- state -------------------------------------------------------------------------------
+    def trainable(self, params):
+        return params if self.trains_head else {"body": params["body"]}
+
+    def init_state(self) -> StageState:
+        params, rest = self._initial
+        trainable = self.trainable(params)
+        return StageState(
+            params=params,
+            rest=rest,
+            opt_state=self.tx.init(trainable),
+            grad_sum=jax.tree.map(jnp.zeros_like, trainable),
+            grad_count=jnp.zeros((), jnp.int32),
+        )
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _body(self, graphdef, body_params, body_rest, x):
+        body = nnx.merge(graphdef, body_params, body_rest)
+        h = body(x)
+        _, _, new_rest = _split(body)
+        return h, new_rest
+
+    def _head(self, graphdef, head_params, head_rest, h):
+        head = nnx.merge(graphdef, head_params, head_rest)
+        logits = head(h)
+        _, _, new_rest = _split(head)
+        return logits, new_rest
+
+    def _metrics(self, logits, y):
+        return {"loss": self.loss_fn(logits, y), "accuracy": accuracy(logits, y)}
+
+    def _no_metrics(self):
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return {"loss": nan, "accuracy": nan}
+
+    # -- the rule ----------------------------------------------------------------------------
+    def forward(self, state: StageState, x, y):
+        """Returns ``(state, h, own_cotangent | None, residual | None, metrics)``."""
+        params, rest = state.params, state.rest
+        needs_input_grad = self.sends_own_gradient or False
+        if not needs_input_grad:
+            x = jax.lax.stop_gradient(x)
+        body_fn = lambda bp, inp: self._body(self.body_def, bp, rest["body"], inp)
+        h, body_vjp, new_body_rest = jax.vjp(body_fn, params["body"], x, has_aux=True)
+        new_rest = dict(rest, body=new_body_rest)
+        grads = jax.tree.map(jnp.zeros_like, state.grad_sum)
+        own_dx, metrics = None, self._no_metrics()
+        if self.trains_head:
+            def head_loss(hp, hidden):
+                logits, head_rest = self._head(self.head_def, hp, rest["head"], hidden)
+                return self.weight * self.loss_fn(logits, y), (logits, head_rest)
+
+            (_, (logits, new_head_rest)), (head_grad, dh) = jax.value_and_grad(
+                head_loss, argnums=(0, 1), has_aux=True)(params["head"], h)
+            body_grad, dx = body_vjp(dh)
+            grads = {"body": body_grad, "head": head_grad}
+            new_rest["head"] = new_head_rest
+            metrics = self._metrics(logits, y)
+            own_dx = dx if needs_input_grad else None
+        residual = body_vjp if self.sources else None
+        state = dataclasses.replace(
+            state,
+            rest=new_rest,
+            grad_sum=jax.tree.map(jnp.add, state.grad_sum, grads),
+            grad_count=state.grad_count + 1,
+        )
+        return state, jax.lax.stop_gradient(h), own_dx, residual, metrics
+
+    def backward(self, state: StageState, residuals: dict, cotangents: dict):
+        """Apply later losses' cotangents; returns ``(state, {source: cotangent for stage k-1})``."""
+        body_sum = state.grad_sum["body"]
+        passed = {}
+        for j, cotangent in cotangents.items():
+            body_grad, dx = residuals[j](cotangent)
+            body_sum = jax.tree.map(jnp.add, body_sum, body_grad)
+            if self.passes_on[j]:
+                passed[j] = dx
+        grad_sum = dict(state.grad_sum, body=body_sum)
+        return dataclasses.replace(state, grad_sum=grad_sum), passed
+
+    def update(self, state: StageState) -> StageState:
+        count = jnp.maximum(state.grad_count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / count, state.grad_sum)
+        trainable = self.trainable(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return dataclasses.replace(
+            state,
+            params=dict(state.params, **trainable),
+            opt_state=opt_state,
+            grad_sum=jax.tree.map(jnp.zeros_like, state.grad_sum),
+            grad_count=jnp.zeros_like(state.grad_count),
+        )
+
+    # -- evaluation --------------------------------------------------------------------------
+    def predict(self, state: StageState, x):
+        """Eval-mode body and head; returns ``(h, logits)``."""
+        h, _ = self._body(self.body_eval_def, state.params["body"], state.rest["body"], x)
+        logits, _ = self._head(self.head_eval_def, state.params["head"], state.rest["head"], h)
+        return h, logits

@@ -1,0 +1,135 @@
+"""The one training loop entry point every method, schedule and executor goes through."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import ConfigError
+from .executors import make_executor
+from .kernels import StageKernels
+from .losses import check_logits_match_labels, get_loss
+from .methods import Method
+from .optimizers import per_stage_optimizers
+from .schedules import Schedule, Sequential
+
+
+class Trainer:
+    """Trains a ``StagedModel`` with a method, per-stage optax optimizers, a schedule and a layout.
+
+    ``layout=None`` runs the reference executor on one device. ``step`` never waits on the device:
+    the metrics it returns are device arrays.
+    """
+
+    def __init__(self, model, *, method: Method, optimizer, loss="softmax_cross_entropy",
+                 schedule: Schedule | None = None, layout=None, num_classes: int | None = None):
+        if not isinstance(method, Method):
+            raise ConfigError(f"method must be an lpjax method such as lpjax.methods.Greedy(), got {method!r}")
+        method.check(model)
+        self.model, self.method = model, method
+        self.schedule = schedule or Sequential(1)
+        if method.needs_flush and not self.schedule.synchronous:
+            raise ConfigError(f"{method.name} needs a flushing schedule (sequential or gpipe), not {self.schedule!r}")
+        self.layout = layout
+        self.num_classes = num_classes
+        self.loss_fn = get_loss(loss)
+        optimizers = per_stage_optimizers(optimizer, len(model), method)
+        self.kernels = [StageKernels(stage, k, len(model), method, tx, self.loss_fn)
+                        for k, (stage, tx) in enumerate(zip(model, optimizers))]
+        self.executor = make_executor(self.kernels, self.schedule, layout)
+        self.steps = 0
+        self._checked_shapes = False
+        self._predict = {}
+
+    @property
+    def num_stages(self):
+        return len(self.kernels)
+
+    @property
+    def microbatches(self):
+        return self.schedule.microbatches
+
+    @property
+    def stage_states(self):
+        return self.executor.states
+
+    # -- training ----------------------------------------------------------------------------
+    def split_batch(self, x, y):
+        batch = len(x)
+        parts = self.microbatches * self.executor.placement.num_data
+        if len(y) != batch:
+            raise ConfigError(f"batch has {batch} inputs but {len(y)} labels")
+        if batch % parts:
+            raise ConfigError(
+                f"batch size {batch} is not divisible by microbatches x data = {parts}; "
+                f"use a batch size that is a multiple of {parts}"
+            )
+        m = self.microbatches
+        return np.split(np.asarray(x), m), np.split(np.asarray(y), m)
+
+    def step(self, x, y):
+        """One optimizer step per stage on the batch ``(x, y)``; returns per-stage metrics."""
+        xs, ys = self.split_batch(x, y)
+        if not self._checked_shapes:
+            self.check_shapes(xs[0], ys[0])
+        self.executor.feed(xs, ys)
+        self.steps += 1
+        return summarize(self.executor.take_log(), self.num_stages)
+
+    def drain(self):
+        """Finish all in-flight microbatches (streaming schedules); returns their metrics."""
+        self.executor.drain()
+        return summarize(self.executor.take_log(), self.num_stages)
+
+    def check_shapes(self, x, y):
+        """Fail before compiling anything if a head's output cannot be scored against the labels."""
+        h = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
+        for k, (kern, state) in enumerate(zip(self.kernels, self.executor.states)):
+            try:
+                h, logits = jax.eval_shape(kern.predict, state, h)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"stage {k} cannot take an input of shape {h.shape}: {str(err).splitlines()[0]}") from None
+            if kern.trains_head or k == self.num_stages - 1:
+                check_logits_match_labels(logits.shape, np.shape(y), self.num_classes, where=f"stage {k}'s head")
+        self._checked_shapes = True
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, x, y, batch_size: int = 500):
+        """Loss and accuracy of every stage's head on held-out data (anytime prediction)."""
+        self.drain()
+        totals = np.zeros((self.num_stages, 2))
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            h = xb
+            for k in range(self.num_stages):
+                place = self.executor.placement
+                h, loss_sum, correct = self._predict_fn(k)(self.executor.states[k], place.put_state(k, h),
+                                                           place.put_state(k, yb))
+                totals[k] += (float(loss_sum), float(correct))
+        count = len(y) * (np.prod(np.shape(y)[1:]) if np.ndim(y) > 1 else 1)
+        return [{"loss": float(loss / count), "accuracy": float(correct / count)} for loss, correct in totals]
+
+    def _predict_fn(self, k):
+        if k not in self._predict:
+            kern = self.kernels[k]
+
+            def predict(state, x, y):
+                h, logits = kern.predict(state, x)
+                n = y.size
+                return h, self.loss_fn(logits, y) * n, (jnp.argmax(logits, -1) == y).sum()
+
+            self._predict[k] = jax.jit(predict)
+        return self._predict[k]
+
+
+def summarize(log, num_stages):
+    """Mean of each metric per stage over the tasks in ``log``; ``None`` for a stage that ran none."""
+    per_stage = [[] for _ in range(num_stages)]
+    for k, _, metrics in log:
+        per_stage[k].append(metrics)
+    out = []
+    for entries in per_stage:
+        if not entries:
+            out.append(None)
+            continue
+        out.append({name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]})
+    return out

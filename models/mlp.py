@@ -1,0 +1,48 @@
+"""Plain ReLU MLP, the paper's smallest CIFAR-10 model family."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from flax import nnx
+
+from .base import Network, check_head_index
+from .heads import FlattenLinear
+
+
+class DenseReLU(nnx.Module):
+    """Flatten (a no-op after the first layer) -> Dense -> ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.linear(x.reshape(x.shape[0], -1)))
+
+
+def _flatten_head(width, num_classes, num_layers, i, rngs):
+    check_head_index(i, num_layers)
+    return FlattenLinear(width, num_classes, rngs=rngs)
+
+
+def mlp(*, input_shape, num_classes: int, depth: int = 4, width: int = 256, rngs: nnx.Rngs) -> Network:
+    """An MLP of ``depth`` Dense+ReLU layers, each ``width`` wide (256 by default).
+
+    ``input_shape`` excludes the batch dimension, e.g. ``(32, 32, 3)``; the first
+    layer flattens it. Every layer, the last included, gets a
+    ``FlattenLinear(width, num_classes)`` head, so the output head is a linear
+    readout of the last hidden layer. No natural splits: all layers are alike.
+    """
+    if depth < 1:
+        raise ValueError(f"mlp depth must be >= 1, got {depth}")
+    in_features = math.prod(input_shape)
+    layers = [DenseReLU(in_features, width, rngs=rngs)]
+    layers += [DenseReLU(width, width, rngs=rngs) for _ in range(depth - 1)]
+    return Network(
+        layers=layers,
+        make_head=functools.partial(_flatten_head, width, num_classes, depth),
+        natural_splits=(),
+        name=f"mlp{depth}x{width}",
+    )

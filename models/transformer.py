@@ -1,0 +1,38 @@
+"""Decoder-only causal Transformer language model as a flat list of layers."""
+
+from __future__ import annotations
+
+import functools
+
+from flax import nnx
+
+from .base import Network, check_head_index
+from .heads import LMHead
+from .transformer_blocks import TokenEmbedding, TransformerBlock
+
+
+def _lm_head(dim, vocab_size, num_layers, i, rngs):
+    check_head_index(i, num_layers)
+    return LMHead(dim, vocab_size, rngs=rngs)
+
+
+def transformer_lm(*, vocab_size: int = 256, seq_len: int, dim: int = 128, depth: int = 4,
+                   heads: int = 4, mlp_ratio: int = 4, rngs: nnx.Rngs) -> Network:
+    """Pre-LN GPT-style LM: int tokens [B, T] (T <= seq_len) -> logits [B, T, vocab_size].
+
+    Layer 0 is the embedding (token + learned position); layers 1..depth are
+    identical Transformer blocks. The embedding is a layer of its own, rather
+    than being folded into the first block, so that all blocks stay
+    homogeneous. Every cut gets an ``LMHead`` (LayerNorm + Dense). Every block
+    boundary is a natural split.
+    """
+    if depth < 1:
+        raise ValueError(f"transformer depth must be >= 1, got {depth}")
+    layers = [TokenEmbedding(vocab_size, seq_len, dim, rngs=rngs)]
+    layers += [TransformerBlock(dim, heads, mlp_ratio, rngs=rngs) for _ in range(depth)]
+    return Network(
+        layers=layers,
+        make_head=functools.partial(_lm_head, dim, vocab_size, len(layers)),
+        natural_splits=tuple(range(1, len(layers))),
+        name=f"transformer_lm{depth}x{dim}",
+    )

@@ -1,0 +1,47 @@
+"""Tiny user-style NNX modules and data shared by the tests (not part of the product)."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+import lpjax
+
+
+class Dense(nnx.Module):
+    """A user's own layer: nothing of lpjax is subclassed."""
+
+    def __init__(self, din, dout, rngs):
+        self.linear = nnx.Linear(din, dout, rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.tanh(self.linear(x.reshape(x.shape[0], -1)))
+
+
+def tiny_model(num_stages=3, width=8, din=12, classes=5, seed=0, layers_per_stage=1):
+    rngs = nnx.Rngs(seed)
+    count = num_stages * layers_per_stage
+    layers = [Dense(din if i == 0 else width, width, rngs) for i in range(count)]
+    return lpjax.cut_layers(layers, lambda i, r: nnx.Linear(width, classes, rngs=r), num_stages=num_stages, rngs=rngs)
+
+
+def tiny_batch(n=8, din=12, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, din)).astype(np.float32), rng.integers(0, classes, n).astype(np.int32)
+
+
+def stage_params(trainer):
+    return [jax.device_get(s.params) for s in trainer.stage_states]
+
+
+def assert_trees_close(a, b, atol=1e-6, err_msg=""):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b), err_msg
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=err_msg)
+
+
+def assert_trees_equal(a, b, err_msg=""):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b), err_msg
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=err_msg)

@@ -73,12 +73,12 @@ class Trainer:
             self.check_shapes(xs[0], ys[0])
         self.executor.feed(xs, ys)
         self.steps += 1
-        return summarize(self.executor.take_log(), self.num_stages)
+        return self.executor.take_metrics()
 
     def drain(self):
         """Finish all in-flight microbatches (streaming schedules); returns their metrics."""
         self.executor.drain()
-        return summarize(self.executor.take_log(), self.num_stages)
+        return self.executor.take_metrics()
 
     def check_shapes(self, x, y):
         """Fail before compiling anything if a head's output cannot be scored against the labels."""
@@ -119,17 +119,3 @@ class Trainer:
 
             self._predict[k] = jax.jit(predict)
         return self._predict[k]
-
-
-def summarize(log, num_stages):
-    """Mean of each metric per stage over the tasks in ``log``; ``None`` for a stage that ran none."""
-    per_stage = [[] for _ in range(num_stages)]
-    for k, _, metrics in log:
-        per_stage[k].append(metrics)
-    out = []
-    for entries in per_stage:
-        if not entries:
-            out.append(None)
-            continue
-        out.append({name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]})
-    return out

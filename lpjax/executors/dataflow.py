@@ -17,6 +17,7 @@ Message bookkeeping, with ``d = j - k`` the distance from stage k to the loss j 
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from ..schedules import BACKWARD, FORWARD, LOCAL
 
@@ -34,7 +35,7 @@ class DataflowExecutor:
         self.done = [0] * self.num_stages
         self.fed = 0
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
-        self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_log()
+        self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_metrics()
         self._cells = {}
 
     # -- public ------------------------------------------------------------------------------
@@ -53,9 +54,10 @@ class DataflowExecutor:
         """Finish every fed microbatch at every stage (the fill/drain bubble of a stream)."""
         self._run(drain=True)
 
-    def take_log(self):
+    def take_metrics(self):
+        """Per-stage mean metrics over the tasks run since the last call (device arrays)."""
         log, self.log = self.log, []
-        return log
+        return summarize(log, self.num_stages)
 
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, drain):
@@ -128,3 +130,13 @@ def _backward_cell(kern, update, state, residuals, cotangents):
     if update:
         state = kern.update(state)
     return state, passed
+
+
+def summarize(log, num_stages):
+    """Mean of each metric per stage over ``(stage, microbatch, metrics)`` entries; ``None`` for a
+    stage that ran no task."""
+    per_stage = [[] for _ in range(num_stages)]
+    for k, _, metrics in log:
+        per_stage[k].append(metrics)
+    return [{name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]} if entries else None
+            for entries in per_stage]

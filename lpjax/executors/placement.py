@@ -58,5 +58,7 @@ def make_stage_mesh(stages: int, data: int = 1, devices=None) -> Mesh:
             f"layout stages={stages} x data={data} needs {needed} devices but {len(devices)} are visible; "
             f"shrink the layout or expose more devices (on CPU: JAX_NUM_CPU_DEVICES={needed})"
         )
-    return jax.make_mesh((stages, data), ("stage", "data"), axis_types=(AxisType.Explicit, AxisType.Explicit),
+    # Auto axes: the stage axis is manual inside shard_map anyway, and the data axis is left to the
+    # compiler's sharding propagation, which handles reshapes and reductions of a split batch.
+    return jax.make_mesh((stages, data), ("stage", "data"), axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=devices[:needed])

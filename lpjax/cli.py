@@ -1,0 +1,163 @@
+"""``lpjax train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR``.
+
+A user's mistake (a bad config value, an unknown key, a missing file, a bad flag) ends with one line
+on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written to the workdir. Anything
+else is a bug in lpjax and keeps its traceback.
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from .errors import ConfigError
+
+PROG = "lpjax"
+USAGE = f"usage: {PROG} train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR"
+COMMANDS = ("train",)
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake on the command line; reported as one line."""
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+            print(_help_text())
+            return 0
+        command, config, workdir = parse(argv)
+        # Imported after parsing so that flag mistakes answer without waiting for JAX to load.
+        from .train import train_and_evaluate
+
+        if command == "train":
+            train_and_evaluate(config, workdir)
+        return 0
+    except (UsageError, ConfigError) as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def parse(argv):
+    """``(command, config, workdir)`` from the command line, or a UsageError naming what is wrong."""
+    flag_values = _define_flags(argv)
+    try:
+        rest = flag_values(argv)
+    except flags.UnrecognizedFlagError as err:
+        raise UsageError(_explain_bad_flag(err.flagname, argv)) from None
+    except flags.Error as err:
+        message = _first_line(err)
+        if "is not supported for overriding" in message:  # the recipe set the key to a bare None
+            message = (f"{message.split('. Currently')[0]}; declare it in the recipe with "
+                       f"ml_collections.config_dict.placeholder(TYPE)")
+        raise UsageError(message) from None
+    except (AttributeError, KeyError) as err:  # config_flags' way of saying "no such key" at the top level
+        raise UsageError(_explain_bad_flag(f"config.{str(err).strip(chr(39) + chr(34))}", argv)) from None
+    positional = rest[1:]
+    if not positional:
+        raise UsageError(f"no command given; {USAGE}")
+    if positional[0] not in COMMANDS or len(positional) > 1:
+        raise UsageError(f"unknown command {' '.join(positional)!r}; {USAGE}")
+    try:
+        config = flag_values.config
+        if config is not None:
+            config.keys()  # a file that failed to load only says so when first used
+    except OSError as err:
+        raise UsageError(f"could not load the config file: {_config_load_reason(err)}") from None
+    if config is None:
+        raise UsageError(f"missing --config; {USAGE}")
+    if not flag_values.workdir:
+        raise UsageError(f"missing --workdir; {USAGE}")
+    return positional[0], config, flag_values.workdir
+
+
+def _define_flags(argv) -> flags.FlagValues:
+    flag_values = flags.FlagValues()
+    # sys_argv: config_flags otherwise finds the --config.KEY overrides in sys.argv, not in our argv
+    config_flags.DEFINE_config_file("config", None, "Recipe file with get_config(); override keys with "
+                                    "--config.KEY=VALUE.", flag_values=flag_values, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl and results.json.",
+                        flag_values=flag_values)
+    return flag_values
+
+
+def _explain_bad_flag(flagname: str, argv) -> str:
+    """Name the override that failed: a key the config does not have, or a value of the wrong type."""
+    if not flagname.startswith("config."):
+        return f"unknown flag --{flagname}; {USAGE}"
+    config = _load_config_only(argv)
+    if config is None:
+        return f"cannot apply --{flagname}: the config file did not load"
+    overrides = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    for name in overrides + [flagname]:
+        problem = _missing_key(config, name[len("config."):])
+        if problem:
+            return problem
+    return f"bad value for --{flagname}; give a value of the type the recipe uses for it"
+
+
+def _missing_key(config, key: str):
+    node, path = config, []
+    for part in key.split("."):
+        keys = sorted(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = f"under {'.'.join(path)!r}" if path else "at the top level"
+            listing = ", ".join(keys) if keys else "none: it is a value, not a section"
+            return f"unknown config key {key!r}; keys {where}: {listing}"
+        node, path = node[part], path + [part]
+    return None
+
+
+def _load_config_only(argv):
+    """The config file alone, without overrides, to explain which override was at fault."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None:
+        return None
+    config_only = [PROG, f"--config={path}"]
+    flag_values = _define_flags(config_only)
+    try:
+        flag_values(config_only)
+        return flag_values.config
+    except Exception:  # only used to word an error message; the original error is what we report
+        return None
+
+
+def _config_load_reason(err) -> str:
+    # config_flags' message spans several lines ("Attempted [Relative path]: ..."); keep the cause.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if line.startswith("[Errno")), None)
+    return cause or (lines[-1] if lines else type(err).__name__)
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _help_text() -> str:
+    return "\n".join([
+        USAGE,
+        "",
+        "Train a staged network with local parallelism (Laskin, Metz et al., arXiv 2012.03837).",
+        "",
+        "  --config FILE            a recipe: a Python file whose get_config() returns an ml_collections ConfigDict",
+        "  --config.KEY=VALUE       override one key, e.g. --config.method.name=chunked --config.num_steps=200",
+        "  --workdir DIR            where config.json, metrics.jsonl and results.json are written",
+        "",
+        "Recipes ship in recipes/; every key is listed in lpjax/config.py.",
+    ])
+
+
+def _fail(message: str) -> int:
+    message = " ".join(message.split())  # exactly one line, whatever the source message looked like
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE

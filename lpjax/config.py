@@ -1,0 +1,276 @@
+"""From an ml_collections config to a ready-to-train ``Experiment``.
+
+A recipe starts from ``base_config()`` and sets what it needs, so every key below exists and can be
+overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
+
+    seed                    int; seeds the data split, the batch order and the parameter init
+    dataset.name            a registered dataset (lpjax.data.DATASETS); every other key in this
+                            section is passed to its loader (e.g. max_train, test_size, seq_len);
+                            keys left at None are dropped so the loader's default applies
+    model.name              a model of lpjax.models.MODELS; every other key is a builder keyword.
+                            num_classes / vocab_size / input_shape / in_channels / seq_len are
+                            filled from the dataset unless set
+    stages                  cut the model's layers into this many near-equal stages, or
+    split_points            (tuple) the layer indices where stages 1.. start
+    method.name             backprop | greedy | chunked | overlapping
+    method.window           overlapping only (default 2)
+    method.loss_weights     optional, one per stage
+    optimizer.*             see lpjax.optimizer_config
+    schedule.name           sequential | gpipe | streaming (lpjax.schedules)
+    schedule.microbatches   microbatches per step; must divide batch_size
+    layout.executor         reference (one device) | mpmd | spmd
+    layout.stages           devices along the stage axis (default: one per stage)
+    layout.data             devices per stage (data parallelism inside a stage)
+    batch_size              examples per optimizer step
+    num_steps               optimizer steps; when set it wins over num_epochs
+    num_epochs              passes over the training split
+    log_every               steps between training-metric records (the only host syncs)
+    eval_every              steps between evaluations on the test split; 0: only at the end
+    eval_batch_size         examples per evaluation batch
+
+``build_experiment`` validates in order of cost (plain values, then data, model and trainer) and
+raises ``ConfigError`` with one line naming the problem and the fix; it writes nothing to disk.
+"""
+
+import copy
+import dataclasses
+import inspect
+from typing import Any
+
+import ml_collections
+from flax import nnx
+from ml_collections.config_dict import placeholder
+
+from .config_checks import (int_list, no_unknown_keys, non_negative_int, number_list, one_of, positive_int,
+                            required)
+from .data import DATASETS, batch_iterator, load_dataset, steps_per_epoch
+from .errors import ConfigError
+from .layout import Layout
+from .methods import METHODS, make_method
+from .models import MODELS
+from .optimizer_config import build_optimizers
+from .schedules import SCHEDULES, make_schedule
+from .staging import stage_network
+from .trainer import Trainer
+
+EXECUTORS = ("reference", "mpmd", "spmd")
+OPEN_SECTIONS = ("dataset", "model")  # free-form: their extra keys are loader / builder keywords
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a config may have, with its default; recipes fill in the rest."""
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "dataset": {"name": placeholder(str)},
+        "model": {"name": placeholder(str)},
+        "stages": placeholder(int),
+        "split_points": placeholder(tuple),
+        "method": {"name": placeholder(str), "window": placeholder(int), "loss_weights": placeholder(tuple)},
+        "optimizer": {
+            "name": "adam",
+            "learning_rate": 1e-3,
+            "learning_rates": placeholder(tuple),
+            "weight_decay": 0.0,
+            "momentum": 0.9,
+            "decay": "constant",
+            "warmup_steps": 0,
+            "grad_clip_norm": placeholder(float),
+        },
+        "schedule": {"name": "sequential", "microbatches": 1},
+        "layout": {"executor": "reference", "stages": placeholder(int), "data": 1},
+        "batch_size": 64,
+        "num_steps": placeholder(int),
+        "num_epochs": placeholder(int),
+        "log_every": 50,
+        "eval_every": 0,
+        "eval_batch_size": 500,
+    })
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a training run needs, built and checked."""
+
+    config: dict  # the resolved config: defaults, derived model options and step count filled in
+    dataset: Any  # lpjax.data.Dataset
+    network: Any  # lpjax.models.Network
+    model: Any  # lpjax.StagedModel
+    trainer: Trainer
+    num_steps: int
+    stage_layers: list  # (first, last) layer index of each stage
+
+    def batches(self):
+        """The endless, seeded training stream."""
+        d = self.dataset
+        return batch_iterator(d.train_x, d.train_y, self.config["batch_size"], seed=self.config["seed"])
+
+
+def resolve(config) -> dict:
+    """The user's config merged onto ``base_config()``, as plain nested dicts; unknown keys rejected."""
+    given = _to_dict(config)
+    merged = base_config().to_dict()
+    no_unknown_keys(given, merged, open_sections=OPEN_SECTIONS)
+    _merge(merged, given)
+    return merged
+
+
+def build_experiment(config) -> Experiment:
+    cfg = resolve(config)
+    _check_plain_values(cfg)
+    method = make_method(cfg["method"]["name"], window=cfg["method"]["window"],
+                         loss_weights=number_list(cfg["method"]["loss_weights"], "method.loss_weights"))
+    schedule = make_schedule(cfg["schedule"]["name"], cfg["schedule"]["microbatches"])
+
+    dataset = _load_dataset(cfg)
+    rngs = nnx.Rngs(cfg["seed"])  # one stream for layers and heads, so no two get the same draws
+    network = _build_network(cfg, dataset, rngs)
+    model = _cut(cfg, network, rngs)
+    num_stages = len(model)
+
+    num_steps = _num_steps(cfg, dataset)
+    optimizer = build_optimizers(ml_collections.ConfigDict(cfg["optimizer"]), num_stages, num_steps, method)
+    layout = _layout(cfg, num_stages)
+    trainer = Trainer(model, method=method, optimizer=optimizer, schedule=schedule, layout=layout,
+                      num_classes=dataset.num_classes)
+    _dry_run_checks(trainer, dataset, cfg["batch_size"])
+    return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
+                      num_steps=num_steps, stage_layers=_stage_layers(model))
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+def _to_dict(config) -> dict:
+    if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise ConfigError(f"a config must be an ml_collections ConfigDict or a dict, got {type(config).__name__}")
+
+
+def _merge(into: dict, given: dict) -> None:
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _check_plain_values(cfg) -> None:
+    seed = non_negative_int(cfg["seed"], "seed")
+    if seed >= 2**32:
+        raise ConfigError(f"seed must be below 2**32, got {seed}")
+    positive_int(cfg["batch_size"], "batch_size")
+    positive_int(cfg["log_every"], "log_every")
+    non_negative_int(cfg["eval_every"], "eval_every")
+    positive_int(cfg["eval_batch_size"], "eval_batch_size")
+    if cfg["num_steps"] is not None:
+        positive_int(cfg["num_steps"], "num_steps")
+    elif cfg["num_epochs"] is not None:
+        positive_int(cfg["num_epochs"], "num_epochs")
+    else:
+        raise ConfigError("training length is not set; set --config.num_steps=N or --config.num_epochs=N")
+    dataset = required(cfg["dataset"]["name"], "dataset.name", f"choose one of {', '.join(sorted(DATASETS))}")
+    one_of(dataset, sorted(DATASETS), "dataset")
+    model = required(cfg["model"]["name"], "model.name", f"choose one of {', '.join(sorted(MODELS))}")
+    one_of(model, sorted(MODELS), "model")
+    required(cfg["method"]["name"], "method.name", f"choose one of {', '.join(METHODS)}")
+    one_of(cfg["schedule"]["name"], tuple(SCHEDULES), "schedule")
+    one_of(cfg["layout"]["executor"], EXECUTORS, "layout.executor")
+    if cfg["stages"] is None and cfg["split_points"] is None:
+        raise ConfigError("the number of stages is not set; set --config.stages=K or --config.split_points='(i, j, ...)'")
+
+
+def _load_dataset(cfg):
+    options = {key: value for key, value in cfg["dataset"].items() if key != "name" and value is not None}
+    try:
+        return load_dataset(cfg["dataset"]["name"], seed=cfg["seed"], **options)
+    except (ValueError, TypeError) as err:  # the loaders' own messages already name the fix
+        raise ConfigError(f"dataset {cfg['dataset']['name']!r}: {err}") from None
+
+
+# What a model builder may want to know about the data; used only where the builder takes it.
+def _data_derived_options(dataset) -> dict:
+    shape = tuple(dataset.input_shape)
+    derived = {"num_classes": dataset.num_classes, "vocab_size": dataset.num_classes, "input_shape": shape}
+    if len(shape) == 3:  # NHWC images without the batch axis
+        derived["in_channels"] = shape[-1]
+    if len(shape) == 1:  # token sequences
+        derived["seq_len"] = shape[0]
+    return derived
+
+
+def _build_network(cfg, dataset, rngs):
+    name = cfg["model"]["name"]
+    builder = MODELS[name]
+    accepted = [p for p in inspect.signature(builder).parameters if p != "rngs"]
+    given = {key: value for key, value in cfg["model"].items() if key != "name" and value is not None}
+    unexpected = sorted(set(given) - set(accepted))
+    if unexpected:
+        raise ConfigError(f"model {name!r} has no option(s) {', '.join(unexpected)}; "
+                          f"it accepts {', '.join(accepted)}")
+    derived = {k: v for k, v in _data_derived_options(dataset).items() if k in accepted and k not in given}
+    cfg["model"].update(derived)  # recorded in config.json, so the run says exactly what it built
+    try:
+        return builder(**given, **derived, rngs=rngs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def _cut(cfg, network, rngs):
+    points = int_list(cfg["split_points"], "split_points")
+    if points is None:
+        num_stages = positive_int(cfg["stages"], "stages")
+        model = stage_network(network, num_stages=num_stages, rngs=rngs)
+    else:
+        if cfg["stages"] is not None and cfg["stages"] != len(points) + 1:
+            raise ConfigError(f"split_points {points} make {len(points) + 1} stages but stages={cfg['stages']}; "
+                              f"set --config.stages={len(points) + 1} or drop one of them")
+        model = stage_network(network, split_points=list(points), rngs=rngs)
+    cfg["stages"] = len(model)
+    return model
+
+
+def _num_steps(cfg, dataset) -> int:
+    batch, count = cfg["batch_size"], dataset.num_train
+    if batch > count:
+        raise ConfigError(f"batch_size {batch} is larger than the {count} training examples; "
+                          f"use --config.batch_size={count} or less")
+    if cfg["num_steps"] is None:
+        cfg["num_steps"] = cfg["num_epochs"] * steps_per_epoch(count, batch)
+    return cfg["num_steps"]
+
+
+def _layout(cfg, num_stages):
+    spec = cfg["layout"]
+    data = positive_int(spec["data"], "layout.data")
+    if spec["executor"] == "reference":
+        if data != 1 or spec["stages"] not in (None, 1, num_stages):
+            raise ConfigError("the reference executor runs on one device; set --config.layout.executor=mpmd "
+                              "to spread stages or data over devices")
+        return None
+    stages = num_stages if spec["stages"] is None else positive_int(spec["stages"], "layout.stages")
+    if stages != num_stages:
+        raise ConfigError(f"layout.stages={stages} but the model has {num_stages} stages; make them equal")
+    if spec["executor"] == "spmd" and not _spmd_available():
+        raise ConfigError("the spmd executor is not available in this version; use --config.layout.executor=mpmd")
+    spec["stages"] = stages
+    return Layout(stages=stages, data=data, executor=spec["executor"])
+
+
+def _spmd_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lpjax.executors.spmd") is not None
+
+
+def _dry_run_checks(trainer, dataset, batch_size) -> None:
+    """Run the trainer's own batch and shape checks on one batch, before anything is compiled or written."""
+    xs, ys = trainer.split_batch(dataset.train_x[:batch_size], dataset.train_y[:batch_size])
+    trainer.check_shapes(xs[0], ys[0])
+
+
+def _stage_layers(model) -> list:
+    spans, start = [], 0
+    for stage in model:
+        spans.append((start, start + stage.num_layers - 1))
+        start += stage.num_layers
+    return spans

@@ -36,6 +36,12 @@ class StageState:
     grad_count: Any  # microbatches whose own loss is in grad_sum
 
 
+def _fresh(state):
+    """Rebuild a state's Variables in the current trace: merging Variables created outside a
+    ``jax.vjp`` and mutating them inside (batch statistics) is a Flax TraceContextError."""
+    return jax.tree.map(lambda leaf: leaf, state)
+
+
 def _split(module):
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return graphdef, params, rest
@@ -77,13 +83,13 @@ class StageKernels:
 
     # -- pieces ------------------------------------------------------------------------------
     def _body(self, graphdef, body_params, body_rest, x):
-        body = nnx.merge(graphdef, body_params, body_rest)
+        body = nnx.merge(graphdef, body_params, _fresh(body_rest))
         h = body(x)
         _, _, new_rest = _split(body)
         return h, new_rest
 
     def _head(self, graphdef, head_params, head_rest, h):
-        head = nnx.merge(graphdef, head_params, head_rest)
+        head = nnx.merge(graphdef, head_params, _fresh(head_rest))
         logits = head(h)
         _, _, new_rest = _split(head)
         return logits, new_rest

@@ -11,8 +11,8 @@ class PoolLinear(nnx.Module):
     """NHWC features -> [optional 3x3 conv + relu] -> global average pool -> Dense."""
 
     def __init__(self, channels: int, num_classes: int, *, hidden_conv: int = 0, rngs: nnx.Rngs):
-        # A small conv before pooling gives early (low-level) features some
-        # spatial processing of their own; the paper found heads matter for greedy.
+        # Early cuts see low-level features; a conv before pooling gives their
+        # head some spatial capacity of its own instead of a bare linear probe.
         self.conv = (
             nnx.Conv(channels, hidden_conv, (3, 3), rngs=rngs) if hidden_conv else None
         )

@@ -1,5 +1,8 @@
 """Model zoo: shapes through every layer and head, train/eval BatchNorm, causality."""
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,27 +10,45 @@ import pytest
 from flax import nnx
 
 from lpjax.models import (
-    MODELS, Network, build, cifar_resnet, mlp, mnist_resnet, resnet18, resnet32, resnet50,
-    resnet110, transformer_lm,
+    MODELS, FlattenLinear, LMHead, Network, PoolLinear, build, cifar_resnet, mlp, mnist_resnet,
+    resnet, resnet18, resnet32, resnet50, resnet110, transformer_lm,
 )
 
 B = 2
 NUM_CLASSES = 5
 
 
-def _run_all_heads(net: Network, x):
-    """Push x through every layer and check every default head; returns the final features."""
-    assert net.layers
-    rngs = nnx.Rngs(1)
-    for i, layer in enumerate(net.layers):
-        x = layer(x)
-        logits = net.make_head(i, rngs)(x)
-        yield i, x, logits
+def _shapes_through_every_layer_and_head(builder, x_shape, x_dtype=jnp.float32):
+    """Trace (no compile, no FLOPs) a build plus a pass through every layer and every
+    default head; returns [(feature shape, logits shape)] per layer."""
+
+    def run(x):
+        net = builder(nnx.Rngs(0))
+        out = []
+        for i, layer in enumerate(net.layers):
+            x = layer(x)
+            out.append((x, net.make_head(i, nnx.Rngs(1))(x)))
+        return out
+
+    traced = jax.eval_shape(run, jax.ShapeDtypeStruct(x_shape, x_dtype))
+    return [(h.shape, logits.shape) for h, logits in traced]
+
+
+def _abstract(builder) -> Network:
+    """Build a network with shapes only (no parameter initialisation): fast for big models."""
+    built = {}
+
+    def init():
+        built["net"] = builder(nnx.Rngs(0))
+        return nnx.List(built["net"].layers)
+
+    layers = nnx.eval_shape(init)
+    return dataclasses.replace(built["net"], layers=list(layers))
 
 
 def _param_count(net: Network) -> int:
     params = [nnx.state(layer, nnx.Param) for layer in net.layers]
-    return sum(leaf.size for leaf in jax.tree.leaves(params))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 IMAGE_CASES = {
@@ -45,61 +66,68 @@ IMAGE_CASES = {
 @pytest.mark.parametrize("case", sorted(IMAGE_CASES))
 def test_image_models_every_layer_and_head(case):
     builder, shape, num_layers = IMAGE_CASES[case]
-    net = builder(nnx.Rngs(0))
-    assert len(net.layers) == num_layers
-    x = jax.random.normal(jax.random.key(0), (B, *shape))
-    for i, h, logits in _run_all_heads(net, x):
-        assert h.shape[0] == B, (i, h.shape)
-        assert logits.shape == (B, NUM_CLASSES), (i, logits.shape)
-        assert np.all(np.isfinite(logits))
+    shapes = _shapes_through_every_layer_and_head(builder, (B, *shape))
+    assert len(shapes) == num_layers
+    for i, (h_shape, logits_shape) in enumerate(shapes):
+        assert h_shape[0] == B, (i, h_shape)
+        assert logits_shape == (B, NUM_CLASSES), (i, logits_shape)
     with pytest.raises(IndexError):
-        net.make_head(num_layers, nnx.Rngs(0))
+        _abstract(builder).make_head(num_layers, nnx.Rngs(0))
 
 
-def test_layer_counts_and_natural_splits():
-    r = nnx.Rngs(0)
-    assert len(resnet32(width=2, rngs=r).layers) == 1 + 15
-    assert len(resnet110(width=2, rngs=r).layers) == 1 + 54
-    assert len(resnet50(width=2, rngs=r).layers) == 1 + 16
-    assert resnet32(width=2, rngs=r).natural_splits == (6, 11)
-    assert resnet110(width=2, rngs=r).natural_splits == (19, 37)
-    assert resnet50(width=2, rngs=r).natural_splits == (4, 8, 14)
-    assert resnet18(width=2, rngs=r).natural_splits == (3, 5, 7)
-    assert mnist_resnet(width=2, rngs=r).natural_splits == (3, 5, 7)
-    with pytest.raises(ValueError):
-        cifar_resnet(33, rngs=r)
+def test_small_resnet_runs_for_real():
+    net = mnist_resnet(num_classes=NUM_CLASSES, width=2, blocks_per_stage=(1, 1, 1, 1), head_conv=4,
+                       rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (B, 28, 28, 1))
+    logits = net.make_head(len(net.layers) - 1, nnx.Rngs(1))(net(x))
+    assert logits.shape == (B, NUM_CLASSES)
+    assert np.all(np.isfinite(logits))
 
 
-def test_resnet_resolution_changes_exactly_at_natural_splits():
-    net = resnet18(num_classes=NUM_CLASSES, width=2, rngs=nnx.Rngs(0))
-    x = jnp.zeros((1, 16, 16, 3))
-    changes = []
-    for i, layer in enumerate(net.layers):
-        y = layer(x)
-        if i and y.shape[1] != x.shape[1]:
-            changes.append(i)
-        x = y
-    assert tuple(changes) == net.natural_splits
+@pytest.mark.parametrize("builder, num_layers, splits", [
+    (resnet18, 1 + 8, (3, 5, 7)),
+    (resnet32, 1 + 15, (6, 11)),
+    (resnet110, 1 + 54, (19, 37)),
+    (resnet50, 1 + 16, (4, 8, 14)),
+    (mnist_resnet, 1 + 8, (3, 5, 7)),
+])
+def test_layer_counts_and_natural_splits(builder, num_layers, splits):
+    net = _abstract(lambda r: builder(rngs=r))
+    assert len(net.layers) == num_layers
+    assert net.natural_splits == splits
+
+
+def test_cifar_resnet_depth_must_be_6n_plus_2():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        cifar_resnet(33, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("case", ["resnet18", "resnet32", "resnet50", "mnist_resnet"])
+def test_resnet_resolution_halves_exactly_at_natural_splits(case):
+    builder, shape, _ = IMAGE_CASES[case]
+    shapes = [h for h, _ in _shapes_through_every_layer_and_head(builder, (1, *shape))]
+    changes = [i for i in range(1, len(shapes)) if shapes[i][1] != shapes[i - 1][1]]
+    assert tuple(changes) == _abstract(builder).natural_splits
 
 
 def test_known_parameter_counts():
     # He et al. report 0.46M for ResNet-32 and 1.7M for ResNet-110 (option-A shortcuts).
     # Heads are not part of the body; the 64x10 classifier adds only 650.
-    assert 0.44e6 < _param_count(resnet32(rngs=nnx.Rngs(0))) < 0.48e6
-    assert 1.6e6 < _param_count(resnet110(rngs=nnx.Rngs(0))) < 1.8e6
+    assert 0.44e6 < _param_count(_abstract(lambda r: resnet32(rngs=r))) < 0.48e6
+    assert 1.6e6 < _param_count(_abstract(lambda r: resnet110(rngs=r))) < 1.8e6
+    # ResNet-50's body is ~23.5M (25.6M with its 2048x1000 classifier).
+    assert 23.0e6 < _param_count(_abstract(lambda r: resnet50(rngs=r))) < 24.0e6
 
 
 def test_transformer_shapes_every_layer_and_head():
     vocab, seq_len, dim = 11, 8, 16
-    net = transformer_lm(vocab_size=vocab, seq_len=seq_len, dim=dim, depth=3, heads=2, rngs=nnx.Rngs(0))
-    assert len(net.layers) == 1 + 3
-    assert net.natural_splits == (1, 2, 3)
-    tokens = jax.random.randint(jax.random.key(0), (B, seq_len), 0, vocab)
-    for i, h, logits in _run_all_heads(net, tokens):
-        assert h.shape == (B, seq_len, dim)
-        assert logits.shape == (B, seq_len, vocab)
-    # Shorter sequences than seq_len are fine (the position table is sliced).
-    assert net(tokens[:, :5]).shape == (B, 5, dim)
+    builder = lambda r: transformer_lm(vocab_size=vocab, seq_len=seq_len, dim=dim, depth=3, heads=2, rngs=r)
+    shapes = _shapes_through_every_layer_and_head(builder, (B, seq_len), jnp.int32)
+    assert shapes == [((B, seq_len, dim), (B, seq_len, vocab))] * (1 + 3)
+    # Sequences shorter than seq_len are fine (the position table is sliced).
+    shorter = _shapes_through_every_layer_and_head(builder, (B, 5), jnp.int32)
+    assert shorter[-1] == ((B, 5, dim), (B, 5, vocab))
+    assert _abstract(builder).natural_splits == (1, 2, 3)
 
 
 def test_transformer_blocks_are_homogeneous():
@@ -163,21 +191,58 @@ def test_batchnorm_train_updates_stats_eval_does_not():
     assert not np.allclose(layer(other)[0], layer(x)[0])
 
 
-def test_layers_jit_through_split_merge_and_return_new_batch_stats():
-    net = mnist_resnet(num_classes=NUM_CLASSES, width=2, rngs=nnx.Rngs(0))
-    stem = net.layers[0]
-    graphdef, state = nnx.split(stem)
+JIT_CASES = {
+    # (builder, layer index, input): one layer of every kind the zoo has.
+    "mnist_stem": (lambda r: mnist_resnet(width=2, rngs=r), 0, ((3, 28, 28, 1), jnp.float32)),
+    "pad_shortcut_block": (lambda r: cifar_resnet(8, width=2, rngs=r), 2, ((3, 8, 8, 2), jnp.float32)),
+    "bottleneck_block": (lambda r: resnet((1, 1), "bottleneck", num_classes=3, width=2, stem="imagenet",
+                                          rngs=r), 2, ((3, 8, 8, 8), jnp.float32)),
+    "dense_relu": (lambda r: mlp(input_shape=(4, 4), num_classes=3, width=8, rngs=r), 0,
+                   ((3, 4, 4), jnp.float32)),
+    "token_embedding": (lambda r: transformer_lm(vocab_size=7, seq_len=6, dim=8, heads=2, rngs=r), 0,
+                        ((3, 6), jnp.int32)),
+    "transformer_block": (lambda r: transformer_lm(vocab_size=7, seq_len=6, dim=8, heads=2, rngs=r), 2,
+                          ((3, 6, 8), jnp.float32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JIT_CASES))
+def test_layer_jits_through_split_merge(case):
+    builder, index, (shape, dtype) = JIT_CASES[case]
+    layer = builder(nnx.Rngs(0)).layers[index]
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(0), shape) if dtype == jnp.float32 else \
+        jax.random.randint(jax.random.key(0), shape, 0, 7)
 
     @jax.jit
     def forward(state, x):
         module = nnx.merge(graphdef, state)
         return module(x), nnx.state(module)
 
-    x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
-    old_mean = np.asarray(state["conv_bn"]["bn"]["mean"][...])
+    stats_before = _batch_stats(layer)
     y, new_state = forward(state, x)
-    assert not np.allclose(new_state["conv_bn"]["bn"]["mean"][...], old_mean)
-    np.testing.assert_allclose(y, stem(x), rtol=1e-5, atol=1e-5)  # eager, also train mode
+    stats_jit = jax.tree.map(np.asarray, nnx.state(nnx.merge(graphdef, new_state), nnx.BatchStat))
+    if jax.tree.leaves(stats_before):  # train mode: the jitted call must hand back new stats
+        assert any(not np.allclose(a, b) for a, b in
+                   zip(jax.tree.leaves(stats_before), jax.tree.leaves(stats_jit)))
+    np.testing.assert_allclose(y, layer(x), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 stats_jit, _batch_stats(layer))
+
+
+@pytest.mark.parametrize("make_head, in_shape, out_shape", [
+    (lambda r: PoolLinear(4, 3, rngs=r), (2, 5, 5, 4), (2, 3)),
+    (lambda r: PoolLinear(4, 3, hidden_conv=6, rngs=r), (2, 5, 5, 4), (2, 3)),
+    (lambda r: FlattenLinear(20, 3, rngs=r), (2, 4, 5), (2, 3)),
+    (lambda r: LMHead(4, 3, rngs=r), (2, 5, 4), (2, 5, 3)),
+])
+def test_heads_jit_through_split_merge(make_head, in_shape, out_shape):
+    head = make_head(nnx.Rngs(0))
+    graphdef, state = nnx.split(head)
+    x = jax.random.normal(jax.random.key(0), in_shape)
+    y = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+    assert y.shape == out_shape
+    np.testing.assert_allclose(y, head(x), rtol=1e-5, atol=1e-6)
 
 
 def test_registry_and_build():

@@ -102,8 +102,11 @@ class StageKernels:
         return {"loss": nan, "accuracy": nan}
 
     # -- the rule ----------------------------------------------------------------------------
-    def forward(self, state: StageState, x, y):
-        """Returns ``(state, h, own_cotangent | None, residual | None, metrics)``."""
+    def forward(self, state: StageState, x, y, fresh=False):
+        """Returns ``(state, h, own_cotangent | None, residual | None, metrics)``.
+
+        ``fresh`` marks the first microbatch of a step: its gradient replaces the sum instead of
+        being added to it, so neither this nor ``update`` spends a pass over memory on zeroing."""
         params, rest = state.params, state.rest
         needs_input_grad = self.sends_own_gradient or False
         if not needs_input_grad:
@@ -126,12 +129,15 @@ class StageKernels:
             metrics = self._metrics(logits, y)
             own_dx = dx if needs_input_grad else None
         residual = body_vjp if self.sources else None
-        state = dataclasses.replace(
-            state,
-            rest=new_rest,
-            grad_sum=jax.tree.map(jnp.add, state.grad_sum, grads),
-            grad_count=state.grad_count + 1,
-        )
+        if fresh is True:
+            grad_sum, grad_count = grads, jnp.ones_like(state.grad_count)
+        else:
+            grad_sum = jax.tree.map(jnp.add, state.grad_sum, grads)
+            grad_count = state.grad_count + 1
+            if fresh is not False:  # traced flag (SPMD executor)
+                grad_sum = jax.tree.map(lambda g, total: jnp.where(fresh, g, total), grads, grad_sum)
+                grad_count = jnp.where(fresh, 1, grad_count)
+        state = dataclasses.replace(state, rest=new_rest, grad_sum=grad_sum, grad_count=grad_count)
         return state, jax.lax.stop_gradient(h), own_dx, residual, metrics
 
     def backward(self, state: StageState, residuals: dict, cotangents: dict):
@@ -152,13 +158,8 @@ class StageKernels:
         trainable = self.trainable(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return dataclasses.replace(
-            state,
-            params=dict(state.params, **trainable),
-            opt_state=opt_state,
-            grad_sum=jax.tree.map(jnp.zeros_like, state.grad_sum),
-            grad_count=jnp.zeros_like(state.grad_count),
-        )
+        # grad_sum is left as it is: the next step's first forward overwrites it
+        return dataclasses.replace(state, params=dict(state.params, **trainable), opt_state=opt_state)
 
     # -- evaluation --------------------------------------------------------------------------
     def predict(self, state: StageState, x):

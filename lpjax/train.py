@@ -6,7 +6,8 @@
     config.json     the resolved config (defaults, derived model options and step count filled in)
     metrics.jsonl   one line per record: {"step", "time", "split": "train"|"test", "loss": [...per
                     stage], "accuracy": [...]}; train records average the steps since the last one
-    results.json    per-stage train/test loss and accuracy after training, and the final head's figures
+    results.json    per-stage train/test loss and accuracy after training (eval mode; the train figures
+                    on a seeded sample of the training split) and the final head's figures
 
 Files from an earlier run in the same workdir are replaced.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 
+import numpy as np
 from tqdm import tqdm
 
 from .config import build_experiment
@@ -56,8 +58,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
             bar.update(1)
         train_time = time.perf_counter() - loop_start
 
-    train = trainer.evaluate(data.train_x, data.train_y, batch_size=cfg["eval_batch_size"])
+    train_x, train_y = _train_sample(data, cfg["seed"])
+    train = trainer.evaluate(train_x, train_y, batch_size=cfg["eval_batch_size"])
     results = _results(experiment, train, test, train_time, time.perf_counter() - started)
+    results["train_eval_examples"] = len(train_x)
     write_json(os.path.join(workdir, "results.json"), results)
     say(stage_table(results["stages"]))
     final = results["final"]
@@ -65,6 +69,16 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
         f"test loss {final['test_loss']:.4f} | {num_steps} steps in {train_time:.1f}s | "
         f"results in {os.path.join(workdir, 'results.json')}", flush=True)
     return results
+
+
+def _train_sample(data, seed):
+    """A seeded subset of the training split, as large as the test split (at least 1,000 examples):
+    the table's train loss is then an eval-mode figure that costs no more than the test evaluation."""
+    count = min(data.num_train, max(data.num_test, 1000))
+    if count == data.num_train:
+        return data.train_x, data.train_y
+    index = np.sort(np.random.default_rng(seed).choice(data.num_train, count, replace=False))
+    return data.train_x[index], data.train_y[index]
 
 
 def _results(experiment, train, test, train_time, total_time) -> dict:

@@ -83,9 +83,9 @@ class Trainer:
     def check_shapes(self, x, y):
         """Fail before compiling anything if a head's output cannot be scored against the labels."""
         h = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
-        for k, (kern, state) in enumerate(zip(self.kernels, self.executor.states)):
+        for k, kern in enumerate(self.kernels):
             try:
-                h, logits = jax.eval_shape(kern.predict, state, h)
+                h, logits = jax.eval_shape(kern.predict, jax.eval_shape(kern.init_state), h)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"stage {k} cannot take an input of shape {h.shape}: {str(err).splitlines()[0]}") from None
             if kern.trains_head or k == self.num_stages - 1:

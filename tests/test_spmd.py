@@ -8,28 +8,14 @@ from flax import nnx
 
 import lpjax
 from lpjax.executors.spmd import SpmdExecutor
-from lpjax.models import mnist_resnet, transformer_lm
+from lpjax.models import mnist_resnet
 from lpjax.schedules import GPipe, Streaming
 
-from tiny import assert_trees_close, stage_params, tiny_batch, tiny_model
+from tiny import assert_trees_close, lm_batch, lm_model, stage_params, tiny_batch, tiny_model
 
-SEQ, VOCAB = 8, 32
 # Adam divides by sqrt(v): on near-zero gradients it turns last-bit differences between two
 # compiled programs into visible ones, so the equality tests use SGD with momentum.
 OPTIMIZER = optax.sgd(0.1, momentum=0.9)
-
-
-def lm_model(num_stages, seed=0):
-    rngs = nnx.Rngs(seed)
-    net = transformer_lm(vocab_size=VOCAB, seq_len=SEQ, dim=16, depth=num_stages, heads=2, mlp_ratio=2, rngs=rngs)
-    # the embedding rides with the first block, so stage 0 differs from the rest
-    points = list(range(2, num_stages + 1))
-    return lpjax.stage_network(net, split_points=points, rngs=rngs)
-
-
-def lm_batch(n=8, seed=0):
-    tokens = np.random.default_rng(seed).integers(0, VOCAB, (n, SEQ + 1)).astype(np.int32)
-    return tokens[:, :-1], tokens[:, 1:]
 
 
 def run(model_fn, batch, method, schedule, layout, steps=3):

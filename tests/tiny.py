@@ -5,6 +5,9 @@ import numpy as np
 from flax import nnx
 
 import lpjax
+from lpjax.models import transformer_lm
+
+SEQ, VOCAB = 8, 32
 
 
 class Dense(nnx.Module):
@@ -45,3 +48,15 @@ def assert_trees_equal(a, b, err_msg=""):
     assert len(leaves_a) == len(leaves_b), err_msg
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=err_msg)
+
+
+def lm_model(num_stages, seed=0):
+    """A tiny byte-level LM cut so that the embedding rides with the first block (stage 0 differs)."""
+    rngs = nnx.Rngs(seed)
+    net = transformer_lm(vocab_size=VOCAB, seq_len=SEQ, dim=16, depth=num_stages, heads=2, mlp_ratio=2, rngs=rngs)
+    return lpjax.stage_network(net, split_points=list(range(2, num_stages + 1)), rngs=rngs)
+
+
+def lm_batch(n=8, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, VOCAB, (n, SEQ + 1)).astype(np.int32)
+    return tokens[:, :-1], tokens[:, 1:]

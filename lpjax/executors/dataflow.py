@@ -44,9 +44,13 @@ class DataflowExecutor:
         for x, y in zip(microbatch_inputs, microbatch_labels):
             m = self.fed
             self.inputs[(0, m)] = self.placement.put_batch(0, x)
+            placed = {}  # one copy of the labels per distinct placement, not per stage
             for k, kern in enumerate(self.kernels):
                 if kern.trains_head:
-                    self.labels[(k, m)] = self.placement.put_batch(k, y)
+                    where = self.placement.batch_sharding(k)
+                    if where not in placed:
+                        placed[where] = self.placement.put_batch(k, y)
+                    self.labels[(k, m)] = placed[where]
             self.fed += 1
         self._run(drain=False)
 
@@ -81,7 +85,8 @@ class DataflowExecutor:
         present = tuple(j for j in about if (k, j, about[j]) in self.messages)
         cotangents = {j: self.messages.pop((k, j, about[j])) for j in present}
         residuals = {j: self._residual(k, j, about[j]) for j in present}
-        cell = self._cell(k, task.phase, present, task.update)
+        fresh = task.phase != BACKWARD and m % self.schedule.microbatches == 0
+        cell = self._cell(k, task.phase, present, task.update, fresh)
         state = self.states[k]
         if task.phase == BACKWARD:
             state, passed = cell(state, residuals, cotangents)
@@ -108,17 +113,21 @@ class DataflowExecutor:
         return entry[0]
 
     # -- compiled cells ----------------------------------------------------------------------
-    def _cell(self, k, phase, present, update):
-        key = (k, phase, present, update)
+    def _cell(self, k, phase, present, update, fresh):
+        key = (k, phase, present, update, fresh)
         if key not in self._cells:
             kern = self.kernels[k]
-            fn = _backward_cell if phase == BACKWARD else _forward_cell
-            self._cells[key] = jax.jit(functools.partial(fn, kern, update))
+            if phase == BACKWARD:
+                fn = functools.partial(_backward_cell, kern, update)
+            else:
+                fn = functools.partial(_forward_cell, kern, update, fresh)
+            # the stage state is replaced by the cell's output, so XLA may reuse its buffers
+            self._cells[key] = jax.jit(fn, donate_argnums=(0,))
         return self._cells[key]
 
 
-def _forward_cell(kern, update, state, x, y, residuals, cotangents):
-    state, h, own_dx, residual, metrics = kern.forward(state, x, y)
+def _forward_cell(kern, update, fresh, state, x, y, residuals, cotangents):
+    state, h, own_dx, residual, metrics = kern.forward(state, x, y, fresh)
     state, passed = kern.backward(state, residuals, cotangents)
     if update:
         state = kern.update(state)
@@ -138,5 +147,6 @@ def summarize(log, num_stages):
     per_stage = [[] for _ in range(num_stages)]
     for k, _, metrics in log:
         per_stage[k].append(metrics)
-    return [{name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]} if entries else None
+    return [None if not entries else entries[0] if len(entries) == 1 else
+            {name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]}
             for entries in per_stage]

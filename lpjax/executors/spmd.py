@@ -60,7 +60,7 @@ class SpmdExecutor:
         self.state_lengths = common_lengths(self.state_packers)
         packed = [jax.device_get(p.pack(s, self.state_lengths)) for p, s in zip(self.state_packers, initial)]
         stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
-        self.buffers = {"state": jax.device_put(stacked, NamedSharding(mesh, P("stage")))}
+        self.buffers = {"state": _global(stacked, NamedSharding(mesh, P("stage")))}
         self.done = [0] * K
         self.fed = 0
         self._metrics = []
@@ -95,7 +95,7 @@ class SpmdExecutor:
             "outbox": zeros(self.act_lengths, (K, self.microbatches if self.schedule.synchronous else 1)),
             "done": jnp.zeros((K,), jnp.int32),
         }
-        self.buffers.update(jax.device_put(carry, sharded))
+        self.buffers.update(_global(jax.device_get(carry), sharded))
         self.x_spec, self.y_spec = (x.shape, x.dtype), (y.shape, y.dtype)
         self._ready = True
 
@@ -119,7 +119,7 @@ class SpmdExecutor:
         if not entries:
             return [None] * self.num_stages
         mask = np.concatenate([mask for _, mask in entries])
-        means = _masked_means([metrics for metrics, _ in entries], mask)
+        means = _masked_means([metrics for metrics, _ in entries], mask, NamedSharding(self.mesh, P()))
         return [{name: value[k] for name, value in means.items()} if mask[:, k].any() else None
                 for k in range(self.num_stages)]
 
@@ -158,8 +158,7 @@ class SpmdExecutor:
                 if task.stage == 0:
                     stream_x[t], stream_y[t] = xs[task.microbatch - fed_before], ys[task.microbatch - fed_before]
                     stream_valid[t] = True
-        replicated = NamedSharding(self.mesh, P())
-        stream = jax.device_put((stream_x, stream_y, stream_valid), replicated)
+        stream = _global((stream_x, stream_y, stream_valid), NamedSharding(self.mesh, P()))
         offset = 0
         for phase, count in phases:
             program = self._program(phase, count)
@@ -237,7 +236,8 @@ class SpmdExecutor:
     def _forward_task(self, phase, k, kern, carry, x0, y0, m):
         state = self.state_packers[k].unpack(carry["state"])
         x, y = self._inputs(k, carry, x0, y0)
-        state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None)
+        fresh = m % self.microbatches == 0
+        state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None, fresh)
         carry = dict(carry)
         send = self._empty_message()
         if phase == LOCAL:
@@ -320,9 +320,16 @@ class SpmdExecutor:
         return {"loss": nan, "accuracy": nan}
 
 
-@jax.jit
-def _masked_means(metrics, mask):
-    """Per-stage mean over the clocks where the stage ran a task; metrics are ``[clocks, stages]``."""
+def _global(tree, sharding):
+    """Host arrays (identical in every process) as global arrays; works across processes."""
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i: np.asarray(a)[i]), tree)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _masked_means(metrics, mask, replicated):
+    """Per-stage mean over the clocks where the stage ran a task; metrics are ``[clocks, stages]``.
+    The result is replicated so every process can read every stage's figure."""
     stacked = {name: jnp.concatenate([m[name] for m in metrics]) for name in metrics[0]}
     count = jnp.maximum(mask.sum(0), 1)
-    return {name: jnp.where(mask, value, 0.0).sum(0) / count for name, value in stacked.items()}
+    means = {name: jnp.where(mask, value, 0.0).sum(0) / count for name, value in stacked.items()}
+    return jax.lax.with_sharding_constraint(means, replicated)

@@ -17,9 +17,9 @@ lpjax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from multihost_run import train_lm  # noqa: E402
+from multihost_run import train_four_stages  # noqa: E402
 
-trainer = train_lm(lpjax.Layout(stages=4, executor="spmd"))
+trainer = train_four_stages(lpjax.Layout(stages=4, executor="spmd"))
 local = {}
 for k, state in enumerate(trainer.stage_states):
     if state is not None:

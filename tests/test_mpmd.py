@@ -21,8 +21,9 @@ def train(layout, method, schedule, steps=3, num_stages=2, batch=16):
     return trainer
 
 
-@pytest.mark.parametrize("num_stages,data", [(2, 1), (2, 2), (4, 1), (4, 2)])
-@pytest.mark.parametrize("method", [lpjax.Greedy(), lpjax.Overlapping(2)], ids=["greedy", "overlapping"])
+@pytest.mark.parametrize("num_stages,data,method", [
+    (2, 1, lpjax.Greedy()), (4, 2, lpjax.Greedy()), (2, 2, lpjax.Overlapping(2)), (4, 1, lpjax.Overlapping(2))],
+    ids=["greedy-2x1", "greedy-4x2", "overlapping-2x2", "overlapping-4x1"])
 def test_matches_reference(num_stages, data, method):
     schedule = Streaming(2)
     reference = train(None, method, schedule, num_stages=num_stages)

@@ -11,7 +11,7 @@ import numpy as np
 
 import lpjax
 
-from multihost_run import train_lm
+from multihost_run import train_four_stages
 
 HERE = Path(__file__).parent
 
@@ -39,7 +39,7 @@ def test_two_processes_match_one(tmp_path):
             raise
         outputs.append(out)
         assert proc.returncode == 0, out[-3000:]
-    reference = train_lm(lpjax.Layout(stages=4, executor="spmd"))
+    reference = train_four_stages(lpjax.Layout(stages=4, executor="spmd"))
     seen = set()
     for pid in range(2):
         saved = np.load(tmp_path / f"p{pid}.npz")

@@ -3,8 +3,11 @@
 ``jax.shard_map`` gives each ``stage`` row of the mesh its own slice of every buffer, a ``lax.scan``
 runs the clocks, ``lax.switch`` on the stage index picks that stage's kernel (so stages may differ in
 shape), and ``lax.ppermute`` shifts activations forward and cotangents back by one stage per clock.
-Only the ``stage`` axis is manual (``axis_names={'stage'}``); a ``data`` axis of size > 1 is refused
-for now (see the check in ``__init__``), and the per-stage executor covers data parallelism.
+With a ``data`` axis, each device of a stage's row holds a slice of the microbatch. After every
+clock the stage's floating state (gradient sum, batch statistics; parameters are identical already)
+is averaged over the row with ``lax.pmean``, outside the per-stage branches so every device runs
+the same collectives, and only then is the optimizer step applied. Gradients then equal the
+whole-microbatch gradient; BatchNorm statistics are per-slice averages, not whole-batch ones.
 
 A validity flag travels with every activation and cotangent. A stage whose input is not valid
 (pipeline fill and drain) runs nothing: ``lax.cond`` returns its state untouched and sends a
@@ -42,15 +45,11 @@ def _fill(lengths, lead, value):
 
 class SpmdExecutor:
     def __init__(self, kernels, schedule, mesh, *, bubble_fill=0.0):
-        if mesh.shape.get("data", 1) != 1:
-            # Collectives over `data` inside the per-stage lax.switch branches deadlock XLA's CPU
-            # runtime (each row takes a different branch); lifting them out is future work.
-            raise ConfigError("the spmd executor runs one device per stage for now; use layout.data=1, "
-                              "or executor='mpmd' for data parallelism inside a stage")
         self.kernels, self.schedule, self.mesh = kernels, schedule, mesh
         self.num_stages = K = len(kernels)
         self.microbatches = schedule.microbatches
         self.placement = PerStageMeshes(mesh)
+        self.num_data = self.placement.num_data
         self.bubble_fill = bubble_fill
         self.backward = any(kern.sources for kern in kernels)
         self.slots = max([j - k for k, kern in enumerate(kernels) for j in kern.sources] + [0])
@@ -69,7 +68,9 @@ class SpmdExecutor:
 
     # -- shapes ------------------------------------------------------------------------------
     def _prepare(self, x, y):
-        """Trace each stage once to learn its activation and residual shapes."""
+        """Trace each stage once to learn its activation and residual shapes (per data slice)."""
+        D = self.num_data
+        x, y = x[: len(x) // D], y[: len(y) // D]
         h = jax.ShapeDtypeStruct(x.shape, x.dtype)
         y_abs = jax.ShapeDtypeStruct(y.shape, y.dtype)
         self.act_packers, self.res_packers = [], []
@@ -84,22 +85,26 @@ class SpmdExecutor:
             if not jnp.issubdtype(group, jnp.floating):
                 raise ConfigError(f"the spmd executor moves floating activations only, got {group}; use executor 'mpmd'")
         K, S, R = self.num_stages, self.slots, self.ring
-        sharded = NamedSharding(self.mesh, P("stage"))
-        carry = {
-            "act": zeros(self.act_lengths, (K,)),
-            "act_y": jnp.zeros((K, *y.shape), y.dtype),
+        per_stage = {
             "act_valid": jnp.zeros((K,), bool),
-            "inbox": zeros(self.act_lengths, (K, max(S, 1))),
             "inbox_valid": jnp.zeros((K, max(S, 1)), bool),
-            "ring": zeros(self.res_lengths, (K, R)),
-            "outbox": zeros(self.act_lengths, (K, self.microbatches if self.schedule.synchronous else 1)),
             "done": jnp.zeros((K,), jnp.int32),
         }
-        self.buffers.update(_global(jax.device_get(carry), sharded))
+        per_slice = {  # one copy per device of the row: these hold slices of the microbatch
+            "act": zeros(self.act_lengths, (K, D)),
+            "act_y": jnp.zeros((K, D, *y.shape), y.dtype),
+            "inbox": zeros(self.act_lengths, (K, D, max(S, 1))),
+            "ring": zeros(self.res_lengths, (K, D, R)),
+            "outbox": zeros(self.act_lengths, (K, D, self.microbatches if self.schedule.synchronous else 1)),
+        }
+        self.buffers.update(_global(jax.device_get(per_stage), NamedSharding(self.mesh, P("stage"))))
+        self.buffers.update(_global(jax.device_get(per_slice), NamedSharding(self.mesh, P("stage", "data"))))
         self.x_spec, self.y_spec = (x.shape, x.dtype), (y.shape, y.dtype)
         self._ready = True
 
     # -- public ------------------------------------------------------------------------------
+    PER_SLICE = ("act", "act_y", "inbox", "ring", "outbox")
+
     def feed(self, microbatch_inputs, microbatch_labels):
         xs, ys = np.stack(microbatch_inputs), np.stack(microbatch_labels)
         if not self._ready:
@@ -109,9 +114,11 @@ class SpmdExecutor:
 
     def drain(self):
         if self._ready:
-            x_shape, x_dtype = self.x_spec
-            y_shape, y_dtype = self.y_spec
-            self._run(np.zeros((0, *x_shape), x_dtype), np.zeros((0, *y_shape), y_dtype), drain=True)
+            self._run(np.zeros((0, *self._full(self.x_spec[0])), self.x_spec[1]),
+                      np.zeros((0, *self._full(self.y_spec[0])), self.y_spec[1]), drain=True)
+
+    def _full(self, local_shape):
+        return (local_shape[0] * self.num_data, *local_shape[1:])
 
     def take_metrics(self):
         """Per-stage mean metrics over the tasks run since the last call."""
@@ -144,8 +151,8 @@ class SpmdExecutor:
         if not clocks:
             return
         phases = self._phases(clocks)
-        stream_x = np.zeros((len(clocks), *self.x_spec[0]), self.x_spec[1])
-        stream_y = np.zeros((len(clocks), *self.y_spec[0]), self.y_spec[1])
+        stream_x = np.zeros((len(clocks), *self._full(self.x_spec[0])), self.x_spec[1])
+        stream_y = np.zeros((len(clocks), *self._full(self.y_spec[0])), self.y_spec[1])
         stream_valid = np.zeros((len(clocks),), bool)
         fed_before = self.fed - len(xs)
         mask = np.zeros((len(clocks), self.num_stages), bool)
@@ -158,7 +165,8 @@ class SpmdExecutor:
                 if task.stage == 0:
                     stream_x[t], stream_y[t] = xs[task.microbatch - fed_before], ys[task.microbatch - fed_before]
                     stream_valid[t] = True
-        stream = _global((stream_x, stream_y, stream_valid), NamedSharding(self.mesh, P()))
+        split = NamedSharding(self.mesh, P(None, "data"))
+        stream = _global((stream_x, stream_y), split) + _global((stream_valid,), NamedSharding(self.mesh, P()))
         offset = 0
         for phase, count in phases:
             program = self._program(phase, count)
@@ -182,25 +190,44 @@ class SpmdExecutor:
     def _program(self, phase, count):
         key = (phase, count)
         if key not in self._programs:
-            spec = jax.tree.map(lambda _: P("stage"), self.buffers)
+            spec = {name: jax.tree.map(lambda _: P("stage", "data") if name in self.PER_SLICE else P("stage"), tree)
+                    for name, tree in self.buffers.items()}
             body = functools.partial(self._scan, phase)
-            mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(spec, P(), P(), P()),
-                                   out_specs=(spec, P(None, "stage")), axis_names={"stage"}, check_vma=False)
+            mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(spec, P(None, "data"), P(None, "data"), P()),
+                                   out_specs=(spec, P(None, "stage")), axis_names={"stage", "data"},
+                                   check_vma=False)
             self._programs[key] = jax.jit(mapped, donate_argnums=(0,))
         return self._programs[key]
 
     def _scan(self, phase, buffers, xs, ys, valid):
-        local = jax.tree.map(lambda a: a[0], buffers)  # drop this device's stage axis of size 1
+        # drop this device's stage axis (and data axis, for per-slice buffers), both of size 1
+        local = {name: jax.tree.map(lambda a: a[0, 0] if name in self.PER_SLICE else a[0], tree)
+                 for name, tree in buffers.items()}
         k = lax.axis_index("stage")
         clock = jnp.arange(xs.shape[0])
+        tasks = [functools.partial(self._stage_clock, phase, s) for s in range(self.num_stages)]
+        updates = [functools.partial(self._maybe_update, s) for s in range(self.num_stages)]
 
         def tick(carry, inputs):
-            out, metrics = lax.switch(k, [functools.partial(self._stage_clock, phase, s) for s in range(self.num_stages)],
-                                      carry, *inputs)
-            return self._shift(phase, out), metrics
+            carry, metrics, due = lax.switch(k, tasks, carry, *inputs)
+            if self.num_data > 1:  # collectives stay outside the branches: every device runs them
+                carry["state"] = {g: lax.pmean(b, "data") if jnp.issubdtype(g, jnp.floating) else b
+                                  for g, b in carry["state"].items()}
+                metrics = lax.pmean(metrics, "data")
+            carry["state"] = lax.switch(k, updates, carry["state"], due)
+            return self._shift(phase, carry), metrics
 
         local, metrics = lax.scan(tick, local, (xs, ys, valid, clock))
-        return jax.tree.map(lambda a: a[None], local), jax.tree.map(lambda a: a[:, None], metrics)
+        local = {name: jax.tree.map(lambda a: a[None, None] if name in self.PER_SLICE else a[None], tree)
+                 for name, tree in local.items()}
+        return local, jax.tree.map(lambda a: a[:, None], metrics)
+
+    def _maybe_update(self, k, state_buffer, due):
+        def update(buffer):
+            state = self.kernels[k].update(self.state_packers[k].unpack(buffer))
+            return self.state_packers[k].pack(state, self.state_lengths)
+
+        return lax.cond(due, update, lambda buffer: buffer, state_buffer)
 
     def _shift(self, phase, carry):
         K = self.num_stages
@@ -253,13 +280,12 @@ class SpmdExecutor:
                     send = self._put_message(send, k, j, passed[j], present)
             if own_dx is not None:
                 send = self._put_message(send, k, k, own_dx, True)
-            update = (m + 1) % self.microbatches == 0
+            due = (m + 1) % self.microbatches == 0
         else:
             if own_dx is not None:
                 packed = self.act_packers[k - 1].pack(own_dx, self.act_lengths)
                 carry["outbox"] = {g: b.at[m % self.microbatches].set(packed[g]) for g, b in carry["outbox"].items()}
-            update = (not self.backward) & ((m + 1) % self.microbatches == 0)
-        state = lax.cond(update, kern.update, lambda s: s, state)
+            due = (not self.backward) & ((m + 1) % self.microbatches == 0)
         if residual is not None:
             packed = self.res_packers[k].pack(residual, self.res_lengths)
             carry["ring"] = {g: b.at[m % self.ring].set(packed[g]) for g, b in carry["ring"].items()}
@@ -270,7 +296,7 @@ class SpmdExecutor:
             carry["act"] = self.act_packers[k].pack(h, self.act_lengths)
         carry["act_y"], carry["act_valid"] = y, jnp.array(True)
         carry["done"] = m + 1
-        return carry, {name: value.astype(jnp.float32) for name, value in metrics.items()}
+        return carry, {name: value.astype(jnp.float32) for name, value in metrics.items()}, jnp.asarray(due)
 
     def _backward_task(self, phase, k, kern, carry, x0, y0, m):
         state = self.state_packers[k].unpack(carry["state"])
@@ -287,10 +313,9 @@ class SpmdExecutor:
         if kern.sends_own_gradient:
             own = self.act_packers[k - 1].unpack({g: b[slot] for g, b in carry["outbox"].items()})
             send = self._put_message(send, k, k, own, True)
-        state = lax.cond(m == self.microbatches - 1, kern.update, lambda s: s, state)
         carry["state"] = self.state_packers[k].pack(state, self.state_lengths)
         carry["inbox"], carry["inbox_valid"] = send
-        return carry, self._nan_metrics()
+        return carry, self._nan_metrics(), m == self.microbatches - 1
 
     def _bubble(self, phase, k, kern, carry, x0, y0, m):
         carry = dict(carry)
@@ -301,7 +326,7 @@ class SpmdExecutor:
         if phase != "forward":
             carry["inbox"] = _fill(self.act_lengths, lead, self.bubble_fill)
             carry["inbox_valid"] = jnp.zeros(lead, bool)
-        return carry, self._nan_metrics()
+        return carry, self._nan_metrics(), jnp.array(False)
 
     def _empty_message(self):
         lead = (max(self.slots, 1),)

@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
-from ..schedules import BACKWARD, LOCAL
+from ..schedules import BACKWARD, FORWARD, LOCAL
 from .dataflow import DELAY_PER_HOP
 from .packing import TreePacker, common_lengths, zeros
 from .placement import PerStageMeshes
@@ -238,7 +238,7 @@ class SpmdExecutor:
             carry["act"] = lax.ppermute(carry["act"], "stage", forward)
             carry["act_y"] = lax.ppermute(carry["act_y"], "stage", forward)
             carry["act_valid"] = lax.ppermute(carry["act_valid"], "stage", forward)
-        if phase != "forward":
+        if phase != FORWARD and self.slots:  # window 1 sends nothing back
             carry["inbox"] = lax.ppermute(carry["inbox"], "stage", backward)
             carry["inbox_valid"] = lax.ppermute(carry["inbox_valid"], "stage", backward)
         return carry
@@ -289,7 +289,7 @@ class SpmdExecutor:
         if residual is not None:
             packed = self.res_packers[k].pack(residual, self.res_lengths)
             carry["ring"] = {g: b.at[m % self.ring].set(packed[g]) for g, b in carry["ring"].items()}
-        if phase == LOCAL:
+        if phase == LOCAL and self.slots:
             carry["inbox"], carry["inbox_valid"] = send
         carry["state"] = self.state_packers[k].pack(state, self.state_lengths)
         if k + 1 < self.num_stages:
@@ -323,7 +323,7 @@ class SpmdExecutor:
         if phase != BACKWARD:
             carry["act"] = _fill(self.act_lengths, (), self.bubble_fill)
             carry["act_valid"] = jnp.array(False)
-        if phase != "forward":
+        if phase != FORWARD and self.slots:
             carry["inbox"] = _fill(self.act_lengths, lead, self.bubble_fill)
             carry["inbox_valid"] = jnp.zeros(lead, bool)
         return carry, self._nan_metrics(), jnp.array(False)

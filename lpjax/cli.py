@@ -1,16 +1,19 @@
 """``lpjax train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR``.
 
-A user's mistake (a bad config value, an unknown key, a missing file, a bad flag) ends with one line
-on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written to the workdir. Anything
-else is a bug in lpjax and keeps its traceback.
+A user's mistake (a bad config value, an unknown key, a config file that is missing or raises, a bad
+flag) ends with one line on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written
+to the workdir. Anything else is a bug in lpjax and keeps its traceback.
 """
 
+import os
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
 
 from .errors import ConfigError
+from .train import train_and_evaluate
 
 PROG = "lpjax"
 USAGE = f"usage: {PROG} train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR"
@@ -29,9 +32,6 @@ def main(argv=None) -> int:
             print(_help_text())
             return 0
         command, config, workdir = parse(argv)
-        # Imported after parsing so that flag mistakes answer without waiting for JAX to load.
-        from .train import train_and_evaluate
-
         if command == "train":
             train_and_evaluate(config, workdir)
         return 0
@@ -55,24 +55,29 @@ def parse(argv):
             message = (f"{message.split('. Currently')[0]}; declare it in the recipe with "
                        f"ml_collections.config_dict.placeholder(TYPE)")
         raise UsageError(message) from None
-    except (AttributeError, KeyError) as err:  # config_flags' way of saying "no such key" at the top level
-        raise UsageError(_explain_bad_flag(f"config.{str(err).strip(chr(39) + chr(34))}", argv)) from None
+    except Exception as err:  # raised while running the recipe file or applying an override to it
+        raise UsageError(_explain_parse_failure(err, argv)) from None
     positional = rest[1:]
     if not positional:
         raise UsageError(f"no command given; {USAGE}")
     if positional[0] not in COMMANDS or len(positional) > 1:
         raise UsageError(f"unknown command {' '.join(positional)!r}; {USAGE}")
-    try:
-        config = flag_values.config
-        if config is not None:
-            config.keys()  # a file that failed to load only says so when first used
-    except OSError as err:
-        raise UsageError(f"could not load the config file: {_config_load_reason(err)}") from None
-    if config is None:
+    if flag_values["config"].value is None:
         raise UsageError(f"missing --config; {USAGE}")
+    if _config_failed(flag_values):
+        _, error = _load_config_only(argv)
+        raise UsageError(error or "the config file did not load with the given --config overrides")
     if not flag_values.workdir:
         raise UsageError(f"missing --workdir; {USAGE}")
-    return positional[0], config, flag_values.workdir
+    return positional[0], flag_values.config, flag_values.workdir
+
+
+def _config_failed(flag_values) -> bool:
+    try:
+        flag_values.config.keys()  # a file that failed to load only says so when first used
+        return False
+    except Exception:
+        return True
 
 
 def _define_flags(argv) -> flags.FlagValues:
@@ -89,15 +94,29 @@ def _explain_bad_flag(flagname: str, argv) -> str:
     """Name the override that failed: a key the config does not have, or a value of the wrong type."""
     if not flagname.startswith("config."):
         return f"unknown flag --{flagname}; {USAGE}"
-    config = _load_config_only(argv)
-    if config is None:
-        return f"cannot apply --{flagname}: the config file did not load"
-    overrides = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
-    for name in overrides + [flagname]:
-        problem = _missing_key(config, name[len("config."):])
+    config, error = _load_config_only(argv)
+    if error is not None:
+        return error
+    for name in _override_keys(argv) + [flagname[len("config."):]]:
+        problem = _missing_key(config, name)
         if problem:
             return problem
     return f"bad value for --{flagname}; give a value of the type the recipe uses for it"
+
+
+def _explain_parse_failure(err, argv) -> str:
+    config, error = _load_config_only(argv)
+    if error is not None:
+        return error
+    for name in _override_keys(argv):  # config_flags says "no such key" with a bare AttributeError
+        problem = _missing_key(config, name)
+        if problem:
+            return problem
+    return f"could not apply the --config overrides: {type(err).__name__}: {_first_line(err)}"
+
+
+def _override_keys(argv) -> list:
+    return [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
 
 
 def _missing_key(config, key: str):
@@ -113,7 +132,8 @@ def _missing_key(config, key: str):
 
 
 def _load_config_only(argv):
-    """The config file alone, without overrides, to explain which override was at fault."""
+    """``(config, None)`` for the config file alone, without overrides, or ``(None, message)`` saying
+    why it does not load (the recipe's own error and line, in one line)."""
     path = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -121,14 +141,25 @@ def _load_config_only(argv):
         elif arg == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
     if path is None:
-        return None
+        return None, f"missing --config; {USAGE}"
     config_only = [PROG, f"--config={path}"]
     flag_values = _define_flags(config_only)
     try:
         flag_values(config_only)
-        return flag_values.config
-    except Exception:  # only used to word an error message; the original error is what we report
-        return None
+        config = flag_values.config
+        config.keys()  # a file that failed to load only says so when first used
+        return config, None
+    except OSError as err:
+        return None, f"could not load the config file: {_config_load_reason(err)}"
+    except Exception as err:  # the recipe itself raised: report it like a compiler would
+        return None, f"could not load the config file {path}: {type(err).__name__}: {_first_line(err)}{_where(err, path)}"
+
+
+def _where(err, path) -> str:
+    if isinstance(err, SyntaxError) and err.lineno:
+        return ""  # its message already says "(file, line N)"
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f" (line {frames[-1].lineno})" if frames else ""
 
 
 def _config_load_reason(err) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import build_experiment
+from .errors import ConfigError
 from .metrics_log import MetricsLog, mean_per_stage, write_json
 from .report import describe, stage_table
 
@@ -27,18 +28,23 @@ from .report import describe, stage_table
 def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: bool = True) -> dict:
     """Train the configured experiment and return what ``results.json`` holds."""
     started = time.perf_counter()
+    _check_workdir(workdir)
     experiment = build_experiment(config)
     trainer, data, cfg = experiment.trainer, experiment.dataset, experiment.config
     say = print if verbose else (lambda *a, **k: None)
     say(describe(experiment), flush=True)
 
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create workdir {workdir!r}: {err.strerror}; choose another --workdir") from None
     write_json(os.path.join(workdir, "config.json"), cfg)
     num_steps, log_every, eval_every = experiment.num_steps, cfg["log_every"], cfg["eval_every"]
     batches = experiment.batches()
     pending = []  # Trainer.step results since the last train record, still on the device
     with MetricsLog(os.path.join(workdir, "metrics.jsonl")) as log, \
-            tqdm(total=num_steps, unit="step", file=sys.stderr, dynamic_ncols=True, disable=not progress) as bar:
+            tqdm(total=num_steps, unit="step", file=sys.stderr, dynamic_ncols=True, disable=not progress,
+                 mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:  # a log file needs few updates
         loop_start = time.perf_counter()
         for step in range(1, num_steps + 1):
             x, y = next(batches)
@@ -69,6 +75,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
         f"test loss {final['test_loss']:.4f} | {num_steps} steps in {train_time:.1f}s | "
         f"results in {os.path.join(workdir, 'results.json')}", flush=True)
     return results
+
+
+def _check_workdir(workdir) -> None:
+    if not workdir:
+        raise ConfigError("no workdir given; pass the directory that should receive the run's files")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir!r} exists and is not a directory; choose another --workdir")
 
 
 def _train_sample(data, seed):

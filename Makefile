@@ -1,0 +1,34 @@
+# make demo: create .venv, install lpjax, train the default recipe (greedy, 4 stages, MNIST-5k).
+# make test: create .venv if needed and run the test suite on 2 workers (PYTEST_ARGS= for one).
+# Pick the interpreter with PYTHON=...; a different Python version rebuilds .venv from scratch.
+
+PYTHON ?= python3
+VENV ?= .venv
+DEMO_WORKDIR ?= runs/demo
+PYTEST_ARGS ?= -n 2
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+.PHONY: demo test venv clean
+
+demo: $(STAMP)
+	$(BIN)/lpjax train --config recipes/mnist_resnet.py --workdir $(DEMO_WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# Reinstalls when setup.py changes; recreates the venv only when it was made by another Python version.
+$(STAMP): setup.py
+	@if [ ! -x $(BIN)/python ] || [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$(PYTHON_VERSION)" ]; then \
+		echo "creating $(VENV) with $(PYTHON) ($(PYTHON_VERSION))"; \
+		$(PYTHON) -m venv --clear $(VENV); \
+	fi
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) runs

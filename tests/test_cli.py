@@ -1,0 +1,142 @@
+"""The `lpjax train` command end to end, run as a user runs it: in a subprocess.
+
+Bad input must end with exactly one stderr line, exit code 2, no traceback, and no workdir.
+"""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# digits + a 2-layer MLP: the cheapest real training run there is.
+TINY_CONFIG = textwrap.dedent("""
+    from ml_collections.config_dict import placeholder
+
+    from lpjax.config import base_config
+
+
+    def get_config():
+        config = base_config()
+        config.dataset.name = "digits"
+        config.model.name = "mlp"
+        config.model.depth = 2
+        config.model.width = 32
+        config.model.num_classes = placeholder(int)
+        config.stages = 2
+        config.method.name = "chunked"
+        config.batch_size = 32
+        config.num_steps = 6
+        config.log_every = 3
+        config.eval_every = 3
+        return config
+""")
+
+# (name, arguments (the tiny config unless they name one), words the one-line message must contain)
+BAD_INPUTS = [
+    ("unknown method", ["--config.method.name=sideways"], ["unknown method 'sideways'", "greedy"]),
+    ("more stages than layers", ["--config.stages=5"], ["2 layers into 5 stages"]),
+    ("head does not match labels", ["--config.model.num_classes=7"], ["7 classes", "num_classes=10"]),
+    ("batch not divisible by microbatches", ["--config.schedule.microbatches=3"], ["not divisible", "32"]),
+    ("window below one", ["--config.method.name=overlapping", "--config.method.window=0"], ["window", "0"]),
+    ("per-stage learning rates of the wrong length", ["--config.optimizer.learning_rates=(0.1,0.2,0.3)"],
+     ["learning_rates has 3 entries for 2 stages"]),
+    ("unknown config key", ["--config.optimizer.lr=0.1"], ["unknown config key 'optimizer.lr'", "learning_rate"]),
+    ("unknown dataset", ["--config.dataset.name=imagenet"], ["unknown dataset 'imagenet'", "mnist5k"]),
+    ("non-positive batch size", ["--config.batch_size=0"], ["batch_size", "positive"]),
+    ("value of the wrong type", ["--config.batch_size=many"], ["batch_size", "many"]),
+    ("missing config file", ["--config=does/not/exist.py"], ["could not load the config file", "exist.py"]),
+    ("config file that raises", ["--config={configs}/broken.py"], ["broken.py: ZeroDivisionError", "line 2"]),
+]
+
+
+def run_cli(*args, cwd=REPO):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "lpjax", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / "broken.py").write_text("def get_config():\n    return 1 / 0\n")
+    path = folder / "tiny.py"
+    path.write_text(TINY_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tiny_config, tmp_path_factory):
+    """Every bad-input command, run two at a time: each pays JAX's import, so this halves the wait."""
+    root = tmp_path_factory.mktemp("bad")
+
+    def run(case):
+        name, args, _ = case
+        args = [arg.format(configs=tiny_config.parent) for arg in args]
+        if not any(arg.startswith("--config=") for arg in args):
+            args = [f"--config={tiny_config}", *args]
+        workdir = root / name.replace(" ", "_")
+        return name, workdir, run_cli("train", *args, f"--workdir={workdir}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return {name: (workdir, result) for name, workdir, result in pool.map(run, BAD_INPUTS)}
+
+
+@pytest.mark.parametrize("name, args, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(bad_runs, name, args, words):
+    workdir, result = bad_runs[name]
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lpjax: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not workdir.exists()
+
+
+def test_train_writes_metrics_results_and_prints_table(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("train", "--config", "recipes/mnist_mlp.py", "--config.dataset.name=digits",
+                     "--config.dataset.test_size=300", "--config.model.width=32", "--config.num_steps=8",
+                     "--config.log_every=4", "--config.eval_every=4", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    assert [r["step"] for r in train] == [4, 8]
+    assert [r["step"] for r in test] == [4, 8]
+    for record in records:
+        assert len(record["loss"]) == len(record["accuracy"]) == 2  # the recipe's two chunks
+        assert all(loss > 0 for loss in record["loss"])
+        assert record["time"] >= 0
+
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["method"] == "chunked" and results["num_steps"] == 8
+    assert [s["stage"] for s in results["stages"]] == [0, 1]
+    assert [s["layers"] for s in results["stages"]] == [[0, 1], [2, 3]]
+    assert results["final"] == results["stages"][-1]
+    assert results["final"]["test_accuracy"] == pytest.approx(test[-1]["accuracy"][-1])
+    assert 0.0 <= results["final"]["test_accuracy"] <= 1.0
+
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"]["name"] == "digits"
+    assert config["model"]["num_classes"] == 10  # filled in from the data
+    assert config["num_steps"] == 8 and config["stages"] == 2
+
+    assert "test acc" in result.stdout and "final head (stage 1)" in result.stdout
+
+
+def test_no_command_prints_usage_and_exits_2():
+    result = run_cli()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert "usage: lpjax train --config" in result.stderr

@@ -13,8 +13,9 @@ PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_
 
 .PHONY: demo test venv clean
 
+# The demo's pipelined layout puts each stage on its own device; on CPU, simulate 4 of them.
 demo: $(STAMP)
-	$(BIN)/lpjax train --config recipes/mnist_resnet.py --workdir $(DEMO_WORKDIR)
+	JAX_NUM_CPU_DEVICES=$${JAX_NUM_CPU_DEVICES:-4} $(BIN)/lpjax train --config recipes/mnist_resnet.py --workdir $(DEMO_WORKDIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

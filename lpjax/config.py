@@ -250,16 +250,8 @@ def _layout(cfg, num_stages):
     stages = num_stages if spec["stages"] is None else positive_int(spec["stages"], "layout.stages")
     if stages != num_stages:
         raise ConfigError(f"layout.stages={stages} but the model has {num_stages} stages; make them equal")
-    if spec["executor"] == "spmd" and not _spmd_available():
-        raise ConfigError("the spmd executor is not available in this version; use --config.layout.executor=mpmd")
     spec["stages"] = stages
     return Layout(stages=stages, data=data, executor=spec["executor"])
-
-
-def _spmd_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("lpjax.executors.spmd") is not None
 
 
 def _dry_run_checks(trainer, dataset, batch_size) -> None:

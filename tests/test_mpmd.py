@@ -49,3 +49,16 @@ def test_layout_larger_than_devices_is_refused():
     with pytest.raises(lpjax.ConfigError, match="needs 32 devices"):
         lpjax.Trainer(tiny_model(4), method=lpjax.Greedy(), optimizer=optax.sgd(0.1),
                       layout=lpjax.Layout(stages=4, data=8))
+
+
+def test_streaming_with_window_two_stops_compiling_once_the_pipeline_is_full():
+    """Residuals cross jit boundaries as leaves, so later steps reuse every compiled cell."""
+    x, y = tiny_batch(16)
+    trainer = lpjax.Trainer(tiny_model(3), method=lpjax.Overlapping(2), optimizer=optax.adam(1e-2),
+                            schedule=Streaming(4))
+    for _ in range(3):
+        trainer.step(x, y)
+    compiled = sum(cell._cache_size() for cell in trainer.executor._cells.values())
+    for _ in range(6):
+        trainer.step(x, y)
+    assert sum(cell._cache_size() for cell in trainer.executor._cells.values()) == compiled

@@ -37,6 +37,10 @@ class DataflowExecutor:
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
         self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_metrics()
         self._cells = {}
+        # A VJP residual is a pytree whose static part holds a jaxpr from the trace that made it;
+        # passed into jit as is, every new trace would miss the cache of the cells that consume it.
+        # So cells exchange residual leaves, and each stage has one canonical tree structure.
+        self._residual_trees = {}
 
     # -- public ------------------------------------------------------------------------------
     def feed(self, microbatch_inputs, microbatch_labels):
@@ -86,6 +90,8 @@ class DataflowExecutor:
         cotangents = {j: self.messages.pop((k, j, about[j])) for j in present}
         residuals = {j: self._residual(k, j, about[j]) for j in present}
         fresh = task.phase != BACKWARD and m % self.schedule.microbatches == 0
+        if task.phase != BACKWARD and kern.sources and k not in self._residual_trees:
+            self._residual_trees[k] = self._residual_tree(k, m)
         cell = self._cell(k, task.phase, present, task.update, fresh)
         state = self.states[k]
         if task.phase == BACKWARD:
@@ -105,6 +111,11 @@ class DataflowExecutor:
             self.messages[(k - 1, j, about[j])] = self.placement.put_batch(k - 1, dx)
         self.states[k] = state
 
+    def _residual_tree(self, k, m):
+        x, y = self.inputs[(k, m)], self.labels.get((k, m))
+        residual = jax.eval_shape(self.kernels[k].forward, self.states[k], x, y)[3]
+        return jax.tree.structure(residual)
+
     def _residual(self, k, j, m):
         entry = self.residuals[(k, m)]
         entry[1] -= 1
@@ -117,28 +128,33 @@ class DataflowExecutor:
         key = (k, phase, present, update, fresh)
         if key not in self._cells:
             kern = self.kernels[k]
+            tree = self._residual_trees.get(k)
             if phase == BACKWARD:
-                fn = functools.partial(_backward_cell, kern, update)
+                fn = functools.partial(_backward_cell, kern, update, tree)
             else:
-                fn = functools.partial(_forward_cell, kern, update, fresh)
+                fn = functools.partial(_forward_cell, kern, update, fresh, tree)
             # the stage state is replaced by the cell's output, so XLA may reuse its buffers
             self._cells[key] = jax.jit(fn, donate_argnums=(0,))
         return self._cells[key]
 
 
-def _forward_cell(kern, update, fresh, state, x, y, residuals, cotangents):
+def _forward_cell(kern, update, fresh, tree, state, x, y, residuals, cotangents):
     state, h, own_dx, residual, metrics = kern.forward(state, x, y, fresh)
-    state, passed = kern.backward(state, residuals, cotangents)
+    state, passed = kern.backward(state, _rebuild(tree, residuals), cotangents)
     if update:
         state = kern.update(state)
-    return state, h, own_dx, residual, passed, metrics
+    return state, h, own_dx, None if residual is None else jax.tree.leaves(residual), passed, metrics
 
 
-def _backward_cell(kern, update, state, residuals, cotangents):
-    state, passed = kern.backward(state, residuals, cotangents)
+def _backward_cell(kern, update, tree, state, residuals, cotangents):
+    state, passed = kern.backward(state, _rebuild(tree, residuals), cotangents)
     if update:
         state = kern.update(state)
     return state, passed
+
+
+def _rebuild(tree, residual_leaves):
+    return {j: jax.tree.unflatten(tree, leaves) for j, leaves in residual_leaves.items()}
 
 
 def summarize(log, num_stages):

@@ -34,20 +34,12 @@ os.environ["JAX_NUM_CPU_DEVICES"] = "2"  # before jax is imported
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import lpjax  # noqa: E402
+from mlp_bench import mlp_stages, random_batches, wait_for  # noqa: E402
 from lpjax.schedules import Streaming  # noqa: E402
 
 STAGES = 2
-
-
-class Layer(nnx.Module):
-    def __init__(self, din, dout, rngs):
-        self.linear = nnx.Linear(din, dout, rngs=rngs)
-
-    def __call__(self, x):
-        return jax.nn.relu(self.linear(x))
 
 
 def main(argv=None):
@@ -67,10 +59,8 @@ def main(argv=None):
         args.width, args.layers, args.microbatch, args.steps, args.rounds, args.warmup = 64, 1, 16, 4, 2, 2
 
     def model():
-        rngs = nnx.Rngs(0)
-        layers = [Layer(args.width, args.width, rngs) for _ in range(STAGES * args.layers)]
-        return lpjax.cut_layers(layers, lambda i, r: nnx.Linear(args.width, args.classes, rngs=r),
-                                num_stages=STAGES, rngs=rngs)
+        return mlp_stages(width=args.width, layers_per_stage=args.layers, classes=args.classes,
+                          num_stages=STAGES, seed=0)
 
     M = args.microbatches
     layouts = {"mpmd": lpjax.Layout(stages=STAGES), "reference": None}
@@ -78,25 +68,19 @@ def main(argv=None):
         layouts["spmd"] = lpjax.Layout(stages=STAGES, executor="spmd")
     trainers = {name: lpjax.Trainer(model(), method=lpjax.Chunked(), optimizer=optax.sgd(0.01),
                                     schedule=Streaming(M), layout=layout) for name, layout in layouts.items()}
-    rng = np.random.default_rng(0)
     batch = M * args.microbatch
-    batches = [(rng.normal(size=(batch, args.width)).astype(np.float32),
-                rng.integers(0, args.classes, batch).astype(np.int32)) for _ in range(4)]
+    batches = random_batches(0, batch, args.width, args.classes)
     counters = {name: 0 for name in trainers}
-
-    def wait(trainer, metrics):
-        ex = trainer.executor
-        jax.block_until_ready((getattr(ex, "buffers", None) or ex.states, metrics))
 
     def run(name, steps):
         trainer = trainers[name]
-        wait(trainer, None)
+        wait_for(trainer, None)
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = None
         for _ in range(steps):
             metrics = trainer.step(*batches[counters[name] % len(batches)])
             counters[name] += 1
-        wait(trainer, metrics)
+        wait_for(trainer, metrics)
         return time.perf_counter() - wall, time.process_time() - cpu
 
     started = time.time()

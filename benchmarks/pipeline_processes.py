@@ -118,23 +118,14 @@ def worker(args):
     import jax
     import numpy as np
     import optax
-    from flax import nnx
 
     import lpjax
     from lpjax.schedules import GPipe, Streaming
-
-    class Layer(nnx.Module):
-        def __init__(self, din, dout, rngs):
-            self.linear = nnx.Linear(din, dout, rngs=rngs)
-
-        def __call__(self, x):
-            return jax.nn.relu(self.linear(x))
+    from mlp_bench import mlp_stages, random_batches, wait_for
 
     def model():
-        rngs = nnx.Rngs(args.seed)
-        layers = [Layer(args.width, args.width, rngs) for _ in range(STAGES * args.layers)]
-        return lpjax.cut_layers(layers, lambda i, r: nnx.Linear(args.width, args.classes, rngs=r),
-                                num_stages=STAGES, rngs=rngs)
+        return mlp_stages(width=args.width, layers_per_stage=args.layers, classes=args.classes,
+                          num_stages=STAGES, seed=args.seed)
 
     M = args.microbatches
     layout = None if args.worker == "single" else lpjax.Layout(stages=STAGES, executor="spmd")
@@ -144,26 +135,20 @@ def worker(args):
     if args.worker != "spmd1":
         trainers["backprop"] = lpjax.Trainer(model(), method=lpjax.Backprop(), optimizer=tx,
                                              schedule=GPipe(M), layout=layout)
-    rng = np.random.default_rng(args.seed)  # same seed in every process: SPMD needs identical inputs
-    batch = M * args.microbatch
-    batches = [(rng.normal(size=(batch, args.width)).astype(np.float32),
-                rng.integers(0, args.classes, batch).astype(np.int32)) for _ in range(4)]
+    batch = M * args.microbatch  # same seed in every process: SPMD needs identical inputs
+    batches = random_batches(args.seed, batch, args.width, args.classes)
     counters = {name: 0 for name in trainers}
-
-    def wait(trainer, metrics):
-        ex = trainer.executor
-        jax.block_until_ready((getattr(ex, "buffers", None) or ex.states, metrics))
 
     def run(name, steps):
         trainer = trainers[name]
-        wait(trainer, None)
+        wait_for(trainer, None)
         threads = thread_times()
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = None
         for _ in range(steps):
             metrics = trainer.step(*batches[counters[name] % len(batches)])
             counters[name] += 1
-        wait(trainer, metrics)
+        wait_for(trainer, metrics)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = thread_times()
         # the busiest thread executes the XLA program: its time runnable but not running is time lost

@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..schedules import BACKWARD, FORWARD, LOCAL
+from ..schedules import BACKWARD, LOCAL
 
 DELAY_PER_HOP = 2  # microbatches between stage k running m and stage k-1 receiving its cotangent
 

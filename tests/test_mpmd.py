@@ -62,3 +62,28 @@ def test_streaming_with_window_two_stops_compiling_once_the_pipeline_is_full():
     for _ in range(6):
         trainer.step(x, y)
     assert sum(cell._cache_size() for cell in trainer.executor._cells.values()) == compiled
+
+
+def test_resnet_stages_with_data_axis_match_reference():
+    """Heterogeneous stages (the resolution halves between them) with BatchNorm, 2 devices per stage."""
+    from flax import nnx
+    from lpjax.models import mnist_resnet
+
+    def model():
+        rngs = nnx.Rngs(0)
+        return lpjax.stage_network(mnist_resnet(width=4, blocks_per_stage=(1, 1, 1, 1), rngs=rngs),
+                                   split_points=[3], rngs=rngs)
+
+    x = np.random.default_rng(0).normal(size=(16, 12, 12, 1)).astype(np.float32)
+    y = np.arange(16, dtype=np.int32) % 10
+    runs = []
+    for layout in (None, lpjax.Layout(stages=2, data=2)):
+        trainer = lpjax.Trainer(model(), method=lpjax.Chunked(), optimizer=optax.sgd(0.1, momentum=0.9),
+                                schedule=Streaming(2), layout=layout)
+        for i in range(2):
+            trainer.step(np.roll(x, i, axis=0), np.roll(y, i))
+        trainer.drain()
+        runs.append(trainer)
+    assert_trees_close(stage_params(runs[0]), stage_params(runs[1]), atol=1e-6)
+    assert_trees_close([jax.device_get(s.rest) for s in runs[0].stage_states],
+                       [jax.device_get(s.rest) for s in runs[1].stage_states], atol=1e-5)

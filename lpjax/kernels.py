@@ -108,7 +108,7 @@ class StageKernels:
         ``fresh`` marks the first microbatch of a step: its gradient replaces the sum instead of
         being added to it, so neither this nor ``update`` spends a pass over memory on zeroing."""
         params, rest = state.params, state.rest
-        needs_input_grad = self.sends_own_gradient or False
+        needs_input_grad = self.sends_own_gradient
         if not needs_input_grad:
             x = jax.lax.stop_gradient(x)
         body_fn = lambda bp, inp: self._body(self.body_def, bp, rest["body"], inp)

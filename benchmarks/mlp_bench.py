@@ -33,3 +33,4 @@ def wait_for(trainer, metrics):
     """Block until the trainer's parameters (and the given metrics) are computed."""
     executor = trainer.executor
     jax.block_until_ready((getattr(executor, "buffers", None) or executor.states, metrics))
+

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lpjax  # noqa: E402
+from bench_args import add_size_arguments  # noqa: E402
 from mlp_bench import mlp_stages, random_batches, wait_for  # noqa: E402
 from lpjax.schedules import Streaming  # noqa: E402
 
@@ -44,14 +45,7 @@ STAGES = 2
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=2, help="dense layers per stage")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--microbatch", type=int, default=512, help="examples per microbatch")
-    parser.add_argument("--microbatches", type=int, default=4, help="M: microbatches per optimizer step")
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation, pipeline fill)")
+    add_size_arguments(parser)
     parser.add_argument("--no-spmd", action="store_true", help="skip the spmd line")
     parser.add_argument("--quick", action="store_true", help="tiny sizes")
     args = parser.parse_args(argv)

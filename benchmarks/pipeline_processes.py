@@ -63,18 +63,13 @@ import time
 STAGES = 2
 GOAL_STAGE, GOAL_BACKPROP = 1.8, 1.5
 RESULT = "@@RESULT "
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_args import add_size_arguments  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=2, help="dense layers per stage")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--microbatch", type=int, default=512, help="examples per microbatch")
-    parser.add_argument("--microbatches", type=int, default=4, help="M: microbatches per optimizer step")
-    parser.add_argument("--steps", type=int, default=8, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile + pipeline fill)")
+    add_size_arguments(parser)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diagnostics", action="store_true",

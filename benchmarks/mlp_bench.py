@@ -34,3 +34,11 @@ def wait_for(trainer, metrics):
     executor = trainer.executor
     jax.block_until_ready((getattr(executor, "buffers", None) or executor.states, metrics))
 
+
+
+def run_steps(trainer, batches, first, steps):
+    """``steps`` training steps cycling through ``batches`` from index ``first``; waits for the end."""
+    metrics = None
+    for i in range(first, first + steps):
+        metrics = trainer.step(*batches[i % len(batches)])
+    wait_for(trainer, metrics)

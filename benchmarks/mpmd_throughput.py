@@ -37,7 +37,7 @@ import optax  # noqa: E402
 
 import lpjax  # noqa: E402
 from bench_args import add_size_arguments  # noqa: E402
-from mlp_bench import mlp_stages, random_batches, wait_for  # noqa: E402
+from mlp_bench import mlp_stages, random_batches, run_steps, wait_for  # noqa: E402
 from lpjax.schedules import Streaming  # noqa: E402
 
 STAGES = 2
@@ -70,11 +70,8 @@ def main(argv=None):
         trainer = trainers[name]
         wait_for(trainer, None)
         wall, cpu = time.perf_counter(), time.process_time()
-        metrics = None
-        for _ in range(steps):
-            metrics = trainer.step(*batches[counters[name] % len(batches)])
-            counters[name] += 1
-        wait_for(trainer, metrics)
+        run_steps(trainer, batches, counters[name], steps)
+        counters[name] += steps
         return time.perf_counter() - wall, time.process_time() - cpu
 
     started = time.time()

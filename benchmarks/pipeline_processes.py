@@ -116,7 +116,7 @@ def worker(args):
 
     import lpjax
     from lpjax.schedules import GPipe, Streaming
-    from mlp_bench import mlp_stages, random_batches, wait_for
+    from mlp_bench import mlp_stages, random_batches, run_steps, wait_for
 
     def model():
         return mlp_stages(width=args.width, layers_per_stage=args.layers, classes=args.classes,
@@ -139,11 +139,8 @@ def worker(args):
         wait_for(trainer, None)
         threads = thread_times()
         wall, cpu = time.perf_counter(), time.process_time()
-        metrics = None
-        for _ in range(steps):
-            metrics = trainer.step(*batches[counters[name] % len(batches)])
-            counters[name] += 1
-        wait_for(trainer, metrics)
+        run_steps(trainer, batches, counters[name], steps)
+        counters[name] += steps
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = thread_times()
         # the busiest thread executes the XLA program: its time runnable but not running is time lost

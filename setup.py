@@ -15,6 +15,8 @@ CORE = [
     "mlxtend>=0.23",
     "scikit-learn>=1.4",
     "matplotlib>=3.8",
+    "tensorflow-datasets>=4.9.7",  # tfds.data_source (array_record) only; TensorFlow is not needed
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
 setup(
@@ -29,7 +31,6 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "examples": ["tensorflow-datasets>=4.9.7", "importlib_resources"],
     },
     entry_points={"console_scripts": ["lpjax=lpjax.cli:main"]},
 )

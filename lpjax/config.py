@@ -43,7 +43,7 @@ from ml_collections.config_dict import placeholder
 
 from .config_checks import (int_list, no_unknown_keys, non_negative_int, number_list, one_of, positive_int,
                             required)
-from .data import DATASETS, batch_iterator, load_dataset, steps_per_epoch
+from .data import DATASETS, load_dataset, steps_per_epoch
 from .errors import ConfigError
 from .layout import Layout
 from .methods import METHODS, make_method
@@ -99,10 +99,9 @@ class Experiment:
     num_steps: int
     stage_layers: list  # (first, last) layer index of each stage
 
-    def batches(self):
-        """The endless, seeded training stream."""
-        d = self.dataset
-        return batch_iterator(d.train_x, d.train_y, self.config["batch_size"], seed=self.config["seed"])
+    def batches(self, start_step: int = 0):
+        """The endless, seeded training stream, from global step ``start_step``."""
+        return self.dataset.train_batches(self.config["batch_size"], seed=self.config["seed"], start_step=start_step)
 
 
 def resolve(config) -> dict:
@@ -256,7 +255,7 @@ def _layout(cfg, num_stages):
 
 def _dry_run_checks(trainer, dataset, batch_size) -> None:
     """Run the trainer's own batch and shape checks on one batch, before anything is compiled or written."""
-    xs, ys = trainer.split_batch(dataset.train_x[:batch_size], dataset.train_y[:batch_size])
+    xs, ys = trainer.split_batch(*dataset.example_batch(batch_size))
     trainer.check_shapes(xs[0], ys[0])
 
 

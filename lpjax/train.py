@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from .config import build_experiment
@@ -59,15 +58,15 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
                 if last is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             if (eval_every and step % eval_every == 0) or step == num_steps:
-                test = trainer.evaluate(data.test_x, data.test_y, batch_size=cfg["eval_batch_size"])
+                test = trainer.evaluate_batches(data.eval_batches("test", cfg["eval_batch_size"]))
                 log.write(step, time.perf_counter() - loop_start, "test", test)
             bar.update(1)
         train_time = time.perf_counter() - loop_start
 
-    train_x, train_y = _train_sample(data, cfg["seed"])
-    train = trainer.evaluate(train_x, train_y, batch_size=cfg["eval_batch_size"])
+    sample = _train_sample_size(data)
+    train = trainer.evaluate_batches(data.eval_batches("train", cfg["eval_batch_size"], max_examples=sample))
     results = _results(experiment, train, test, train_time, time.perf_counter() - started)
-    results["train_eval_examples"] = len(train_x)
+    results["train_eval_examples"] = sample
     write_json(os.path.join(workdir, "results.json"), results)
     say(stage_table(results["stages"]))
     final = results["final"]
@@ -84,14 +83,10 @@ def _check_workdir(workdir) -> None:
         raise ConfigError(f"workdir {workdir!r} exists and is not a directory; choose another --workdir")
 
 
-def _train_sample(data, seed):
-    """A seeded subset of the training split, as large as the test split (at least 1,000 examples):
+def _train_sample_size(data) -> int:
+    """A seeded sample of the training split as large as the test split (at least 1,000 examples):
     the table's train loss is then an eval-mode figure that costs no more than the test evaluation."""
-    count = min(data.num_train, max(data.num_test, 1000))
-    if count == data.num_train:
-        return data.train_x, data.train_y
-    index = np.sort(np.random.default_rng(seed).choice(data.num_train, count, replace=False))
-    return data.train_x[index], data.train_y[index]
+    return min(data.num_train, max(data.num_test, 1000))
 
 
 def _results(experiment, train, test, train_time, total_time) -> dict:

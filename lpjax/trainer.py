@@ -94,18 +94,23 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, x, y, batch_size: int = 500):
-        """Loss and accuracy of every stage's head on held-out data (anytime prediction)."""
+        """Loss and accuracy of every stage's head on held-out arrays (anytime prediction)."""
+        return self.evaluate_batches((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(x), batch_size))
+
+    def evaluate_batches(self, batches):
+        """Like ``evaluate``, over an iterable of ``(x, y)`` batches (a data source's eval stream)."""
         self.drain()
-        totals = np.zeros((self.num_stages, 2))
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        totals, count = np.zeros((self.num_stages, 2)), 0
+        place = self.executor.placement
+        for xb, yb in batches:
             h = xb
             for k in range(self.num_stages):
-                place = self.executor.placement
                 h, loss_sum, correct = self._predict_fn(k)(self.executor.states[k], place.put_state(k, h),
                                                            place.put_state(k, yb))
                 totals[k] += (float(loss_sum), float(correct))
-        count = len(y) * (np.prod(np.shape(y)[1:]) if np.ndim(y) > 1 else 1)
+            count += np.size(yb)
+        if count == 0:
+            raise ConfigError("the evaluation split is empty; check the dataset's test split")
         return [{"loss": float(loss / count), "accuracy": float(correct / count)} for loss, correct in totals]
 
     def _predict_fn(self, k):

@@ -21,7 +21,7 @@ def _split_images(name, images, labels, *, max_value, test_size, seed, max_train
     return Dataset(
         name=name, train_x=train_x, train_y=train_y, test_x=test_x,
         test_y=labels[test_idx], num_classes=10,
-        input_shape=tuple(images.shape[1:]), task=CLASSIFICATION)
+        input_shape=tuple(images.shape[1:]), task=CLASSIFICATION, sample_seed=seed)
 
 
 @functools.lru_cache(maxsize=1)

@@ -32,11 +32,10 @@ def next_token_windows(tokens: np.ndarray, seq_len: int):
 def load_text_bytes(*, seed: int = 0, seq_len: int = 64, max_train=None) -> Dataset:
     """Train on the first 90% of the byte stream, test on the last 10%.
 
-    `seed` is accepted for a uniform loader signature but unused: the split is
+    `seed` only picks the evaluation sample of the training split: the split is
     positional so that train and test are contiguous, disjoint stretches of text
     (shuffling windows across the boundary would leak neighbouring context).
     """
-    del seed
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be a positive int")
     tokens = np.frombuffer(cpython_reference_text(), dtype=np.uint8)
@@ -51,4 +50,4 @@ def load_text_bytes(*, seed: int = 0, seq_len: int = 64, max_train=None) -> Data
     return Dataset(
         name="text_bytes", train_x=train_x, train_y=train_y, test_x=test_x,
         test_y=test_y, num_classes=BYTE_VOCAB_SIZE, input_shape=(seq_len,),
-        task=LANGUAGE_MODEL)
+        task=LANGUAGE_MODEL, sample_seed=seed)

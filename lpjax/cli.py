@@ -1,8 +1,13 @@
-"""``lpjax train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR``.
+"""The ``lpjax`` command line.
+
+    lpjax train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR   train, or resume DIR
+    lpjax bench --suite small|recipes/sweeps/NAME.py --workdir DIR                compute-efficiency sweep
+    lpjax plot --workdir DIR                                                      learning curves as PNG
 
 A user's mistake (a bad config value, an unknown key, a config file that is missing or raises, a bad
 flag) ends with one line on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written
-to the workdir. Anything else is a bug in lpjax and keeps its traceback.
+to the workdir. A run halted by a non-finite loss or gradient, or by a lost peer process, ends with one
+line and exit code 1. Anything else is a bug in lpjax and keeps its traceback.
 """
 
 import os
@@ -12,13 +17,19 @@ import traceback
 from absl import flags
 from ml_collections import config_flags
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .train import train_and_evaluate
 
 PROG = "lpjax"
-USAGE = f"usage: {PROG} train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR"
-COMMANDS = ("train",)
+USAGES = {
+    "train": f"{PROG} train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR",
+    "bench": f"{PROG} bench --suite small|recipes/sweeps/NAME.py --workdir DIR",
+    "plot": f"{PROG} plot --workdir DIR",
+}
+USAGE = "usage: " + " | ".join(USAGES.values())
+COMMANDS = tuple(USAGES)
 EXIT_USAGE = 2
+EXIT_HALTED = 1
 
 
 class UsageError(Exception):
@@ -31,19 +42,31 @@ def main(argv=None) -> int:
         if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
             print(_help_text())
             return 0
-        command, config, workdir = parse(argv)
+        command, options = parse(argv)
         if command == "train":
-            train_and_evaluate(config, workdir)
+            train_and_evaluate(options["config"], options["workdir"])
+        elif command == "bench":
+            from .bench import run_bench  # matplotlib and the sweep code load only when asked for
+
+            run_bench(options["suite"], options["workdir"])
+        else:
+            from .plots import plot_run
+
+            for written in plot_run(options["workdir"]):
+                print(written)
         return 0
     except (UsageError, ConfigError) as err:
         return _fail(str(err))
+    except NonFiniteError as err:
+        return _fail(str(err), EXIT_HALTED)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
 def parse(argv):
-    """``(command, config, workdir)`` from the command line, or a UsageError naming what is wrong."""
+    """``(command, options)`` from the command line, or a UsageError naming what is wrong; options
+    holds ``config`` (train), ``suite`` (bench) and ``workdir``."""
     flag_values = _define_flags(argv)
     try:
         rest = flag_values(argv)
@@ -62,14 +85,27 @@ def parse(argv):
         raise UsageError(f"no command given; {USAGE}")
     if positional[0] not in COMMANDS or len(positional) > 1:
         raise UsageError(f"unknown command {' '.join(positional)!r}; {USAGE}")
-    if flag_values["config"].value is None:
-        raise UsageError(f"missing --config; {USAGE}")
+    command = positional[0]
+    usage = f"usage: {USAGES[command]}"
+    given = [name for name in ("config", "suite") if flag_values[name].present]
+    wanted = {"train": ["config"], "bench": ["suite"], "plot": []}[command]
+    for name in given:
+        if name not in wanted:
+            raise UsageError(f"{command} takes no --{name}; {usage}")
+    if command == "train" and flag_values["config"].value is None:
+        raise UsageError(f"missing --config; {usage}")
+    if not flag_values.workdir:
+        raise UsageError(f"missing --workdir; {usage}")
+    if command == "bench":
+        if not flag_values.suite:
+            raise UsageError(f"missing --suite; {usage}")
+        return command, {"suite": flag_values.suite, "workdir": flag_values.workdir}
+    if command == "plot":
+        return command, {"workdir": flag_values.workdir}
     if _config_failed(flag_values):
         _, error = _load_config_only(argv)
         raise UsageError(error or "the config file did not load with the given --config overrides")
-    if not flag_values.workdir:
-        raise UsageError(f"missing --workdir; {USAGE}")
-    return positional[0], flag_values.config, flag_values.workdir
+    return command, {"config": flag_values.config, "workdir": flag_values.workdir}
 
 
 def _config_failed(flag_values) -> bool:
@@ -85,8 +121,9 @@ def _define_flags(argv) -> flags.FlagValues:
     # sys_argv: config_flags otherwise finds the --config.KEY overrides in sys.argv, not in our argv
     config_flags.DEFINE_config_file("config", None, "Recipe file with get_config(); override keys with "
                                     "--config.KEY=VALUE.", flag_values=flag_values, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl and results.json.",
+    flags.DEFINE_string("workdir", None, "The run's directory (train, plot) or the sweep's (bench).",
                         flag_values=flag_values)
+    flags.DEFINE_string("suite", None, "bench: 'small', or a sweep recipe file.", flag_values=flag_values)
     return flag_values
 
 
@@ -178,17 +215,22 @@ def _help_text() -> str:
     return "\n".join([
         USAGE,
         "",
-        "Train a staged network with local parallelism (Laskin, Metz et al., arXiv 2012.03837).",
+        "Train staged networks with local parallelism (Laskin, Metz et al., arXiv 2012.03837).",
+        "",
+        "  train                    train a recipe; a --workdir that holds checkpoints is resumed",
+        "  bench                    run a compute-efficiency sweep and write report.md with its plots",
+        "  plot                     render a training run's learning curves as PNG",
         "",
         "  --config FILE            a recipe: a Python file whose get_config() returns an ml_collections ConfigDict",
         "  --config.KEY=VALUE       override one key, e.g. --config.method.name=chunked --config.num_steps=200",
-        "  --workdir DIR            where config.json, metrics.jsonl and results.json are written",
+        "  --suite NAME|FILE        bench: 'small' (embedded data, CPU) or a sweep recipe in recipes/sweeps/",
+        "  --workdir DIR            the run's (or the sweep's) directory",
         "",
         "Recipes ship in recipes/; every key is listed in lpjax/config.py.",
     ])
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
     message = " ".join(message.split())  # exactly one line, whatever the source message looked like
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code

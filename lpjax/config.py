@@ -27,6 +27,14 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     log_every               steps between training-metric records (the only host syncs)
     eval_every              steps between evaluations on the test split; 0: only at the end
     eval_batch_size         examples per evaluation batch
+    checkpoint.every_steps  steps between checkpoints (0: only at the end); a checkpoint flushes the
+                            pipeline first, so runs with different values differ slightly
+    checkpoint.keep         checkpoints kept (the newest ones)
+    checkpoint.asynchronous save in the background while training goes on
+    nonfinite               skip | halt: what a non-finite loss or gradient does. Either way the
+                            stage's update is skipped (its state never becomes non-finite) and
+                            counted; halt then stops the run with exit code 1
+    probe.alignment_every   steps between gradient-alignment probes (0: off); see lpjax.alignment
 
 ``build_experiment`` validates in order of cost (plain values, then data, model and trainer) and
 raises ``ConfigError`` with one line naming the problem and the fix; it writes nothing to disk.
@@ -41,7 +49,7 @@ import ml_collections
 from flax import nnx
 from ml_collections.config_dict import placeholder
 
-from .config_checks import (int_list, no_unknown_keys, non_negative_int, number_list, one_of, positive_int,
+from .config_checks import (boolean, int_list, no_unknown_keys, non_negative_int, number_list, one_of, positive_int,
                             required)
 from .data import DATASETS, load_dataset, steps_per_epoch
 from .errors import ConfigError
@@ -54,6 +62,7 @@ from .staging import stage_network
 from .trainer import Trainer
 
 EXECUTORS = ("reference", "mpmd", "spmd")
+NONFINITE_POLICIES = ("halt", "skip")
 OPEN_SECTIONS = ("dataset", "model")  # free-form: their extra keys are loader / builder keywords
 
 
@@ -84,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
         "log_every": 50,
         "eval_every": 0,
         "eval_batch_size": 500,
+        "checkpoint": {"every_steps": 500, "keep": 3, "asynchronous": True},
+        "nonfinite": "halt",
+        "probe": {"alignment_every": 0},
     })
 
 
@@ -161,6 +173,11 @@ def _check_plain_values(cfg) -> None:
     positive_int(cfg["log_every"], "log_every")
     non_negative_int(cfg["eval_every"], "eval_every")
     positive_int(cfg["eval_batch_size"], "eval_batch_size")
+    non_negative_int(cfg["checkpoint"]["every_steps"], "checkpoint.every_steps")
+    positive_int(cfg["checkpoint"]["keep"], "checkpoint.keep")
+    boolean(cfg["checkpoint"]["asynchronous"], "checkpoint.asynchronous")
+    one_of(cfg["nonfinite"], NONFINITE_POLICIES, "nonfinite")
+    non_negative_int(cfg["probe"]["alignment_every"], "probe.alignment_every")
     if cfg["num_steps"] is not None:
         positive_int(cfg["num_steps"], "num_steps")
     elif cfg["num_epochs"] is not None:

@@ -33,6 +33,12 @@ def non_negative_number(value, key: str) -> float:
     return float(value)
 
 
+def boolean(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be True or False, got {value!r}; set --config.{key}=True or False")
+    return value
+
+
 def one_of(value, choices, key: str):
     if value not in choices:
         raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")

@@ -7,3 +7,7 @@ its traceback.
 
 class ConfigError(ValueError):
     """A bad model, method, schedule, layout or data request; the message names the fix."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or state and the policy is to halt (exit code 1)."""

@@ -10,6 +10,10 @@ state and a gradient sum). Three pure functions act on it:
 - ``backward``: apply residuals to cotangents arriving from later stages' losses, add the parameter
   part to the gradient sum and pass on the input part where the window allows.
 - ``update``: one optax step with the mean gradient over the microbatches seen since the last one.
+  The optimizer is wrapped in ``optax.apply_if_finite``: a non-finite gradient (or loss, which
+  makes the gradient non-finite) leaves the parameters and optimizer state as they were and is
+  counted, so a stage's state never becomes non-finite; what to do about it (carry on or halt) is
+  the training loop's policy.
 
 Stage boundaries are cut with ``jax.lax.stop_gradient``; a loss's gradient only crosses a boundary
 as an explicit cotangent message, which is what makes the window exact.
@@ -34,12 +38,29 @@ class StageState:
     opt_state: Any
     grad_sum: Any  # same tree as the trainable params
     grad_count: Any  # microbatches whose own loss is in grad_sum
+    grad_norm: Any  # global norm of the mean gradient at the last update (a metric)
 
 
 def _fresh(state):
     """Rebuild a state's Variables in the current trace: merging Variables created outside a
     ``jax.vjp`` and mutating them inside (batch statistics) is a Flax TraceContextError."""
     return jax.tree.map(lambda leaf: leaf, state)
+
+
+def _keep_if_finite(new, old):
+    """``new`` where every floating leaf is finite, else ``old``: batch statistics of a bad batch are
+    dropped along with its update."""
+    floats = [leaf for leaf in jax.tree.leaves(new) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    if not floats:
+        return new
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in floats]))
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
+                        new, old)
+
+
+def skipped_updates(state) -> Any:
+    """Updates a stage skipped because its gradient was not finite (a device scalar)."""
+    return state.opt_state.total_notfinite
 
 
 def _split(module):
@@ -52,7 +73,8 @@ class StageKernels:
 
     def __init__(self, stage, k, num_stages, method, tx, loss_fn):
         self.k, self.num_stages = k, num_stages
-        self.tx, self.loss_fn = tx, loss_fn
+        # never let non-finite updates through, however many arrive in a row
+        self.tx, self.loss_fn = optax.apply_if_finite(tx, max_consecutive_errors=2**30), loss_fn
         self.weight = method.weights(num_stages)[k]
         self.trains_head = self.weight != 0.0
         self.sources = method.sources(k, num_stages)
@@ -79,6 +101,7 @@ class StageKernels:
             opt_state=self.tx.init(trainable),
             grad_sum=jax.tree.map(jnp.zeros_like, trainable),
             grad_count=jnp.zeros((), jnp.int32),
+            grad_norm=jnp.zeros((), jnp.float32),
         )
 
     # -- pieces ------------------------------------------------------------------------------
@@ -113,7 +136,7 @@ class StageKernels:
             x = jax.lax.stop_gradient(x)
         body_fn = lambda bp, inp: self._body(self.body_def, bp, rest["body"], inp)
         h, body_vjp, new_body_rest = jax.vjp(body_fn, params["body"], x, has_aux=True)
-        new_rest = dict(rest, body=new_body_rest)
+        new_rest = dict(rest, body=_keep_if_finite(new_body_rest, rest["body"]))
         grads = jax.tree.map(jnp.zeros_like, state.grad_sum)
         own_dx, metrics = None, self._no_metrics()
         if self.trains_head:
@@ -125,7 +148,7 @@ class StageKernels:
                 head_loss, argnums=(0, 1), has_aux=True)(params["head"], h)
             body_grad, dx = body_vjp(dh)
             grads = {"body": body_grad, "head": head_grad}
-            new_rest["head"] = new_head_rest
+            new_rest["head"] = _keep_if_finite(new_head_rest, rest["head"])
             metrics = self._metrics(logits, y)
             own_dx = dx if needs_input_grad else None
         residual = body_vjp if self.sources else None
@@ -159,7 +182,8 @@ class StageKernels:
         updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         # grad_sum is left as it is: the next step's first forward overwrites it
-        return dataclasses.replace(state, params=dict(state.params, **trainable), opt_state=opt_state)
+        return dataclasses.replace(state, params=dict(state.params, **trainable), opt_state=opt_state,
+                                   grad_norm=optax.tree.norm(grads).astype(jnp.float32))
 
     # -- evaluation --------------------------------------------------------------------------
     def predict(self, state: StageState, x):

@@ -14,7 +14,7 @@ import numpy as np
 METRIC_NAMES = ("loss", "accuracy")
 
 
-def mean_per_stage(step_metrics, num_stages: int) -> list:
+def mean_per_stage(step_metrics, num_stages: int, names=METRIC_NAMES) -> list:
     """Per stage, the mean of each metric over the steps in ``step_metrics``; None where none ran.
 
     ``step_metrics`` is a list of ``Trainer.step`` results (a list per step, one entry per stage, each a
@@ -24,7 +24,7 @@ def mean_per_stage(step_metrics, num_stages: int) -> list:
     means = []
     for k in range(num_stages):
         entries = [step[k] for step in host if step is not None and step[k] is not None]
-        means.append({name: float(np.mean([e[name] for e in entries])) for name in METRIC_NAMES}
+        means.append({name: float(np.mean([e[name] for e in entries])) for name in names}
                      if entries else None)
     return means
 
@@ -41,27 +41,79 @@ def finite_or_none(value):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (replacing a previous run's file) and flushes each."""
+    """Appends one JSON object per line to ``path`` and mirrors every number into TensorBoard event
+    files under ``tensorboard_dir`` (tensorboardX: no TensorFlow needed), flushing each record.
 
-    def __init__(self, path: str):
+    A fresh run replaces an old file. A resumed run (``resume_step``) keeps the records up to that
+    step and drops the rest, which the killed run wrote after its last checkpoint and the resumed run
+    is about to write again; TensorBoard is told to purge them too.
+    """
+
+    def __init__(self, path: str, tensorboard_dir: str | None = None, resume_step: int = 0):
         self.path = path
-        self._file = open(path, "w", encoding="utf-8")
+        kept = _records_up_to(path, resume_step) if resume_step else []
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8")
+        self._board = None
+        if tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter  # imported here: only training runs need it
 
-    def write(self, step: int, time_s: float, split: str, stages: list) -> None:
+            self._board = SummaryWriter(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, time_s: float, split: str, stages: list, **extra) -> None:
+        """``stages``: one dict of metrics per stage (or None); ``extra``: further whole-run numbers."""
         record = {"step": step, "time": round(time_s, 3), "split": split}
-        for name in METRIC_NAMES:
-            record[name] = [None if s is None else s[name] for s in stages]
-        self._file.write(json.dumps(finite_or_none(record)) + "\n")
+        names = list(dict.fromkeys(name for s in stages if s is not None for name in s))
+        for name in names:
+            record[name] = [None if s is None else s.get(name) for s in stages]
+        record.update(extra)
+        record = finite_or_none(record)
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._board is not None:
+            for name in names:
+                for k, value in enumerate(record[name]):
+                    if value is not None:
+                        self._board.add_scalar(f"{split}/{name}/stage{k}", value, step)
+            for name, value in extra.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self._board.add_scalar(f"{split}/{name}", value, step)
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _records_up_to(path: str, step: int) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut short by the kill: nothing after it is trustworthy
+    return kept
+
+
+def read_records(path: str) -> list:
+    """Every record of a metrics.jsonl file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_json(path: str, obj) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .executors import make_executor
-from .kernels import StageKernels
+from .kernels import StageKernels, skipped_updates
 from .losses import check_logits_match_labels, get_loss
 from .methods import Method
 from .optimizers import per_stage_optimizers
@@ -37,6 +37,8 @@ class Trainer:
                         for k, (stage, tx) in enumerate(zip(model, optimizers))]
         self.executor = make_executor(self.kernels, self.schedule, layout)
         self.steps = 0
+        self.stage_examples = [0] * len(model)  # examples each stage has run forward so far
+        self._done_seen, self._microbatch_rows = [0] * len(model), 0
         self._checked_shapes = False
         self._predict = {}
 
@@ -71,14 +73,40 @@ class Trainer:
         xs, ys = self.split_batch(x, y)
         if not self._checked_shapes:
             self.check_shapes(xs[0], ys[0])
+        self._microbatch_rows = len(xs[0])
         self.executor.feed(xs, ys)
         self.steps += 1
+        self._count_examples()
         return self.executor.take_metrics()
 
     def drain(self):
         """Finish all in-flight microbatches (streaming schedules); returns their metrics."""
         self.executor.drain()
+        self._count_examples()
         return self.executor.take_metrics()
+
+    def flush(self):
+        """Drain and forget what is left in flight, so the stage states are the whole training state
+        (before a checkpoint; a resumed run starts from exactly this); returns the drained metrics."""
+        self.executor.drain()
+        self._count_examples()
+        self.executor.flush()
+        self._done_seen = [0] * self.num_stages
+        return self.executor.take_metrics()
+
+    def load_states(self, states):
+        """Continue from restored stage states (``StageState`` pytrees, one per stage)."""
+        self.executor.load_states(states)
+
+    def health(self):
+        """Per stage, device scalars: the gradient norm at its last update and the updates skipped
+        so far because a loss or gradient was not finite."""
+        return [{"grad_norm": s.grad_norm, "skipped": skipped_updates(s)} for s in self.stage_states]
+
+    def _count_examples(self):
+        for k, done in enumerate(self.executor.done):
+            self.stage_examples[k] += (done - self._done_seen[k]) * self._microbatch_rows
+            self._done_seen[k] = done
 
     def check_shapes(self, x, y):
         """Fail before compiling anything if a head's output cannot be scored against the labels."""

@@ -6,6 +6,7 @@ Bad input must end with exactly one stderr line, exit code 2, no traceback, and 
 import concurrent.futures
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -53,7 +54,38 @@ BAD_INPUTS = [
     ("value of the wrong type", ["--config.batch_size=many"], ["batch_size", "many"]),
     ("missing config file", ["--config=does/not/exist.py"], ["could not load the config file", "exist.py"]),
     ("config file that raises", ["--config={configs}/broken.py"], ["broken.py: ZeroDivisionError", "line 2"]),
+    ("layout larger than the devices", ["--config.layout.executor=mpmd", "--config.layout.data=64"],
+     ["needs 128 devices", "JAX_NUM_CPU_DEVICES=128"]),
+    ("batch not divisible by microbatches x data",
+     ["--config.layout.executor=mpmd", "--config.layout.data=3", "--config.schedule.microbatches=2"],
+     ["not divisible by microbatches x data = 6"]),
+    ("reference executor given a data axis", ["--config.layout.data=2"], ["reference executor", "mpmd"]),
+    ("dataset not set", ["--config.dataset.name="], ["dataset.name is not set", "digits"]),
+    ("workdir under a file", ["--workdir={configs}/tiny.py/run"], ["not writable", "--workdir"]),
+    ("window given to a window-1 method", ["--config.method.window=3"], ["window 1", "overlapping"]),
+    ("loss weights given to backprop", ["--config.method.name=backprop", "--config.method.loss_weights=(1.0,1.0)"],
+     ["backprop uses only the last head", "loss_weights"]),
+    ("unknown non-finite policy", ["--config.nonfinite=ignore"], ["unknown nonfinite 'ignore'", "skip"]),
+    ("flag of the wrong type", ["--config.checkpoint.asynchronous=maybe"], ["asynchronous", "maybe"]),
+    ("negative checkpoint interval", ["--config.checkpoint.every_steps=-5"], ["checkpoint.every_steps", ">= 0"]),
 ]
+
+
+def tensorboard_scalars(folder) -> dict:
+    """{tag: [(step, value)]} from the TensorBoard event files in ``folder`` (TFRecord framing: length,
+    its CRC, the serialized Event, its CRC), read with tensorboardX's own protobuf classes."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def run_cli(*args, cwd=REPO):
@@ -82,7 +114,9 @@ def bad_runs(tiny_config, tmp_path_factory):
         if not any(arg.startswith("--config=") for arg in args):
             args = [f"--config={tiny_config}", *args]
         workdir = root / name.replace(" ", "_")
-        return name, workdir, run_cli("train", *args, f"--workdir={workdir}")
+        if not any(arg.startswith("--workdir=") for arg in args):
+            args.append(f"--workdir={workdir}")
+        return name, workdir, run_cli("train", *args)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         return {name: (workdir, result) for name, workdir, result in pool.map(run, BAD_INPUTS)}
@@ -118,6 +152,15 @@ def test_train_writes_metrics_results_and_prints_table(tmp_path):
         assert len(record["loss"]) == len(record["accuracy"]) == 2  # the recipe's two chunks
         assert all(loss > 0 for loss in record["loss"])
         assert record["time"] >= 0
+    for record in train:  # per-stage health and speed beside loss and accuracy
+        assert all(norm > 0 for norm in record["grad_norm"]) and record["skipped"] == [0, 0]
+        assert all(rate > 0 for rate in record["examples_per_s"])
+
+    scalars = tensorboard_scalars(workdir / "tb")
+    assert {"train/loss/stage0", "train/grad_norm/stage1", "train/examples_per_s/stage1",
+            "test/accuracy/stage1"} <= set(scalars)
+    assert [step for step, _ in scalars["train/loss/stage1"]] == [4, 8]
+    assert scalars["train/loss/stage1"][-1][1] == pytest.approx(train[-1]["loss"][1], rel=1e-6)
 
     results = json.loads((workdir / "results.json").read_text())
     assert results["method"] == "chunked" and results["num_steps"] == 8

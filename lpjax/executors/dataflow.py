@@ -62,6 +62,19 @@ class DataflowExecutor:
         """Finish every fed microbatch at every stage (the fill/drain bubble of a stream)."""
         self._run(drain=True)
 
+    def flush(self):
+        """Drain, then forget whatever the drain left in flight (cotangents about microbatches whose
+        consumers will not run): afterwards the stage states are the executor's whole state, which is
+        what a checkpoint saves and a resumed run starts from."""
+        self.drain()
+        self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
+        self.done, self.fed = [0] * self.num_stages, 0
+
+    def load_states(self, states):
+        """Replace every stage's state (a restored checkpoint), placed on this layout's devices."""
+        self.flush()
+        self.states = [self.placement.put_state(k, state) for k, state in enumerate(states)]
+
     def take_metrics(self):
         """Per-stage mean metrics over the tasks run since the last call (device arrays)."""
         log, self.log = self.log, []

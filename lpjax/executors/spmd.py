@@ -84,7 +84,14 @@ class SpmdExecutor:
         for group in self.act_lengths:
             if not jnp.issubdtype(group, jnp.floating):
                 raise ConfigError(f"the spmd executor moves floating activations only, got {group}; use executor 'mpmd'")
-        K, S, R = self.num_stages, self.slots, self.ring
+        self.x_spec, self.y_spec = (x.shape, x.dtype), (y.shape, y.dtype)
+        self._reset_in_flight()
+        self._ready = True
+
+    def _reset_in_flight(self):
+        """Empty activation, message and residual buffers: nothing in flight."""
+        K, S, R, D = self.num_stages, self.slots, self.ring, self.num_data
+        y_shape, y_dtype = self.y_spec
         per_stage = {
             "act_valid": jnp.zeros((K,), bool),
             "inbox_valid": jnp.zeros((K, max(S, 1)), bool),
@@ -92,15 +99,13 @@ class SpmdExecutor:
         }
         per_slice = {  # one copy per device of the row: these hold slices of the microbatch
             "act": zeros(self.act_lengths, (K, D)),
-            "act_y": jnp.zeros((K, D, *y.shape), y.dtype),
+            "act_y": jnp.zeros((K, D, *y_shape), y_dtype),
             "inbox": zeros(self.act_lengths, (K, D, max(S, 1))),
             "ring": zeros(self.res_lengths, (K, D, R)),
             "outbox": zeros(self.act_lengths, (K, D, self.microbatches if self.schedule.synchronous else 1)),
         }
         self.buffers.update(_global(jax.device_get(per_stage), NamedSharding(self.mesh, P("stage"))))
         self.buffers.update(_global(jax.device_get(per_slice), NamedSharding(self.mesh, P("stage", "data"))))
-        self.x_spec, self.y_spec = (x.shape, x.dtype), (y.shape, y.dtype)
-        self._ready = True
 
     # -- public ------------------------------------------------------------------------------
     PER_SLICE = ("act", "act_y", "inbox", "ring", "outbox")
@@ -116,6 +121,20 @@ class SpmdExecutor:
         if self._ready:
             self._run(np.zeros((0, *self._full(self.x_spec[0])), self.x_spec[1]),
                       np.zeros((0, *self._full(self.y_spec[0])), self.y_spec[1]), drain=True)
+
+    def flush(self):
+        """Drain, then forget what the drain left in flight; see ``DataflowExecutor.flush``."""
+        self.drain()
+        if self._ready:
+            self._reset_in_flight()
+        self.done, self.fed = [0] * self.num_stages, 0
+
+    def load_states(self, states):
+        """Replace every stage's state (a restored checkpoint); host round trip, so single-process."""
+        self.flush()
+        packed = [jax.device_get(p.pack(s, self.state_lengths)) for p, s in zip(self.state_packers, states)]
+        stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
+        self.buffers["state"] = _global(stacked, NamedSharding(self.mesh, P("stage")))
 
     def _full(self, local_shape):
         return (local_shape[0] * self.num_data, *local_shape[1:])

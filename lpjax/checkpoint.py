@@ -1,0 +1,165 @@
+"""Checkpoints with orbax's CheckpointManager: one item per stage, plus a JSON ``meta`` item.
+
+A save holds each stage's parameters, non-trainable state (batch statistics, RNG counters) and
+optimizer state, straight from that stage's own devices, and ``meta``: the step, the data iterator's
+position, the config and a fingerprint of every stage's state. Saves are asynchronous and the last
+``keep`` are kept; orbax writes each one to a temporary directory and renames it when complete, so a
+run killed mid-save leaves no half checkpoint behind.
+
+Restoring reads each stage onto the current trainer's shardings (the target tree), so a run can come
+back on a different ``data``-axis size. The fingerprint is recomputed after reading: a checkpoint
+whose files were damaged (or that fails to read at all) is moved aside to ``corrupt/`` with a
+warning, and the one before it is tried, so nothing silently loads garbage and nothing is deleted.
+
+The gradient accumulator is not saved: a checkpoint is taken after ``Trainer.flush()``, and the next
+step's first microbatch overwrites the accumulator anyway.
+"""
+
+import dataclasses
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from .errors import NonFiniteError
+
+SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm")
+CORRUPT_DIR = "corrupt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read back as it was written."""
+
+
+def _is_key(leaf) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _storable(state) -> dict:
+    """The saved part of a ``StageState`` as a dict, typed PRNG keys as their raw key data."""
+    tree = {name: getattr(state, name) for name in SAVED_FIELDS}
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+
+
+def _abstract(state) -> dict:
+    """The restore target: shapes, dtypes and shardings of the current state's saved part."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _storable(state))
+
+
+def _rebuild(like, restored: dict):
+    """A ``StageState`` like ``like`` with its saved fields taken from ``restored``."""
+    current = {name: getattr(like, name) for name in SAVED_FIELDS}
+    fields = jax.tree.map(lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+                          if _is_key(old) else new, current, restored)
+    return dataclasses.replace(like, **fields)
+
+
+def _bits(flat):
+    """The raw bits of a flat array as uint32 (wider words folded), so a flipped bit always shows."""
+    if not jnp.issubdtype(flat.dtype, jnp.floating):
+        return flat.astype(jnp.uint32)
+    unsigned = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[flat.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(flat, unsigned)
+    if flat.dtype.itemsize == 8:
+        bits = bits ^ (bits >> 32)
+    return bits.astype(jnp.uint32)
+
+
+@jax.jit
+def _summary(tree):
+    """``(fingerprint, finite)``: a position-weighted sum of the bits of every leaf, modulo 2**32
+    (any single changed word changes it), and whether every floating leaf is finite."""
+    total, finite = jnp.uint32(0), jnp.bool_(True)
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+        flat = jnp.ravel(leaf)
+        if jnp.issubdtype(flat.dtype, jnp.floating):
+            finite &= jnp.all(jnp.isfinite(flat))
+        weights = jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(2 * i + 1)
+        total += jnp.sum(_bits(flat) * weights, dtype=jnp.uint32)
+    return total, finite
+
+
+def state_summary(state) -> tuple:
+    """``(fingerprint, finite)`` of one stage's saved state, as Python values."""
+    fingerprint, finite = jax.device_get(_summary(_storable(state)))
+    return int(fingerprint), bool(finite)
+
+
+def _warn(message: str) -> None:
+    print(f"lpjax: warning: {message}", file=sys.stderr, flush=True)
+
+
+class Checkpointer:
+    """Saves and restores a trainer's stage states under ``directory`` (one subdirectory per step)."""
+
+    def __init__(self, directory: str, num_stages: int, *, keep: int = 3, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.names = tuple(f"stage{k}" for k in range(num_stages))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                               cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=self.names + ("meta",), options=options)
+
+    def steps(self) -> list:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, states, meta: dict) -> None:
+        """Start saving ``states`` (one ``StageState`` per stage) and ``meta`` as checkpoint ``step``.
+        Raises ``NonFiniteError``, saving nothing, if any stage's state is not finite."""
+        summaries = [state_summary(s) for s in states]
+        bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
+        if bad:
+            raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
+                                 f"nothing was checkpointed")
+        meta = dict(meta, step=step, fingerprints=[f for f, _ in summaries])
+        items = {name: ocp.args.StandardSave(_storable(s)) for name, s in zip(self.names, states)}
+        self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
+
+    def restore_latest(self, like_states):
+        """``(states, meta)`` from the newest checkpoint that reads back intact, placed like
+        ``like_states``; ``None`` if there is none. Damaged ones are moved aside with a warning."""
+        for step in reversed(self.steps()):
+            try:
+                return self._restore(step, like_states)
+            except CheckpointError as err:
+                where = self._quarantine(step)
+                _warn(f"checkpoint at step {step} is damaged ({err}); moved it to {where} and "
+                      f"falling back to the one before")
+        return None
+
+    def _restore(self, step, like_states):
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if meta is None or meta.get("step") != step or len(meta.get("fingerprints", ())) != len(self.names):
+                raise CheckpointError("its meta item is missing or incomplete")
+            items = {name: ocp.args.StandardRestore(_abstract(s)) for name, s in zip(self.names, like_states)}
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except CheckpointError:
+            raise
+        except Exception as err:  # orbax and tensorstore raise many kinds for unreadable files
+            raise CheckpointError(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+        states = [_rebuild(like, restored[name]) for like, name in zip(like_states, self.names)]
+        for k, state in enumerate(states):
+            fingerprint, finite = state_summary(state)
+            if fingerprint != meta["fingerprints"][k] or not finite:
+                raise CheckpointError(f"stage {k}'s contents do not match the fingerprint saved with them")
+        return states, meta
+
+    def _quarantine(self, step) -> str:
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR, str(step))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        shutil.move(source, target)
+        self.manager.reload()  # forget the step it had listed
+        return target
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,93 @@
+"""Injected NaN: `skip` carries on and counts, `halt` exits 1 with one line; no checkpoint is ever
+non-finite."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lpjax import cli
+from lpjax.checkpoint import Checkpointer, state_summary
+from lpjax.config import build_experiment
+from lpjax.data import load_dataset
+from lpjax.data.registry import DATASETS
+
+NAN_ROWS = (5, 600, 1200)  # three poisoned training images: a few bad batches per epoch
+
+RECIPE = """
+from lpjax.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.dataset.name = "digits_with_nan"
+    config.model.name = "mlp"
+    config.model.depth = 2
+    config.model.width = 32
+    config.stages = 2
+    config.method.name = "chunked"
+    config.optimizer.learning_rate = 0.01
+    config.batch_size = 32
+    config.num_steps = 60
+    config.log_every = 5
+    config.checkpoint.every_steps = 10
+    return config
+"""
+
+
+def digits_with_nan(*, seed=0):
+    data = load_dataset("digits", seed=seed)
+    train_x = data.train_x.copy()
+    train_x[list(NAN_ROWS)] = np.nan
+    return dataclasses.replace(data, name="digits_with_nan", train_x=train_x)
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS, "digits_with_nan", digits_with_nan)
+    path = tmp_path / "nan_recipe.py"
+    path.write_text(RECIPE)
+    return path
+
+
+def checkpoints_are_finite(workdir):
+    config = json.loads((workdir / "config.json").read_text())
+    trainer = build_experiment(config).trainer
+    checkpointer = Checkpointer(str(workdir / "checkpoints"), trainer.num_stages)
+    steps = checkpointer.steps()
+    for step in steps:
+        states, _ = checkpointer._restore(step, trainer.stage_states)
+        assert all(state_summary(s)[1] for s in states), f"checkpoint {step} holds non-finite values"
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get([s.params for s in states])))
+    return steps
+
+
+def test_skip_carries_on_and_counts_the_skipped_updates(recipe, tmp_path, capsys):
+    workdir = tmp_path / "skip"
+    code = cli.main(["lpjax", "train", f"--config={recipe}", "--config.nonfinite=skip", f"--workdir={workdir}"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    skipped = train[-1]["skipped"]
+    assert skipped[0] > 0 and skipped[0] == skipped[1], skipped  # every bad batch, in both stages
+    assert skipped[0] < 60 / 2  # most steps were fine and updated
+    # records that averaged a bad batch's NaN loss are written as null; the others show it learning
+    losses = [r["loss"][-1] for r in train if r["loss"][-1] is not None]
+    assert len(losses) >= 3 and losses[-1] < 0.8 * losses[0]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["final"]["test_accuracy"] > 0.3  # chance is 0.1
+    assert checkpoints_are_finite(workdir)[-1] == 60
+
+
+def test_halt_exits_1_with_one_line_and_leaves_only_finite_checkpoints(recipe, tmp_path, capsys):
+    workdir = tmp_path / "halt"
+    code = cli.main(["lpjax", "train", f"--config={recipe}", "--config.nonfinite=halt", f"--workdir={workdir}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if "lpjax:" in line]  # the rest is the progress bar
+    assert len(lines) == 1 and lines[0].startswith("lpjax: error: non-finite loss or gradient"), err
+    assert "--config.nonfinite=skip" in lines[0] and "Traceback" not in err
+    assert not (workdir / "results.json").exists()
+    assert all(step < 60 for step in checkpoints_are_finite(workdir))  # what was saved before the halt is finite

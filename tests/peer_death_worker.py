@@ -1,0 +1,41 @@
+"""One process of the peer-death test: trains the 4-stage SPMD pipeline of the multi-host test over
+2 processes x 2 simulated CPU devices until it has run STEPS steps (or is killed).
+
+Usage: python peer_death_worker.py PORT NUM_PROCESSES PROCESS_ID STEPS [LINGER_S]
+
+Prints ``ready`` once two steps have finished on the devices, ``done`` after the last step, then
+lingers LINGER_S seconds (to make the processes finish at different times) and exits.
+The peer timeout comes from LPJAX_PEER_TIMEOUT.
+"""
+
+import os
+import sys
+import time
+
+os.environ["JAX_NUM_CPU_DEVICES"] = "2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import lpjax.distributed  # noqa: E402
+
+port, count, pid, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+linger = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+lpjax.distributed.initialize(f"127.0.0.1:{port}", count, pid)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import lpjax  # noqa: E402
+from lpjax.schedules import Streaming  # noqa: E402
+from tiny import tiny_batch, tiny_model  # noqa: E402
+
+x, y = tiny_batch(8)
+trainer = lpjax.Trainer(tiny_model(4), method=lpjax.Overlapping(2), optimizer=optax.sgd(0.1, momentum=0.9),
+                        schedule=Streaming(2), layout=lpjax.Layout(stages=4, executor="spmd"))
+for i in range(steps):
+    jax.block_until_ready(trainer.step(np.roll(x, i, axis=0), np.roll(y, i, axis=0)))
+    if i == 1:
+        print("ready", flush=True)
+jax.block_until_ready(trainer.drain())
+print("done", flush=True)
+time.sleep(linger)

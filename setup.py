@@ -15,6 +15,7 @@ CORE = [
     "mlxtend>=0.23",
     "scikit-learn>=1.4",
     "matplotlib>=3.8",
+    "pillow>=9.1",  # image decoding and resizing in the ImageNet pipeline
     "tensorflow-datasets>=4.9.7",  # tfds.data_source (array_record) only; TensorFlow is not needed
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]

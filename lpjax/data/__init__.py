@@ -1,4 +1,4 @@
-"""Datasets for lpjax that need no network: arrays shipped inside installed packages.
+"""Datasets for lpjax: arrays shipped inside installed packages (no network), and prepared TFDS copies.
 
 `load_dataset(name, seed=..., **options)` returns a `Dataset` of numpy arrays:
 
@@ -10,14 +10,23 @@
 
 Every loader also takes `max_train` to truncate the training split.
 
+Real datasets stream from a prepared TFDS array_record copy (`tfds.data_source`, no TensorFlow)
+through grain, with per-example seeded augmentation, per-host shards and checkpointable iterators
+(lpjax.data.streaming); option `data_dir` says where the copy lives:
+
+    cifar10       32x32x3, 10 classes; pad-crop-flip augmentation (option pad_mode)
+    imagenet2012  image_size x image_size x 3 (224), 1000 classes; random-resized crop for
+                  training, centre crop for evaluation on the validation split
+    lm1b          byte-level sentences packed into windows of seq_len (256) bytes
+
 `batch_iterator(x, y, batch_size, seed=...)` turns arrays into an endless,
 per-epoch reshuffled stream of batches using grain, resumable at any step
-and sliceable across hosts. Larger datasets (TFDS array_record + grain) are
-meant to register themselves in `DATASETS` the same way.
+and sliceable across hosts.
 """
 
 from lpjax.data.batching import batch_iterator, steps_per_epoch
 from lpjax.data.dataset import Dataset
 from lpjax.data.registry import DATASETS, load_dataset
+from lpjax.data.streaming import StreamingDataset
 
-__all__ = ["DATASETS", "Dataset", "batch_iterator", "load_dataset", "steps_per_epoch"]
+__all__ = ["DATASETS", "Dataset", "StreamingDataset", "batch_iterator", "load_dataset", "steps_per_epoch"]

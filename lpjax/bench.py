@@ -1,0 +1,181 @@
+"""``lpjax bench``: run a sweep suite, analyse it, write ``report.md`` and the figures.
+
+``run_bench("small", workdir)`` runs ``recipes/sweeps/small.py`` (any file name in recipes/sweeps/
+works as a suite name); any other suite is the path of a sweep recipe (lpjax/sweep.py describes the
+format). The sweep resumes: runs already in ``workdir/results.jsonl`` are not trained again.
+
+Written to ``workdir``: ``results.jsonl`` (every run's per-step curve), ``runs/RUN_ID/`` (each run's
+training files), ``summary.json`` (best rates, headline ratios, alignment), ``report.md`` and
+``plots/*.png|svg``.
+"""
+
+import datetime
+import os
+import time
+
+import jax
+
+from . import analysis, plots
+from .costs import format_flops
+from .errors import ConfigError
+from .metrics_log import write_json
+from .sweep import check_sweep, load_config_file, plan_runs, run_sweep
+
+SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "sweeps")
+
+
+def builtin_suites() -> list:
+    if not os.path.isdir(SWEEPS_DIR):
+        return []
+    return sorted(name[:-3] for name in os.listdir(SWEEPS_DIR) if name.endswith(".py") and not name.startswith("_"))
+
+
+def suite_path(suite: str) -> str:
+    """The sweep recipe file of a suite name or path."""
+    if not isinstance(suite, str) or not suite:
+        raise ConfigError(f"suite must be a name ({', '.join(builtin_suites()) or 'small'}) or a sweep recipe path, "
+                          f"got {suite!r}")
+    if suite in builtin_suites():
+        return os.path.join(SWEEPS_DIR, f"{suite}.py")
+    if suite.endswith(".py") or os.sep in suite:
+        if not os.path.isfile(suite):
+            raise ConfigError(f"sweep recipe {suite!r} does not exist; give a path to a .py file with get_config()")
+        return suite
+    raise ConfigError(f"unknown suite {suite!r}; use one of {', '.join(builtin_suites()) or 'small'} "
+                      f"or the path of a sweep recipe (.py)")
+
+
+def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
+    """Run (or resume) the suite's sweep, then write the analysis, report and plots to ``workdir``."""
+    started = time.perf_counter()
+    if not workdir:
+        raise ConfigError("no workdir given; pass the directory that should receive the bench results")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir!r} exists and is not a directory; choose another --workdir")
+    path = suite_path(suite)
+    sweep = check_sweep(load_config_file(path))
+    plan_runs(sweep, path)  # loads every recipe before anything is trained, so a bad one fails fast
+    records = run_sweep(sweep, workdir, sweep_path=path, verbose=verbose)
+    window = sweep["smooth_window"]
+
+    best = []
+    for problem, p in sweep["problems"].items():
+        best += analysis.best_runs([r for r in records if r["problem"] == problem], p["target_loss"], window)
+    by_id = {r["run_id"]: r for r in records}
+    alignment_rows = [{"problem": e["problem"], "label": e["label"], "batch_size": e["batch_size"],
+                       "alignment": by_id[e["run_id"]].get("alignment")} for e in best
+                      if e["run_id"] in set(_alignment_runs(best))]
+    headline = analysis.headline(best)
+
+    plot_dir = os.path.join(workdir, "plots")
+    figures = plots.pareto_figure(best, plot_dir)
+    for x in ("compute", "ideal_time", "wall_time"):
+        figures += plots.loss_curves_figure(records, best, plot_dir, x=x, window=window)
+    figures += plots.steps_to_target_figure(best, plot_dir)
+    figures += plots.alignment_figure(alignment_rows, plot_dir)
+
+    elapsed = time.perf_counter() - started
+    summary = {"suite": suite, "sweep_file": os.path.abspath(path), "elapsed_s": round(elapsed, 1),
+               "smooth_window": window, "best": best, "headline": headline, "alignment": alignment_rows,
+               "critical_batch_size": {f"{p}/{label}": analysis.critical_batch_size(pairs)
+                                       for (p, label), pairs in analysis.steps_vs_batch(best).items()},
+               "plots": [os.path.relpath(f, workdir) for f in figures]}
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    report = os.path.join(workdir, "report.md")
+    with open(report, "w", encoding="utf-8") as f:
+        f.write(render_report(summary, sweep, records))
+    if verbose:
+        print(f"bench {suite}: {len(records)} runs, report in {report} ({elapsed:.0f}s)", flush=True)
+    return {"report": report, "plots": figures, **summary}
+
+
+def _alignment_runs(best) -> list:
+    """The best-rate run of every method at its problem's largest batch size: the regime the headline
+    ratios describe."""
+    largest = {}
+    for e in best:
+        largest[e["problem"]] = max(largest.get(e["problem"], 0), e["batch_size"])
+    return [e["run_id"] for e in best if e["batch_size"] == largest[e["problem"]]]
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def _num(value, fmt=".3g"):
+    return "-" if value is None else format(value, fmt)
+
+
+def _ratio(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render_report(summary: dict, sweep: dict, records: list) -> str:
+    best, window = summary["best"], summary["smooth_window"]
+    costs = {}
+    for r in records:
+        costs.setdefault((r["problem"], r["label"]), (r["stages"], r["cost"]))
+    lines = [
+        f"# lpjax bench: {summary['suite']}",
+        "",
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}); {len(records)} runs; "
+        f"this call took {summary['elapsed_s']:.0f} s (runs trained by an earlier call are not counted).",
+        "",
+        "Ideal time: FLOPs on the critical path of one device per step with perfect data parallelism "
+        "(backprop: one example through the whole network, forward + backward; local methods: the "
+        "slowest stage with its head and any overlapping backward). Compute: steps x batch x FLOPs per "
+        "example, every trained head included. The optimizer update is left out of both. Wall time is "
+        "measured on this machine, all stages on one device one after another, without the first step's "
+        "compilation.",
+        f"Reaching the target: the first step whose training loss (last head), averaged over a centred "
+        f"window of {window} steps, is at or below the target; for each method and batch size the "
+        f"learning rate that gets there in the fewest steps is shown.",
+        "",
+    ]
+    for problem, p in sweep["problems"].items():
+        lines += [f"## {problem}", "", f"Recipe `{p['recipe']}`, target training loss {p['target_loss']}, "
+                  f"learning rates {', '.join(f'{lr:g}' for lr in p['learning_rates'])}.", ""]
+        lines += ["| method | stages | FLOPs / example | ideal FLOPs / step | optimizer FLOPs / step "
+                  "| peak memory / device |", "|---|---|---|---|---|---|"]
+        for (prob, label), (stages, cost) in costs.items():
+            if prob == problem:
+                peak = cost.get("peak_bytes_per_device")
+                lines.append(f"| {label} | {stages} | {format_flops(cost['flops_per_example'])} | "
+                             f"{format_flops(cost['ideal_flops_per_step'])} | "
+                             f"{format_flops(cost['update_flops_per_step'])} | "
+                             f"{'-' if peak is None else f'{peak / 2**20:.1f} MiB'} |")
+        lines += ["", "| method | batch | best lr | steps to target | ideal time to target | "
+                  "compute to target | wall s to target | final loss |", "|---|---|---|---|---|---|---|---|"]
+        for e in (e for e in best if e["problem"] == problem):
+            lines.append(f"| {e['label']} | {e['batch_size']} | {e['learning_rate']:g} | {_num(e['steps'], 'd')} | "
+                         f"{format_flops(e['ideal_time'])} | {format_flops(e['compute'])} | "
+                         f"{_num(e['wall_time'], '.1f')} | {_num(e['final_loss'], '.4f')} |")
+        h = summary["headline"].get(problem)
+        if h:
+            base, local = h["baseline"], h["best_local"]
+            lines += ["", f"At the largest batch size ({h['batch_size']}): "
+                      + (f"best local method **{local['label']}**; local / backprop ratio of ideal time to target "
+                         f"**{_ratio(h['ideal_time_ratio'])}**, of compute to target **{_ratio(h['compute_ratio'])}**, "
+                         f"of steps {_ratio(h['steps_ratio'])}, of wall time {_ratio(h['wall_time_ratio'])}."
+                         if local else "no local method reached the target.")
+                      + ("" if base is None or base["reached"] else " Backprop did not reach the target there.")]
+        crit = [f"{key.split('/', 1)[1]} {_num(v, '.0f')}" for key, v in summary["critical_batch_size"].items()
+                if key.split("/", 1)[0] == problem]
+        lines += ["", "Critical batch size estimate E_min / S_min (McCandlish et al. 2018): " + ", ".join(crit) + "."]
+        rows = [r for r in summary["alignment"] if r["problem"] == problem]
+        width = max((len(r["alignment"] or []) for r in rows), default=0)
+        if width:
+            lines += ["", "Gradient alignment at the end of training (cosine of each stage's local gradient "
+                      "with the true gradient of the last head's loss; best-rate run at the largest batch size):",
+                      "", "| method | " + " | ".join(f"stage {k}" for k in range(width)) + " |",
+                      "|---|" + "---|" * width]
+            for r in rows:
+                values = list(r["alignment"] or [])
+                cells = [_num(v, ".3f") for v in values] + [""] * (width - len(values))
+                lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Figures", ""]
+    for rel in summary["plots"]:
+        if rel.endswith(".png"):
+            lines.append(f"- [{os.path.basename(rel)[:-4]}]({rel}) ([svg]({rel[:-4]}.svg))")
+    lines += ["", "Raw data: `results.jsonl` (per-step curves), `summary.json`, `runs/`.", ""]
+    return "\n".join(lines)
+

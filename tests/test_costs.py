@@ -1,0 +1,110 @@
+"""Cost accounting against FLOPs counted by hand for bias-free Dense stages (lpjax.costs)."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lpjax
+from lpjax.costs import cost_dict, seconds, step_cost
+
+B, DIN, D, C = 4, 6, 5, 3  # batch, input width, hidden width, classes
+X = jax.ShapeDtypeStruct((B, DIN), np.float32)
+Y = jax.ShapeDtypeStruct((B,), np.int32)
+
+
+def dense_model(num_stages):
+    """Stage k: body Dense(DIN or D -> D), head Dense(D -> C); no biases, no activations, so a
+    stage's body FLOPs are exactly its matmuls."""
+    rngs = nnx.Rngs(0)
+    return lpjax.StagedModel([
+        lpjax.Stage(nnx.Linear(DIN if k == 0 else D, D, use_bias=False, rngs=rngs),
+                    nnx.Linear(D, C, use_bias=False, rngs=rngs))
+        for k in range(num_stages)])
+
+
+def costs(method, num_stages=2):
+    return step_cost(lpjax.Trainer(dense_model(num_stages), method=method, optimizer=optax.sgd(0.1)), X, Y)
+
+
+# XLA counts [B, n] @ [n, m] as 2·B·n·m FLOPs.
+FWD0, FWD1 = 2 * B * DIN * D, 2 * B * D * D
+HEAD_MATMULS = 3 * 2 * B * D * C  # logits, dW, dh
+# The softmax cross-entropy adds elementwise work per logit (exp, max, sums, the gradient); XLA counted
+# about 12 FLOPs per logit on jax 0.10 and 0.12, so allow up to 20.
+HEAD_EXTRA_PER_LOGIT = 20
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    return costs(lpjax.Greedy())
+
+
+@pytest.fixture(scope="module")
+def backprop():
+    return costs(lpjax.Backprop())
+
+
+def test_forward_and_backward_flops_are_the_matmuls(greedy, backprop):
+    for step in (greedy, backprop):
+        assert [s.forward.flops for s in step.stages] == [FWD0, FWD1]
+    # greedy: no gradient leaves a stage, so a backward pass is the weight gradient alone
+    assert [s.backward.flops for s in greedy.stages] == [FWD0, FWD1]
+    # backprop: stage 1 also sends the input gradient to stage 0 (one more matmul); stage 0's input is data
+    assert [s.backward.flops for s in backprop.stages] == [FWD0, 2 * FWD1]
+
+
+def test_heads_count_only_where_the_method_trains_them(greedy, backprop):
+    for s in greedy.stages + backprop.stages[1:]:
+        assert HEAD_MATMULS <= s.head.flops <= HEAD_MATMULS + HEAD_EXTRA_PER_LOGIT * B * C
+    assert backprop.stages[0].head.flops == 0  # backprop never uses the auxiliary head
+
+
+def test_overlapping_stage_pays_one_backward_pass_per_loss_in_its_window():
+    step = costs(lpjax.Overlapping(2))
+    first, last = step.stages
+    assert (first.backward_passes, last.backward_passes) == (2, 1)
+    assert first.backward.flops == 2 * FWD0  # its own loss and stage 1's, both weight gradients only
+    assert last.backward.flops == 2 * FWD1  # its own loss, with the input gradient sent to stage 0
+
+
+def test_ideal_time_and_compute_follow_the_papers_model(greedy, backprop):
+    per_stage = [s.flops_per_example for s in greedy.stages]
+    assert per_stage[0] == pytest.approx((FWD0 + FWD0 + greedy.stages[0].head.flops) / B)
+    assert greedy.flops_per_example == pytest.approx(sum(per_stage))
+    assert greedy.ideal_flops_per_step == pytest.approx(max(per_stage))  # stages run in parallel
+    # backprop: one example through the whole network (last head only) per step, whatever the batch
+    whole = (FWD0 + FWD0 + FWD1 + 2 * FWD1 + backprop.stages[1].head.flops) / B
+    assert backprop.flops_per_example == pytest.approx(whole)
+    assert backprop.ideal_flops_per_step == pytest.approx(whole)
+    np.testing.assert_allclose(backprop.compute([1, 10], batch_size=64), [64 * whole, 640 * whole])
+    np.testing.assert_allclose(greedy.ideal_time([1, 10]), [max(per_stage), 10 * max(per_stage)])
+    np.testing.assert_allclose(seconds(greedy.ideal_time(10), 1e9), 10 * max(per_stage) / 1e9)
+
+
+def test_update_and_memory_are_reported_but_not_per_example(greedy):
+    assert all(s.update.flops > 0 for s in greedy.stages)
+    totals = greedy.totals()
+    assert totals["update_flops"] == sum(s.update.flops for s in greedy.stages)
+    assert greedy.flops_per_example * B == pytest.approx(
+        totals["forward_flops"] + totals["backward_flops"] + totals["head_flops"])
+    # a stage's compiled step at least holds its own weights (float32)
+    assert greedy.stages[0].peak_bytes >= 4 * (DIN * D + D * C)
+    assert greedy.peak_bytes_per_device == max(s.peak_bytes for s in greedy.stages)
+    assert greedy.to_dict()["stages"][1]["flops_per_example"] == pytest.approx(greedy.stages[1].flops_per_example)
+
+
+def test_cost_analysis_as_dict_or_list_of_dicts():
+    # jax returns a dict now and returned a list with one dict per computation before
+    assert cost_dict({"flops": 3.0}) == {"flops": 3.0}
+    assert cost_dict([{"flops": 3.0}, {"flops": 1.0}]) == {"flops": 3.0}
+    assert cost_dict(None) == {} and cost_dict([]) == {}
+
+
+def test_bad_inputs_are_one_line_config_errors():
+    trainer = lpjax.Trainer(dense_model(1), method=lpjax.Chunked(), optimizer=optax.sgd(0.1))
+    with pytest.raises(lpjax.ConfigError, match="leading batch axis"):
+        step_cost(trainer, np.zeros(()), np.zeros(()))
+    with pytest.raises(lpjax.ConfigError, match="device_flops"):
+        seconds(1.0, 0)

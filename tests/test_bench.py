@@ -164,3 +164,16 @@ def test_summary_is_plain_json(bench):
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
     assert summary["headline"]["digits"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize("name", ["small", "cifar10", "lm1b"])
+def test_shipped_sweep_recipes_are_valid(name):
+    """Every sweep in recipes/sweeps/ passes the checks and plans one run per combination."""
+    from lpjax.sweep import check_sweep
+
+    path = os.path.join(REPO, "recipes", "sweeps", f"{name}.py")
+    sweep = load_config_file(path)
+    problems = check_sweep(sweep)["problems"]
+    expected = sum(len(p["methods"]) * len(p["batch_sizes"]) * len(p["learning_rates"]) for p in problems.values())
+    runs = plan_runs(sweep, path)
+    assert len(runs) == expected == len({run.run_id for run in runs})

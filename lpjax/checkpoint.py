@@ -139,7 +139,8 @@ class Checkpointer:
         except CheckpointError:
             raise
         except Exception as err:  # orbax and tensorstore raise many kinds for unreadable files
-            raise CheckpointError(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CheckpointError(f"{type(err).__name__}: {reason[:200]}") from None
         states = [_rebuild(like, restored[name]) for like, name in zip(like_states, self.names)]
         for k, state in enumerate(states):
             fingerprint, finite = state_summary(state)

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from .errors import NonFiniteError
 
-SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm")
+SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
 CORRUPT_DIR = "corrupt"
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .executors import make_executor
-from .kernels import StageKernels, skipped_updates
+from .kernels import StageKernels
 from .losses import check_logits_match_labels, get_loss
 from .methods import Method
 from .optimizers import per_stage_optimizers
@@ -101,7 +101,7 @@ class Trainer:
     def health(self):
         """Per stage, device scalars: the gradient norm at its last update and the updates skipped
         so far because a loss or gradient was not finite."""
-        return [{"grad_norm": s.grad_norm, "skipped": skipped_updates(s)} for s in self.stage_states]
+        return [{"grad_norm": s.grad_norm, "skipped": s.skipped} for s in self.stage_states]
 
     def _count_examples(self):
         for k, done in enumerate(self.executor.done):

@@ -11,6 +11,12 @@ back on a different ``data``-axis size. The fingerprint is recomputed after read
 whose files were damaged (or that fails to read at all) is moved aside to ``corrupt/`` with a
 warning, and the one before it is tried, so nothing silently loads garbage and nothing is deleted.
 
+In a multi-process run (``jax.process_count() > 1``) stages live on different hosts and orbax will
+not save host-local arrays, so a checkpoint goes through the host: every process passes
+``Trainer.host_states()`` (all stages as numpy, gathered across processes), process 0 alone writes
+them, synchronously, and every process reads them back (a filesystem all hosts see is assumed, as
+on pods). Saving the same numbers from every host would only race on the same files.
+
 The gradient accumulator is not saved: a checkpoint is taken after ``Trainer.flush()``, and the next
 step's first microbatch overwrites the accumulator anyway.
 """
@@ -22,6 +28,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from .errors import NonFiniteError
@@ -47,6 +54,11 @@ def _storable(state) -> dict:
 def _abstract(state) -> dict:
     """The restore target: shapes, dtypes and shardings of the current state's saved part."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _storable(state))
+
+
+def _host_target(state) -> dict:
+    """A restore target of numpy arrays: read back onto the host, placed later by the executor."""
+    return jax.tree.map(lambda a: np.zeros(np.shape(a), a.dtype), _storable(state))
 
 
 def _rebuild(like, restored: dict):
@@ -98,22 +110,45 @@ class Checkpointer:
     def __init__(self, directory: str, num_stages: int, *, keep: int = 3, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
         self.names = tuple(f"stage{k}" for k in range(num_stages))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                               cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=self.names + ("meta",), options=options)
+        self.multiprocess = jax.process_count() > 1
+        self.writer = jax.process_index() == 0
+        if not self.multiprocess:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                                   cleanup_tmp_directories=True, create=True)
+            self.manager = ocp.CheckpointManager(self.directory, item_names=self.names + ("meta",), options=options)
+            return
+        # each process's manager works alone (no barriers with the others, which may be dead); only
+        # process 0's ever writes. orbax's background directory creation races with itself for a
+        # subset of processes (orbax 0.12.8), hence synchronous saves
+        pid = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid},
+                                                   barrier_sync_key_prefix=f"lpjax_process{pid}")
+        handlers = {name: ocp.StandardCheckpointHandler(multiprocessing_options=alone) for name in self.names}
+        handlers["meta"] = ocp.JsonCheckpointHandler(multiprocessing_options=alone)
+        if self.writer:
+            os.makedirs(self.directory, exist_ok=True)  # orbax will not create it for a subset of processes
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=False,
+                                               cleanup_tmp_directories=self.writer, read_only=not self.writer,
+                                               multiprocessing_options=alone)
+        self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     def steps(self) -> list:
+        if self.multiprocess:
+            self.manager.reload()  # another process may have written since
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, states, meta: dict) -> None:
-        """Start saving ``states`` (one ``StageState`` per stage) and ``meta`` as checkpoint ``step``.
-        Raises ``NonFiniteError``, saving nothing, if any stage's state is not finite."""
+        """Start saving ``states`` (one ``StageState`` per stage; ``Trainer.host_states()`` in a
+        multi-process run) and ``meta`` as checkpoint ``step``. Raises ``NonFiniteError``, saving
+        nothing, if any stage's state is not finite."""
         summaries = [state_summary(s) for s in states]
         bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
         if bad:
             raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
                                  f"nothing was checkpointed")
         meta = dict(meta, step=step, fingerprints=[f for f, _ in summaries])
+        if self.multiprocess and not self.writer:
+            return
         items = {name: ocp.args.StandardSave(_storable(s)) for name, s in zip(self.names, states)}
         self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
@@ -124,6 +159,9 @@ class Checkpointer:
             try:
                 return self._restore(step, like_states)
             except CheckpointError as err:
+                if not self.writer:  # process 0 alone moves files; the others only skip it
+                    _warn(f"checkpoint at step {step} is damaged ({err}); falling back to the one before")
+                    continue
                 where = self._quarantine(step)
                 _warn(f"checkpoint at step {step} is damaged ({err}); moved it to {where} and "
                       f"falling back to the one before")
@@ -134,7 +172,8 @@ class Checkpointer:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if meta is None or meta.get("step") != step or len(meta.get("fingerprints", ())) != len(self.names):
                 raise CheckpointError("its meta item is missing or incomplete")
-            items = {name: ocp.args.StandardRestore(_abstract(s)) for name, s in zip(self.names, like_states)}
+            targets = [_host_target(s) if self.multiprocess else _abstract(s) for s in like_states]
+            items = {name: ocp.args.StandardRestore(t) for name, t in zip(self.names, targets)}
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except CheckpointError:
             raise

@@ -94,6 +94,11 @@ class Trainer:
         self._done_seen = [0] * self.num_stages
         return self.executor.take_metrics()
 
+    def host_states(self):
+        """Every stage's state as numpy arrays, in every process (a collective in multi-process runs):
+        what a multi-process checkpoint saves."""
+        return self.executor.host_states()
+
     def load_states(self, states):
         """Continue from restored stage states (``StageState`` pytrees, one per stage)."""
         self.executor.load_states(states)

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from lpjax import ConfigError
@@ -31,7 +33,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp_path, steps, lingers=(0, 0)):
+def launch(tmp_path, steps, lingers=(0, 0), checkpoint_dir=None):
     """Start both workers; their stdout lines arrive on the returned queue as (process id, line)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
@@ -43,7 +45,7 @@ def launch(tmp_path, steps, lingers=(0, 0)):
         with open(tmp_path / f"stderr{pid}.txt", "w") as err:
             procs.append(subprocess.Popen(
                 [sys.executable, str(HERE / "peer_death_worker.py"), str(port), "2", str(pid), str(steps),
-                 str(lingers[pid])], env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+                 str(lingers[pid]), *([str(checkpoint_dir)] if checkpoint_dir else [])], env=env, stdout=subprocess.PIPE, stderr=err, text=True))
         threading.Thread(target=lambda p=procs[-1], i=pid: [lines.put((i, s.strip())) for s in p.stdout],
                          daemon=True).start()
     return procs, lines
@@ -65,9 +67,10 @@ def stop(procs):
 
 
 def test_survivor_exits_with_one_clear_line_when_its_peer_is_killed(tmp_path):
-    procs, lines = launch(tmp_path, steps=1_000_000)
+    procs, lines = launch(tmp_path, steps=1_000_000, checkpoint_dir=tmp_path / "checkpoints")
     try:
         wait_for(lines, "ready")
+        time.sleep(1.0)  # more steps and checkpoints, so the kill may land during a save
         procs[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         try:
@@ -86,6 +89,51 @@ def test_survivor_exits_with_one_clear_line_when_its_peer_is_killed(tmp_path):
     assert "Traceback" not in err and "Check failure stack trace" not in err, err[-3000:]
     assert took < BOUND_S
     print(f"process 0 exited {took:.1f} s after process 1 was killed (peer timeout {PEER_TIMEOUT_S} s)")
+
+    # the checkpoints are intact, and both processes restarted carry on to match an unbroken run
+    saved = read_checkpoint(tmp_path / "checkpoints")
+    total = saved["step"] + 4
+    finish(tmp_path / "resumed", total, tmp_path / "checkpoints", expect_resumed=saved["step"])
+    finish(tmp_path / "unbroken", total, tmp_path / "unbroken_checkpoints")
+    resumed, unbroken = read_checkpoint(tmp_path / "checkpoints"), read_checkpoint(tmp_path / "unbroken_checkpoints")
+    assert resumed["step"] == unbroken["step"] == total
+    for a, b in zip(jax.tree.leaves(resumed["states"]), jax.tree.leaves(unbroken["states"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def read_checkpoint(folder):
+    """The newest checkpoint of a 2-process run, read and fingerprint-checked in this one process."""
+    import optax
+
+    import lpjax
+    from lpjax.checkpoint import Checkpointer
+    from lpjax.schedules import Streaming
+    from tiny import tiny_model
+
+    like = lpjax.Trainer(tiny_model(4), method=lpjax.Overlapping(2), optimizer=optax.sgd(0.1, momentum=0.9),
+                         schedule=Streaming(2)).stage_states
+    checkpointer = Checkpointer(str(folder), 4)
+    restored = checkpointer.restore_latest(like)
+    checkpointer.close()
+    assert restored is not None, f"no intact checkpoint in {folder}"
+    assert not (folder.parent / "corrupt").exists()  # nothing had to be set aside
+    states, meta = restored
+    return {"step": meta["step"], "states": jax.device_get([(s.params, s.opt_state) for s in states])}
+
+
+def finish(tmp_path, steps, checkpoint_dir, expect_resumed=None):
+    tmp_path.mkdir()
+    procs, lines = launch(tmp_path, steps=steps, checkpoint_dir=checkpoint_dir)
+    try:
+        codes = [p.wait(timeout=START_TIMEOUT_S) for p in procs]
+    finally:
+        stop(procs)
+    said = []
+    while not lines.empty():
+        said.append(lines.get())
+    assert codes == [0, 0], [(tmp_path / f"stderr{pid}.txt").read_text()[-2000:] for pid in range(2)]
+    if expect_resumed is not None:
+        assert {(0, f"resumed {expect_resumed}"), (1, f"resumed {expect_resumed}")} <= set(said), said
 
 
 def test_processes_that_finish_apart_both_exit_cleanly(tmp_path):

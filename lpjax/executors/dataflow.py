@@ -70,6 +70,10 @@ class DataflowExecutor:
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
         self.done, self.fed = [0] * self.num_stages, 0
 
+    def host_states(self):
+        """Every stage's state as numpy arrays (this executor is single-process)."""
+        return jax.device_get(self.states)
+
     def load_states(self, states):
         """Replace every stage's state (a restored checkpoint), placed on this layout's devices."""
         self.flush()

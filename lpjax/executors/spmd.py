@@ -149,6 +149,15 @@ class SpmdExecutor:
         return [{name: value[k] for name, value in means.items()} if mask[:, k].any() else None
                 for k in range(self.num_stages)]
 
+    def host_states(self):
+        """Every stage's state as numpy arrays, in every process. The stacked state buffers are
+        gathered across processes first, so every process must call this at the same point."""
+        from jax.experimental import multihost_utils
+
+        stacked = multihost_utils.process_allgather(self.buffers["state"], tiled=True)
+        return [jax.device_get(packer.unpack({g: jnp.asarray(rows[k]) for g, rows in stacked.items()}))
+                for k, packer in enumerate(self.state_packers)]
+
     @property
     def states(self):
         """Each stage's ``StageState``, assembled on that stage's devices from its buffer row."""

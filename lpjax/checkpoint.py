@@ -94,10 +94,15 @@ def _summary(tree):
     return total, finite
 
 
+def state_summaries(states) -> list:
+    """``(fingerprint, finite)`` of each stage's saved state, as Python values, in one wait on the
+    devices."""
+    return [(int(f), bool(ok)) for f, ok in jax.device_get([_summary(_storable(s)) for s in states])]
+
+
 def state_summary(state) -> tuple:
-    """``(fingerprint, finite)`` of one stage's saved state, as Python values."""
-    fingerprint, finite = jax.device_get(_summary(_storable(state)))
-    return int(fingerprint), bool(finite)
+    """``(fingerprint, finite)`` of one stage's saved state."""
+    return state_summaries([state])[0]
 
 
 def _warn(message: str) -> None:
@@ -141,7 +146,7 @@ class Checkpointer:
         """Start saving ``states`` (one ``StageState`` per stage; ``Trainer.host_states()`` in a
         multi-process run) and ``meta`` as checkpoint ``step``. Raises ``NonFiniteError``, saving
         nothing, if any stage's state is not finite."""
-        summaries = [state_summary(s) for s in states]
+        summaries = state_summaries(states)
         bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
         if bad:
             raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
@@ -181,8 +186,7 @@ class Checkpointer:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise CheckpointError(f"{type(err).__name__}: {reason[:200]}") from None
         states = [_rebuild(like, restored[name]) for like, name in zip(like_states, self.names)]
-        for k, state in enumerate(states):
-            fingerprint, finite = state_summary(state)
+        for k, (fingerprint, finite) in enumerate(state_summaries(states)):
             if fingerprint != meta["fingerprints"][k] or not finite:
                 raise CheckpointError(f"stage {k}'s contents do not match the fingerprint saved with them")
         return states, meta
@@ -196,9 +200,6 @@ class Checkpointer:
         shutil.move(source, target)
         self.manager.reload()  # forget the step it had listed
         return target
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

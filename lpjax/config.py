@@ -121,7 +121,7 @@ def resolve(config) -> dict:
     given = _to_dict(config)
     merged = base_config().to_dict()
     no_unknown_keys(given, merged, open_sections=OPEN_SECTIONS)
-    _merge(merged, given)
+    merge_into(merged, given)
     return merged
 
 
@@ -157,10 +157,11 @@ def _to_dict(config) -> dict:
     raise ConfigError(f"a config must be an ml_collections ConfigDict or a dict, got {type(config).__name__}")
 
 
-def _merge(into: dict, given: dict) -> None:
+def merge_into(into: dict, given: dict) -> None:
+    """Set ``given``'s keys on ``into``, section by section (nested dicts merge, values replace)."""
     for key, value in given.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+            merge_into(into[key], value)
         else:
             into[key] = value
 

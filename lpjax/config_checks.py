@@ -9,9 +9,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to users
 
 
-def positive_int(value, key: str) -> int:
+def positive_int(value, key: str, fix: str | None = None) -> int:
+    """``fix``: how to put it right, when the value does not come from a --config flag."""
     if not _is_int(value) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}; set --config.{key}=N with N >= 1")
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}; "
+                          f"{fix or f'set --config.{key}=N with N >= 1'}")
     return value
 
 
@@ -21,9 +23,10 @@ def non_negative_int(value, key: str) -> int:
     return value
 
 
-def positive_number(value, key: str) -> float:
+def positive_number(value, key: str, fix: str | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key} must be a positive number, got {value!r}; set --config.{key}=X with X > 0")
+        raise ConfigError(f"{key} must be a positive number, got {value!r}; "
+                          f"{fix or f'set --config.{key}=X with X > 0'}")
     return float(value)
 
 

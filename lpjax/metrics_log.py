@@ -111,9 +111,18 @@ def _records_up_to(path: str, step: int) -> list:
 
 
 def read_records(path: str) -> list:
-    """Every record of a metrics.jsonl file, in order."""
+    """Every complete JSON line of ``path``, in order ([] if there is no file); a line cut short by
+    a killed run is left out."""
+    if not os.path.exists(path):
+        return []
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def write_json(path: str, obj) -> None:

@@ -4,7 +4,6 @@ Sweep figures take the run records of ``lpjax.sweep`` and the best-rate table of
 ``lpjax.analysis.best_runs``; each has one panel per problem and one colour per method.
 """
 
-import json
 import os
 import zlib
 
@@ -16,6 +15,7 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import analysis  # noqa: E402
+from .metrics_log import read_records  # noqa: E402
 
 FORMATS = ("png", "svg")
 COLORS = {"backprop": "black", "greedy": "tab:orange", "chunked": "tab:blue", "overlapping": "tab:green"}
@@ -181,13 +181,7 @@ def plot_run(workdir: str) -> list:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ConfigError(f"no metrics.jsonl in {workdir!r}; pass the --workdir of a training run")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by an interrupted run
-                continue
+    records = read_records(path)
     train = [r for r in records if r.get("split") == "train"]
     test = [r for r in records if r.get("split") == "test"]
     probes = [r for r in records if r.get("split") == "alignment"]

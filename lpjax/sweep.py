@@ -50,12 +50,15 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache as cc
 
-from .config import build_experiment
+from .config import build_experiment, merge_into
+from .config_checks import positive_int, positive_number
+from .metrics_log import read_records
 from .costs import DEFAULT_COST_BATCH, experiment_cost
 from .errors import ConfigError
 from .methods import METHODS
 
 RESULTS = "results.jsonl"
+IN_RECIPE = "fix it in the sweep recipe"
 SWEEP_KEYS = {"problems", "smooth_window", "cost_batch", "alignment", "compilation_cache"}
 PROBLEM_KEYS = {"recipe", "overrides", "methods", "batch_sizes", "learning_rates", "num_steps", "target_loss"}
 
@@ -104,7 +107,7 @@ def check_sweep(sweep) -> dict:
     cfg.setdefault("alignment", True)
     cfg.setdefault("compilation_cache", True)
     for key in ("smooth_window", "cost_batch"):
-        positive_int(cfg[key], key)
+        positive_int(cfg[key], key, fix=IN_RECIPE)
     for key in ("alignment", "compilation_cache"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be True or False, got {cfg[key]!r}; fix it in the sweep recipe")
@@ -135,33 +138,21 @@ def _check_problem(name, problem) -> None:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r} in {where}.methods; choose from {', '.join(METHODS)}")
         for k in _as_tuple(stages, f"{where}.methods.{method}"):
-            positive_int(k, f"{where}.methods.{method}")
+            positive_int(k, f"{where}.methods.{method}", fix=IN_RECIPE)
     batches = _as_tuple(problem["batch_sizes"], f"{where}.batch_sizes")
     for b in batches:
-        positive_int(b, f"{where}.batch_sizes")
+        positive_int(b, f"{where}.batch_sizes", fix=IN_RECIPE)
     for lr in _as_tuple(problem["learning_rates"], f"{where}.learning_rates"):
-        positive_number(lr, f"{where}.learning_rates")
+        positive_number(lr, f"{where}.learning_rates", fix=IN_RECIPE)
     steps = _as_tuple(problem["num_steps"], f"{where}.num_steps")
     if len(steps) not in (1, len(batches)):
         raise ConfigError(f"{where}.num_steps has {len(steps)} entries for {len(batches)} batch sizes; "
                           f"give one step count, or one per batch size")
     for s in steps:
-        positive_int(s, f"{where}.num_steps")
-    positive_number(problem["target_loss"], f"{where}.target_loss")
+        positive_int(s, f"{where}.num_steps", fix=IN_RECIPE)
+    positive_number(problem["target_loss"], f"{where}.target_loss", fix=IN_RECIPE)
     if not isinstance(problem.get("overrides", {}), dict):
         raise ConfigError(f"{where}.overrides must be a section of config keys, e.g. {{'model': {{'width': 64}}}}")
-
-
-def positive_int(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}; fix it in the sweep recipe")
-    return value
-
-
-def positive_number(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key} must be a positive number, got {value!r}; fix it in the sweep recipe")
-    return float(value)
 
 
 def _as_tuple(value, key) -> tuple:
@@ -200,7 +191,7 @@ def plan_runs(sweep, sweep_path: str | None = None) -> list:
     for problem, p in cfg["problems"].items():
         recipe = load_config_file(find_recipe(p["recipe"], sweep_path), what="recipe")
         base = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
-        _merge(base, p.get("overrides", {}))
+        merge_into(base, p.get("overrides", {}))
         batches = _as_tuple(p["batch_sizes"], "batch_sizes")
         steps = _as_tuple(p["num_steps"], "num_steps")
         steps = steps * len(batches) if len(steps) == 1 else steps
@@ -221,7 +212,7 @@ def plan_runs(sweep, sweep_path: str | None = None) -> list:
 
 def _run_config(base, method, stages, batch, lr, num_steps, probe_every) -> dict:
     config = json.loads(json.dumps(base))  # a deep copy; tuples become lists, which configs accept
-    _merge(config, {"method": {"name": method}, "stages": stages, "split_points": None, "batch_size": batch,
+    merge_into(config, {"method": {"name": method}, "stages": stages, "split_points": None, "batch_size": batch,
                     "optimizer": {"learning_rate": lr}, "num_steps": num_steps, "num_epochs": None,
                     "log_every": 1, "eval_every": 0, "probe": {"alignment_every": probe_every}})
     if method != "overlapping":
@@ -229,29 +220,7 @@ def _run_config(base, method, stages, batch, lr, num_steps, probe_every) -> dict
     return config
 
 
-def _merge(into: dict, given: dict) -> None:
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
 # -- results file ---------------------------------------------------------------------------------------
-def read_jsonl(path: str) -> list:
-    """Every complete JSON line of ``path`` (a line cut short by a crash is ignored)."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -263,7 +232,7 @@ def read_curve(metrics_path: str) -> dict:
     """Per-step training curve of one run from its metrics.jsonl: steps, wall time, the last trained
     head's loss; and the alignment records if the training loop wrote any."""
     steps, times, losses, alignment = [], [], [], []
-    for record in read_jsonl(metrics_path):
+    for record in read_records(metrics_path):
         if record.get("split") == "train":
             trained = [v for v in record.get("loss", []) if v is not None]
             steps.append(record["step"])
@@ -287,7 +256,7 @@ def run_sweep(sweep, workdir: str, *, sweep_path: str | None = None, verbose: bo
     specs = plan_runs(sweep, sweep_path)
     os.makedirs(workdir, exist_ok=True)
     results_path = os.path.join(workdir, RESULTS)
-    done = {r["run_id"]: r for r in read_jsonl(results_path)}
+    done = {r["run_id"]: r for r in read_records(results_path)}
     todo = [s for s in specs if s.run_id not in done]
     say = print if verbose else (lambda *a, **k: None)
     say(f"sweep: {len(specs)} runs, {len(specs) - len(todo)} already done, results in {results_path}", flush=True)

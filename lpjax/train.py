@@ -14,6 +14,7 @@ run with ``NonFiniteError`` at the next sync, ``skip`` carries on.
 import sys
 import time
 
+import jax
 from tqdm import tqdm
 
 from . import workdir as files
@@ -118,8 +119,9 @@ def _loop(experiment, checkpointer, log, batches, start_step, progress):
 def _train_record(trainer, pending, seconds, examples_before) -> list:
     """Per stage: mean loss and accuracy since the last record, gradient norm at the last update,
     updates skipped so far, and examples per second through the stage."""
+    pending, health = jax.device_get((pending, trainer.health()))  # the record's one wait on the device
     means = mean_per_stage(pending, trainer.num_stages)
-    health = mean_per_stage([trainer.health()], trainer.num_stages, names=("grad_norm", "skipped"))
+    health = mean_per_stage([health], trainer.num_stages, names=("grad_norm", "skipped"))
     stages = []
     for k in range(trainer.num_stages):
         record = dict(means[k] or {"loss": None, "accuracy": None}, **health[k])

@@ -10,7 +10,8 @@ import pytest
 import lpjax
 from lpjax.bench import run_bench
 from lpjax.plots import plot_run
-from lpjax.sweep import load_config_file, plan_runs, read_jsonl
+from lpjax.metrics_log import read_records
+from lpjax.sweep import load_config_file, plan_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "mnist_mlp.py")
@@ -72,7 +73,7 @@ def test_bench_writes_report_results_and_figures(bench):
 
 def test_results_hold_per_step_curves_with_cost_accounting(bench):
     _, workdir, _ = bench
-    records = read_jsonl(os.path.join(workdir, "results.jsonl"))
+    records = read_records(os.path.join(workdir, "results.jsonl"))
     assert len(records) == 4
     for r in records:
         assert r["steps"] == list(range(1, 9))
@@ -109,7 +110,7 @@ def test_rerun_skips_finished_runs(bench, capsys):
     run_bench(sweep, workdir, verbose=True)
     assert "4 already done" in capsys.readouterr().out
     assert {m: os.path.getmtime(m) for m in metrics} == before
-    assert len(read_jsonl(os.path.join(workdir, "results.jsonl"))) == 4
+    assert len(read_records(os.path.join(workdir, "results.jsonl"))) == 4
 
 
 def test_plot_run_draws_one_training_run(bench):

@@ -141,12 +141,26 @@ def seconds(flops, device_flops: float):
 
 
 # -- XLA -------------------------------------------------------------------------------------------
-def analyse(fn, *args) -> Cost:
-    """FLOPs, bytes accessed and peak memory of ``jax.jit(fn)`` at the (abstract) ``args``."""
-    compiled = jax.jit(fn).lower(*args).compile()
+def analyse(fn, *args, compile: bool = True) -> Cost:
+    """FLOPs, bytes accessed and peak memory of ``jax.jit(fn)`` at the (abstract) ``args``.
+
+    ``compile=False`` reads XLA's analysis of the lowered, unoptimised program instead: about 10x
+    faster, no peak memory (only a compiled program has one), forward FLOPs within a few per cent of
+    the compiled figure; backward FLOPs of strided convolutions can differ by up to a third, since XLA
+    rewrites their gradients while compiling (tests/test_costs.py). Good for relative costs, such as
+    balancing stages; the reports' figures use the compiled programs."""
+    lowered = jax.jit(fn).lower(*args)
+    if not compile:
+        try:
+            analysis = cost_dict(lowered.cost_analysis())
+        except Exception:  # a backend without an HLO cost model: compile after all
+            analysis = {}
+        if "flops" in analysis:
+            return Cost(float(analysis["flops"]), float(analysis.get("bytes accessed", 0.0)), None)
+    compiled = lowered.compile()
     analysis = cost_dict(compiled.cost_analysis())
     return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
-                _peak_bytes(compiled))
+                _peak_bytes(compiled) if compile else None)
 
 
 def cost_dict(analysis) -> dict:
@@ -174,30 +188,35 @@ def _abstract(tree):
 
 
 # -- per stage ---------------------------------------------------------------------------------------
-def stage_costs(kern, state, x, y) -> tuple:
+def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
     """``(StageCost, output shape)`` of one ``StageKernels`` at the input ``x`` and labels ``y``
-    (arrays or ShapeDtypeStructs with the batch as leading axis)."""
+    (arrays or ShapeDtypeStructs with the batch as leading axis); ``compile`` as in ``analyse``."""
+    analyse_ = functools.partial(analyse, compile=compile)
     batch = x.shape[0]
     params, rest = state.params, state.rest
+    # ``state`` is abstract (ShapeDtypeStructs), so every part of it, the non-trainable ``rest`` (batch
+    # statistics) included, must enter the lowered functions as an argument: a closure would hand the
+    # ShapeDtypeStructs themselves to the module, and BatchNorm cannot read them.
+    body_rest, head_rest = rest["body"], rest["head"]
 
-    def body(bp, inp):
-        return kern._body(kern.body_def, bp, rest["body"], inp)[0]
+    def body(bp, br, inp):
+        return kern._body(kern.body_def, bp, br, inp)[0]
 
-    def body_and_grads(bp, inp, cotangent, with_input):
+    def body_and_grads(bp, br, inp, cotangent, with_input):
         if not with_input:
-            h, vjp = jax.vjp(lambda p: body(p, inp), bp)
+            h, vjp = jax.vjp(lambda p: body(p, br, inp), bp)
         else:
-            h, vjp = jax.vjp(body, bp, inp)
+            h, vjp = jax.vjp(lambda p, i: body(p, br, i), bp, inp)
         return h, vjp(cotangent)
 
-    def head_loss_grads(hp, h, labels):
+    def head_loss_grads(hp, hr, h, labels):
         def loss(p, hidden):
-            logits, _ = kern._head(kern.head_def, p, rest["head"], hidden)
+            logits, _ = kern._head(kern.head_def, p, hr, hidden)
             return kern.weight * kern.loss_fn(logits, labels)
         return jax.value_and_grad(loss, argnums=(0, 1))(hp, h)
 
-    h = jax.eval_shape(body, params["body"], x)
-    forward = analyse(body, params["body"], x)
+    h = jax.eval_shape(body, params["body"], body_rest, x)
+    forward = analyse_(body, params["body"], body_rest, x)
     # one backward pass per loss reaching the body; the input gradient only where it is passed on
     needs = [kern.sends_own_gradient] if kern.trains_head else []
     needs += [kern.passes_on[j] for j in kern.sources]
@@ -205,13 +224,16 @@ def stage_costs(kern, state, x, y) -> tuple:
         needs = [False] * len(needs)
     backward = Cost()
     for with_input in sorted(set(needs)):
-        both = analyse(functools.partial(body_and_grads, with_input=with_input), params["body"], x, h)
+        both = analyse_(functools.partial(body_and_grads, with_input=with_input), params["body"], body_rest, x, h)
         backward.flops += (both - forward).flops * needs.count(with_input)
         backward.bytes += (both - forward).bytes * needs.count(with_input)
-    head = analyse(head_loss_grads, params["head"], h, y) if kern.trains_head else Cost()
-    update = analyse(kern.update, state)
-    training = analyse(lambda s, inp, lab: _forward_leaves(kern, s, inp, lab), state, x, y)
-    peaks = [c.peak_bytes for c in (training, update)]
+    head = analyse_(head_loss_grads, params["head"], head_rest, h, y) if kern.trains_head else Cost()
+    update = analyse_(kern.update, state)
+    if compile:
+        training = analyse(lambda s, inp, lab: _forward_leaves(kern, s, inp, lab), state, x, y)
+        peaks = [c.peak_bytes for c in (training, update)]
+    else:
+        peaks = [None]
     cost = StageCost(stage=kern.k, batch=batch, forward=forward, backward=backward, head=head, update=update,
                      backward_passes=len(needs), peak_bytes=None if None in peaks else max(peaks))
     return cost, h
@@ -222,16 +244,17 @@ def _forward_leaves(kern, state, x, y):
     return state, h, own_dx, jax.tree.leaves(residual), metrics
 
 
-def step_cost(trainer, x, y) -> StepCost:
+def step_cost(trainer, x, y, *, compile: bool = True) -> StepCost:
     """Costs of one training step of ``trainer`` (its method and stages) on a batch shaped like
-    ``(x, y)``; ``x`` and ``y`` may be arrays or ``jax.ShapeDtypeStruct``s."""
+    ``(x, y)``; ``x`` and ``y`` may be arrays or ``jax.ShapeDtypeStruct``s. ``compile=False``: FLOPs
+    of the lowered programs only, no peak memory (``analyse``)."""
     x, y = _abstract(x), _abstract(y)
     if not x.shape or x.shape[0] < 1:
         raise ConfigError(f"cost accounting needs a batch with a leading batch axis, got input shape {x.shape}")
     stages, h = [], x
     for kern in trainer.kernels:
         state = jax.eval_shape(kern.init_state)
-        cost, h = stage_costs(kern, state, h, y)
+        cost, h = stage_costs(kern, state, h, y, compile=compile)
         stages.append(cost)
     return StepCost(method=trainer.method.name, batch=x.shape[0], stages=stages,
                     data_parallel_only=trainer.method.window is None)

@@ -10,6 +10,12 @@ state and a gradient sum). Three pure functions act on it:
 - ``backward``: apply residuals to cotangents arriving from later stages' losses, add the parameter
   part to the gradient sum and pass on the input part where the window allows.
 - ``update``: one optax step with the mean gradient over the microbatches seen since the last one.
+  Local methods give each stage its own optimizer. Backprop trains one model with one optax tree:
+  its stages all update at the step's flush, and each passes ``tx`` its own gradient plus one
+  *phantom* scalar leaf equal to the norm of every other stage's gradient (a psum over stages). A
+  chain of leaf-wise transformations led by ``clip_by_global_norm`` (what ``grad_clip_norm``
+  builds) then sees the whole model's global norm and acts on this stage's leaves exactly as optax
+  on the unstaged model would; the phantom's own update is dropped (``docs/semantics.md``).
   A non-finite gradient (or loss, which makes the gradient non-finite) leaves the parameters and
   optimizer state as they were and is counted, so a stage's state never becomes non-finite; what to
   do about it (carry on or halt) is the training loop's policy. This is ``optax.apply_if_finite``'s
@@ -77,6 +83,7 @@ class StageKernels:
         self.sources = method.sources(k, num_stages)
         self.passes_on = {j: method.passes_on(j, k, num_stages) for j in self.sources}
         self.sends_own_gradient = self.trains_head and method.passes_on(k, k, num_stages)
+        self.one_tree = method.window is None  # backprop: one optax tree over all stages
         stage.eval()
         self.body_eval_def, _, _ = _split(stage.body)
         self.head_eval_def, _, _ = _split(stage.head)
@@ -95,7 +102,7 @@ class StageKernels:
         return StageState(
             params=params,
             rest=rest,
-            opt_state=self.tx.init(trainable),
+            opt_state=self.tx.init(self._tx_tree(trainable, jnp.zeros((), jnp.float32))),
             grad_sum=jax.tree.map(jnp.zeros_like, trainable),
             grad_count=jnp.zeros((), jnp.int32),
             grad_norm=jnp.zeros((), jnp.float32),
@@ -173,14 +180,40 @@ class StageKernels:
         grad_sum = dict(state.grad_sum, body=body_sum)
         return dataclasses.replace(state, grad_sum=grad_sum), passed
 
-    def update(self, state: StageState) -> StageState:
+    def _tx_tree(self, trainable, phantom):
+        """What this stage hands optax: its own leaves, plus the phantom leaf for one-tree methods."""
+        return (trainable, phantom) if self.one_tree else trainable
+
+    def mean_grads(self, state: StageState):
         count = jnp.maximum(state.grad_count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / count, state.grad_sum)
+        return jax.tree.map(lambda g: g / count, state.grad_sum)
+
+    def grad_sq_norm(self, state: StageState):
+        """Squared norm of this stage's mean gradient: the summand of the global norm (one-tree)."""
+        grads = self.mean_grads(state)
+        return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)) + jnp.zeros((), jnp.float32)
+
+    def update(self, state: StageState, total_sq=None) -> StageState:
+        """One optimizer step. ``total_sq``, required for one-tree methods (backprop), is the sum of
+        every stage's ``grad_sq_norm``: the step and the finite check then see the whole model."""
+        grads = self.mean_grads(state)
         trainable = self.trainable(state.params)
-        norm = optax.tree.norm(grads).astype(jnp.float32)
+        if self.one_tree:
+            if total_sq is None:
+                raise AssertionError("a one-tree optimizer step needs the squared norm over all stages")
+            own_sq = self.grad_sq_norm(state)
+            norm = jnp.sqrt(total_sq).astype(jnp.float32)
+            phantom = jnp.sqrt(jnp.maximum(total_sq - own_sq, 0.0)).astype(jnp.float32)
+        else:
+            norm = optax.tree.norm(grads).astype(jnp.float32)
+            phantom = None
+        zero = jnp.zeros((), jnp.float32)
 
         def apply(_):
-            updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+            updates, opt_state = self.tx.update(self._tx_tree(grads, phantom), state.opt_state,
+                                                self._tx_tree(trainable, zero))
+            if self.one_tree:
+                updates = updates[0]  # the phantom's update is dropped
             return optax.apply_updates(trainable, updates), opt_state
 
         new_trainable, opt_state = jax.lax.cond(jnp.isfinite(norm), apply,

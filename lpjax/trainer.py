@@ -28,7 +28,7 @@ class Trainer:
         self.model, self.method = model, method
         self.schedule = schedule or Sequential(1)
         if method.needs_flush and not self.schedule.synchronous:
-            raise ConfigError(f"{method.name} needs a flushing schedule (sequential or gpipe), not {self.schedule!r}")
+            raise ConfigError(f"{method.name} needs a flushing schedule (sequential, gpipe or 1f1b), not {self.schedule!r}")
         self.layout = layout
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)

@@ -1,17 +1,17 @@
-"""Runs a schedule's task table, stage by stage, with the method's per-stage kernels.
+"""Interprets a schedule's task table, stage by stage, with the method's per-stage kernels.
 
 The same interpreter is the reference executor (every stage on one device, tasks in table order)
 and the per-stage MPMD executor (stage k jitted on its own devices, activations and cotangents moved
 with ``jax.device_put``). Nothing here waits on the host, so stages on different devices overlap
 through JAX's asynchronous dispatch.
 
-Message bookkeeping, with ``d = j - k`` the distance from stage k to the loss j that sent it:
-
-- synchronous schedules: stage k's backward task for microbatch m consumes the cotangents about m;
-- streaming: stage k's task for microbatch m consumes the cotangents about ``m - 2d`` (each hop back
-  costs two clocks: one for the later stage to run, one for the message to return) and applies them
-  to the residual it stored when it ran that microbatch, so the gradient is exact for the parameter
-  version that produced the activation, and lands in the update of the step that m belongs to.
+It re-derives nothing: each task names the cotangent messages ``(loss j, microbatch m')`` it
+consumes, whether it starts its step and whether it updates (``lpjax/schedules.py``). Messages,
+stored activations and residuals wait in dictionaries until the task that consumes them, across
+``feed``, ``drain`` and evaluation alike. The one thing the table leaves to executors is *how* a
+one-tree optimizer (backprop) updates: every stage's update task of the step marks it due, and
+once all are due the stages step together with the global gradient norm (``StageKernels.update``);
+a flushed step runs nothing on a stage after its update task, so this is the same step.
 """
 
 import functools
@@ -19,9 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..schedules import BACKWARD, LOCAL
-
-DELAY_PER_HOP = 2  # microbatches between stage k running m and stage k-1 receiving its cotangent
+from ..schedules import BACKWARD, Flow
 
 
 class DataflowExecutor:
@@ -31,7 +29,9 @@ class DataflowExecutor:
         self.placement = placement
         self.num_stages = len(kernels)
         self.states = [placement.put_state(k, kern.init_state()) for k, kern in enumerate(kernels)]
-        self.backward = any(kern.sources for kern in kernels)
+        self.flow = Flow(tuple(tuple(kern.sources) for kern in kernels))
+        self.one_tree = kernels[0].one_tree
+        self._due = set()  # one-tree stages whose update task of this step has run
         self.done = [0] * self.num_stages
         self.fed = 0
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
@@ -69,6 +69,7 @@ class DataflowExecutor:
         self.drain()
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
         self.done, self.fed = [0] * self.num_stages, 0
+        self._due = set()
 
     def host_states(self):
         """Every stage's state as numpy arrays (this executor is single-process)."""
@@ -86,30 +87,27 @@ class DataflowExecutor:
 
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, drain):
-        clocks = self.schedule.plan(self.num_stages, self.done, self.fed, drain=drain, backward=self.backward)
+        clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
         for clock in clocks:
             for task in clock:
                 if task is not None:
                     self._execute(task)
-                    if task.phase != BACKWARD:
+                    if task.runs_forward:
                         self.done[task.stage] = task.microbatch + 1
 
     def _execute(self, task):
         k, m = task.stage, task.microbatch
         kern = self.kernels[k]
-        if task.phase == BACKWARD:
-            about = {j: m for j in kern.sources}
-        elif task.phase == LOCAL:
-            about = {j: m - DELAY_PER_HOP * (j - k) for j in kern.sources}
-        else:
-            about = {}
-        present = tuple(j for j in about if (k, j, about[j]) in self.messages)
-        cotangents = {j: self.messages.pop((k, j, about[j])) for j in present}
-        residuals = {j: self._residual(k, j, about[j]) for j in present}
-        fresh = task.phase != BACKWARD and m % self.schedule.microbatches == 0
-        if task.phase != BACKWARD and kern.sources and k not in self._residual_trees:
+        missing = [(j, about) for j, about in task.consumes if (k, j, about) not in self.messages]
+        if missing:
+            raise AssertionError(f"{task.label()} at stage {k} consumes {missing} before they were sent")
+        present = tuple(j for j, _ in task.consumes)
+        cotangents = {j: self.messages.pop((k, j, about)) for j, about in task.consumes}
+        residuals = {j: self._residual(k, j, about) for j, about in task.consumes}
+        if task.runs_forward and kern.sources and k not in self._residual_trees:
             self._residual_trees[k] = self._residual_tree(k, m)
-        cell = self._cell(k, task.phase, present, task.update, fresh)
+        update_here = task.update and not self.one_tree
+        cell = self._cell(k, task.phase, present, update_here, task.first)
         state = self.states[k]
         if task.phase == BACKWARD:
             state, passed = cell(state, residuals, cotangents)
@@ -124,9 +122,32 @@ class DataflowExecutor:
             if residual is not None:
                 self.residuals[(k, m)] = [residual, len(kern.sources)]
             self.log.append((k, m, metrics))
+        about = dict(task.consumes)
         for j, dx in passed.items():
             self.messages[(k - 1, j, about[j])] = self.placement.put_batch(k - 1, dx)
         self.states[k] = state
+        if task.update and self.one_tree:
+            self._due.add(k)
+            if len(self._due) == self.num_stages:
+                self._update_together()
+
+    def _update_together(self):
+        """One optax step of the whole model: each stage's update sees the global gradient norm."""
+        self._due.clear()
+        squares = [self._sq_norm_cell(k)(state) for k, state in enumerate(self.states)]
+        for k in range(self.num_stages):
+            total = functools.reduce(jnp.add, [self.placement.put_state(k, sq) for sq in squares])
+            self.states[k] = self._update_cell(k)(self.states[k], total)
+
+    def _sq_norm_cell(self, k):
+        if ("sq", k) not in self._cells:
+            self._cells[("sq", k)] = jax.jit(self.kernels[k].grad_sq_norm)
+        return self._cells[("sq", k)]
+
+    def _update_cell(self, k):
+        if ("update", k) not in self._cells:
+            self._cells[("update", k)] = jax.jit(self.kernels[k].update, donate_argnums=(0,))
+        return self._cells[("update", k)]
 
     def _residual_tree(self, k, m):
         x, y = self.inputs[(k, m)], self.labels.get((k, m))

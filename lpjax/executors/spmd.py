@@ -1,21 +1,31 @@
 """All stages in one jitted program over the mesh's ``stage`` axis (DESIGN.md §4, SPMD).
 
-``jax.shard_map`` gives each ``stage`` row of the mesh its own slice of every buffer, a ``lax.scan``
-runs the clocks, ``lax.switch`` on the stage index picks that stage's kernel (so stages may differ in
-shape), and ``lax.ppermute`` shifts activations forward and cotangents back by one stage per clock.
-With a ``data`` axis, each device of a stage's row holds a slice of the microbatch. After every
-clock the stage's floating state (gradient sum, batch statistics; parameters are identical already)
-is averaged over the row with ``lax.pmean``, outside the per-stage branches so every device runs
-the same collectives, and only then is the optimizer step applied. Gradients then equal the
-whole-microbatch gradient; BatchNorm statistics are per-slice averages, not whole-batch ones.
+The host lowers the schedule's clocks to static per-clock arrays (``lowering.py``: opcode, mailbox
+slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule is on the device::
 
-A validity flag travels with every activation and cotangent. A stage whose input is not valid
-(pipeline fill and drain) runs nothing: ``lax.cond`` returns its state untouched and sends a
-bubble (zeros, or NaN when ``bubble_fill=nan``, which tests use to prove bubbles never reach
-parameters).
+    for t in clocks:                                    # lax.scan over the lowered arrays
+      k = axis_index("stage")                           # lax.switch(k): stage k's own kernels
+      if op[t,k] != IDLE:                               # lax.switch(op): idle | forward | backward
+        x = stream_x[t] if k == 0 else acts[k][input[t,k]]
+        if op[t,k] == FORWARD: state, h, own_dx, res[k][store[t,k]] = forward(state, x, y[t,k], first[t,k])
+        for i, j in enumerate(sources[k]):             # cotangents this task consumes
+          if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, res[k][consume_res[t,k,i]], cots[k][consume_cot[t,k,i]])
+      state = pmean(state, "data"); if update[t,k]: state = optimizer_step(state)
+      h, (own_dx, dx) = ppermute(h, +1), ppermute((own_dx, dx), -1)
+      acts[k][receive_act[t,k]] = h; cots[k][receive_cot[t,k,o]] = message o   # slots >= 0 only
 
-Semantics are the dataflow executor's, clock for clock: the host plans clocks with the same
-schedule, and the device keeps the same per-stage microbatch counters.
+The mailboxes (activations, cotangents, residuals; one set per stage, one copy per device of its
+row, holding a slice of each microbatch) persist between host calls, so whatever a ``drain`` or an
+evaluation leaves in flight waits for the task that consumes it, as in the dataflow executor.
+Stages of different shapes share the buffers after flattening and padding (``packing.py``).
+
+A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
+global gradient norm from a ``psum`` over ``stage`` (``StageKernels.update``). With a ``data`` axis
+the floating state is averaged over the row after every clock, outside the per-stage branches so
+every device runs the same collectives; gradients then equal the whole-microbatch gradient, while
+BatchNorm statistics are per-slice averages. Idle stages send bubbles (zeros, or NaN with
+``bubble_fill=nan``, which tests use to prove they never reach parameters): receivers only write
+slots the host allocated for real messages.
 """
 
 import functools
@@ -27,12 +37,13 @@ from jax import lax
 from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
-from ..schedules import BACKWARD, FORWARD, LOCAL
-from .dataflow import DELAY_PER_HOP
+from ..schedules import Flow
+from .lowering import Lowering, count_capacities
 from .packing import TreePacker, common_lengths, zeros
 from .placement import PerStageMeshes
 
 P = jax.P
+IDLE, FORWARD_OP, BACKWARD_OP = 0, 1, 2
 
 
 def _where(flag, new, old):
@@ -43,17 +54,33 @@ def _fill(lengths, lead, value):
     return {g: jnp.full((*lead, n), value if jnp.issubdtype(g, jnp.floating) else 0, g) for g, n in lengths.items()}
 
 
+def _row(box, slot):
+    index = jnp.maximum(slot, 0)
+    return {g: lax.dynamic_index_in_dim(b, index, 0, keepdims=False) for g, b in box.items()}
+
+
+def _put(box, slot, value):
+    """Write ``value`` into ``box[slot]`` when ``slot >= 0``."""
+    index = jnp.maximum(slot, 0)
+    return {g: lax.dynamic_update_index_in_dim(
+        b, jnp.where(slot >= 0, value[g], lax.dynamic_index_in_dim(b, index, 0, keepdims=False)), index, 0)
+        for g, b in box.items()}
+
+
 class SpmdExecutor:
+    PER_SLICE = ("acts", "cots", "res")  # mailboxes: one copy per device of the row
+
     def __init__(self, kernels, schedule, mesh, *, bubble_fill=0.0):
         self.kernels, self.schedule, self.mesh = kernels, schedule, mesh
         self.num_stages = K = len(kernels)
-        self.microbatches = schedule.microbatches
         self.placement = PerStageMeshes(mesh)
         self.num_data = self.placement.num_data
         self.bubble_fill = bubble_fill
-        self.backward = any(kern.sources for kern in kernels)
-        self.slots = max([j - k for k, kern in enumerate(kernels) for j in kern.sources] + [0])
-        self.ring = (DELAY_PER_HOP * self.slots if not schedule.synchronous else self.microbatches) or 1
+        self.flow = Flow(tuple(tuple(kern.sources) for kern in kernels))
+        self.one_tree = kernels[0].one_tree
+        self.lowering = Lowering(self.flow, [kern.sends_own_gradient for kern in kernels],
+                                 [kern.passes_on for kern in kernels])
+        self.S = self.lowering.S
         initial = [kern.init_state() for kern in kernels]
         self.state_packers = [TreePacker(s) for s in initial]
         self.state_lengths = common_lengths(self.state_packers)
@@ -62,6 +89,7 @@ class SpmdExecutor:
         self.buffers = {"state": _global(stacked, NamedSharding(mesh, P("stage")))}
         self.done = [0] * K
         self.fed = 0
+        self.inputs, self.labels = {}, {}  # host copies of fed microbatches until their last use
         self._metrics = []
         self._programs = {}
         self._ready = False
@@ -85,48 +113,48 @@ class SpmdExecutor:
             if not jnp.issubdtype(group, jnp.floating):
                 raise ConfigError(f"the spmd executor moves floating activations only, got {group}; use executor 'mpmd'")
         self.x_spec, self.y_spec = (x.shape, x.dtype), (y.shape, y.dtype)
-        self._reset_in_flight()
+        self.capacity = (0, 0, 0)
+        self._grow(count_capacities(self.schedule, self.flow, self.lowering.sends_own_gradient,
+                                    self.lowering.passes_on))
         self._ready = True
 
-    def _reset_in_flight(self):
-        """Empty activation, message and residual buffers: nothing in flight."""
-        K, S, R, D = self.num_stages, self.slots, self.ring, self.num_data
-        y_shape, y_dtype = self.y_spec
-        per_stage = {
-            "act_valid": jnp.zeros((K,), bool),
-            "inbox_valid": jnp.zeros((K, max(S, 1)), bool),
-            "done": jnp.zeros((K,), jnp.int32),
-        }
-        per_slice = {  # one copy per device of the row: these hold slices of the microbatch
-            "act": zeros(self.act_lengths, (K, D)),
-            "act_y": jnp.zeros((K, D, *y_shape), y_dtype),
-            "inbox": zeros(self.act_lengths, (K, D, max(S, 1))),
-            "ring": zeros(self.res_lengths, (K, D, R)),
-            "outbox": zeros(self.act_lengths, (K, D, self.microbatches if self.schedule.synchronous else 1)),
-        }
-        self.buffers.update(_global(jax.device_get(per_stage), NamedSharding(self.mesh, P("stage"))))
-        self.buffers.update(_global(jax.device_get(per_slice), NamedSharding(self.mesh, P("stage", "data"))))
+    def _grow(self, wanted):
+        """Mailboxes with at least ``wanted`` (activation, cotangent, residual) slots per stage,
+        keeping what is in the existing slots."""
+        wanted = tuple(max(1, w, c) for w, c in zip(wanted, self.capacity))
+        if wanted == self.capacity:
+            return
+        K, D = self.num_stages, self.num_data
+        fresh = {"acts": zeros(self.act_lengths, (K, D, wanted[0])),
+                 "cots": zeros(self.act_lengths, (K, D, wanted[1])),
+                 "res": zeros(self.res_lengths, (K, D, wanted[2]))}
+        fresh = jax.device_get(fresh)
+        if self.capacity != (0, 0, 0):
+            for name, old in zip(self.PER_SLICE, self.capacity):
+                for g, buf in jax.device_get(self.buffers[name]).items():
+                    fresh[name][g][:, :, :old] = buf
+        self.buffers.update(_global(fresh, NamedSharding(self.mesh, P("stage", "data"))))
+        self.capacity = wanted
 
     # -- public ------------------------------------------------------------------------------
-    PER_SLICE = ("act", "act_y", "inbox", "ring", "outbox")
-
     def feed(self, microbatch_inputs, microbatch_labels):
         xs, ys = np.stack(microbatch_inputs), np.stack(microbatch_labels)
         if not self._ready:
             self._prepare(xs[0], ys[0])
-        self.fed += len(xs)
-        self._run(xs, ys, drain=False)
+        for x, y in zip(xs, ys):
+            self.inputs[self.fed], self.labels[self.fed] = x, y
+            self.fed += 1
+        self._run(drain=False)
 
     def drain(self):
         if self._ready:
-            self._run(np.zeros((0, *self._full(self.x_spec[0])), self.x_spec[1]),
-                      np.zeros((0, *self._full(self.y_spec[0])), self.y_spec[1]), drain=True)
+            self._run(drain=True)
 
     def flush(self):
         """Drain, then forget what the drain left in flight; see ``DataflowExecutor.flush``."""
         self.drain()
-        if self._ready:
-            self._reset_in_flight()
+        self.lowering.reset()
+        self.inputs, self.labels = {}, {}
         self.done, self.fed = [0] * self.num_stages, 0
 
     def load_states(self, states):
@@ -174,199 +202,149 @@ class SpmdExecutor:
         return out
 
     # -- running -----------------------------------------------------------------------------
-    def _run(self, xs, ys, drain):
-        clocks = self.schedule.plan(self.num_stages, self.done, self.fed, drain=drain, backward=self.backward)
+    def _run(self, drain):
+        clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
         if not clocks:
             return
-        phases = self._phases(clocks)
+        K = self.num_stages
+        control = self.lowering.lower(clocks)
+        self._grow(self.lowering.capacities())
         stream_x = np.zeros((len(clocks), *self._full(self.x_spec[0])), self.x_spec[1])
-        stream_y = np.zeros((len(clocks), *self._full(self.y_spec[0])), self.y_spec[1])
-        stream_valid = np.zeros((len(clocks),), bool)
-        fed_before = self.fed - len(xs)
-        mask = np.zeros((len(clocks), self.num_stages), bool)
+        stream_y = np.zeros((len(clocks), K, *self._full(self.y_spec[0])), self.y_spec[1])
+        together = False
         for t, clock in enumerate(clocks):
             for task in clock:
-                if task is None or task.phase == BACKWARD:
+                if task is None:
                     continue
-                mask[t, task.stage] = True
-                self.done[task.stage] = task.microbatch + 1
-                if task.stage == 0:
-                    stream_x[t], stream_y[t] = xs[task.microbatch - fed_before], ys[task.microbatch - fed_before]
-                    stream_valid[t] = True
-        split = NamedSharding(self.mesh, P(None, "data"))
-        stream = _global((stream_x, stream_y), split) + _global((stream_valid,), NamedSharding(self.mesh, P()))
-        offset = 0
-        for phase, count in phases:
-            program = self._program(phase, count)
-            part = jax.tree.map(lambda a: a[offset:offset + count], stream)
-            self.buffers, metrics = program(self.buffers, *part)
-            if phase != BACKWARD:
-                self._metrics.append((metrics, mask[offset:offset + count]))
-            offset += count
+                k, m = task.stage, task.microbatch
+                together |= task.update and self.one_tree
+                if not task.runs_forward:
+                    continue
+                self.done[k] = m + 1
+                if k == 0:
+                    stream_x[t] = self.inputs.pop(m)
+                if self.kernels[k].trains_head:
+                    stream_y[t, k] = self.labels[m]
+                if k == K - 1:
+                    self.labels.pop(m)
+        if together and not any(task is not None and task.update for task in clocks[-1]):
+            raise AssertionError("a one-tree optimizer step must end its host call (a flushed step)")
+        if self.one_tree:
+            control["update"][:] = 0  # every stage steps together after the scan instead
+        mask = control["op"] == FORWARD_OP
+        streams = (_global(stream_x, NamedSharding(self.mesh, P(None, "data"))),
+                   _global(stream_y, NamedSharding(self.mesh, P(None, "stage", "data"))),
+                   _global(control, NamedSharding(self.mesh, P(None, "stage"))))
+        self.buffers, metrics = self._program(together)(self.buffers, *streams)
+        self._metrics.append((metrics, mask))
 
-    def _phases(self, clocks):
-        """Runs of clocks with one phase each: (LOCAL, n) for streaming, (FORWARD, n), (BACKWARD, n)."""
-        phases = []
-        for clock in clocks:
-            phase = next(task.phase for task in clock if task is not None)
-            if phases and phases[-1][0] == phase:
-                phases[-1] = (phase, phases[-1][1] + 1)
-            else:
-                phases.append((phase, 1))
-        return phases
-
-    def _program(self, phase, count):
-        key = (phase, count)
-        if key not in self._programs:
+    def _program(self, together):
+        if together not in self._programs:
             spec = {name: jax.tree.map(lambda _: P("stage", "data") if name in self.PER_SLICE else P("stage"), tree)
                     for name, tree in self.buffers.items()}
-            body = functools.partial(self._scan, phase)
-            mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(spec, P(None, "data"), P(None, "data"), P()),
+            control_spec = P(None, "stage")
+            mapped = jax.shard_map(functools.partial(self._scan, together), mesh=self.mesh,
+                                   in_specs=(spec, P(None, "data"), P(None, "stage", "data"), control_spec),
                                    out_specs=(spec, P(None, "stage")), axis_names={"stage", "data"},
                                    check_vma=False)
-            self._programs[key] = jax.jit(mapped, donate_argnums=(0,))
-        return self._programs[key]
+            self._programs[together] = jax.jit(mapped, donate_argnums=(0,))
+        return self._programs[together]
 
-    def _scan(self, phase, buffers, xs, ys, valid):
-        # drop this device's stage axis (and data axis, for per-slice buffers), both of size 1
+    def _scan(self, together, buffers, xs, ys, control):
+        # drop this device's stage axis (and data axis, for mailboxes), both of size 1
         local = {name: jax.tree.map(lambda a: a[0, 0] if name in self.PER_SLICE else a[0], tree)
                  for name, tree in buffers.items()}
+        ys = ys[:, 0]
+        control = {name: a[:, 0] for name, a in control.items()}
         k = lax.axis_index("stage")
-        clock = jnp.arange(xs.shape[0])
-        tasks = [functools.partial(self._stage_clock, phase, s) for s in range(self.num_stages)]
-        updates = [functools.partial(self._maybe_update, s) for s in range(self.num_stages)]
+        K = self.num_stages
+        tasks = [functools.partial(self._stage_clock, s) for s in range(K)]
+        updates = [functools.partial(self._maybe_update, s) for s in range(K)]
 
         def tick(carry, inputs):
-            carry, metrics, due = lax.switch(k, tasks, carry, *inputs)
+            x0, y, ctrl = inputs
+            carry, act_out, cot_out, metrics = lax.switch(k, tasks, carry, x0, y, ctrl)
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
                 carry["state"] = {g: lax.pmean(b, "data") if jnp.issubdtype(g, jnp.floating) else b
                                   for g, b in carry["state"].items()}
                 metrics = lax.pmean(metrics, "data")
-            carry["state"] = lax.switch(k, updates, carry["state"], due)
-            return self._shift(phase, carry), metrics
+            if not self.one_tree:
+                carry["state"] = lax.switch(k, updates, carry["state"], ctrl["update"] != 0)
+            if K > 1:
+                act_in = lax.ppermute(act_out, "stage", [(i, i + 1) for i in range(K - 1)])
+                carry["acts"] = _put(carry["acts"], ctrl["receive_act"], act_in)
+                if self.flow.backward:
+                    cot_in = lax.ppermute(cot_out, "stage", [(i, i - 1) for i in range(1, K)])
+                    for o in range(1 + self.S):
+                        carry["cots"] = _put(carry["cots"], ctrl["receive_cot"][o], {g: b[o] for g, b in cot_in.items()})
+            return carry, metrics
 
-        local, metrics = lax.scan(tick, local, (xs, ys, valid, clock))
+        local, metrics = lax.scan(tick, local, (xs, ys, control))
+        if together:
+            sq = lax.switch(k, [functools.partial(self._sq_norm, s) for s in range(K)], local["state"])
+            total = lax.psum(sq, "stage")
+            local["state"] = lax.switch(k, [functools.partial(self._update, s) for s in range(K)], local["state"], total)
         local = {name: jax.tree.map(lambda a: a[None, None] if name in self.PER_SLICE else a[None], tree)
                  for name, tree in local.items()}
         return local, jax.tree.map(lambda a: a[:, None], metrics)
 
     def _maybe_update(self, k, state_buffer, due):
-        def update(buffer):
-            state = self.kernels[k].update(self.state_packers[k].unpack(buffer))
-            return self.state_packers[k].pack(state, self.state_lengths)
+        return lax.cond(due, functools.partial(self._update, k), lambda buffer: buffer, state_buffer)
 
-        return lax.cond(due, update, lambda buffer: buffer, state_buffer)
+    def _update(self, k, state_buffer, total_sq=None):
+        state = self.kernels[k].update(self.state_packers[k].unpack(state_buffer), total_sq)
+        return self.state_packers[k].pack(state, self.state_lengths)
 
-    def _shift(self, phase, carry):
-        K = self.num_stages
-        forward = [(i, i + 1) for i in range(K - 1)]
-        backward = [(i, i - 1) for i in range(1, K)]
-        carry = dict(carry)
-        if phase != BACKWARD:
-            carry["act"] = lax.ppermute(carry["act"], "stage", forward)
-            carry["act_y"] = lax.ppermute(carry["act_y"], "stage", forward)
-            carry["act_valid"] = lax.ppermute(carry["act_valid"], "stage", forward)
-        if phase != FORWARD and self.slots:  # window 1 sends nothing back
-            carry["inbox"] = lax.ppermute(carry["inbox"], "stage", backward)
-            carry["inbox_valid"] = lax.ppermute(carry["inbox_valid"], "stage", backward)
-        return carry
+    def _sq_norm(self, k, state_buffer):
+        return self.kernels[k].grad_sq_norm(self.state_packers[k].unpack(state_buffer))
 
     # -- one stage, one clock ----------------------------------------------------------------
-    def _stage_clock(self, phase, k, carry, x0, y0, v0, clock):
+    def _stage_clock(self, k, carry, x0, y, ctrl):
+        branches = [functools.partial(self._idle, k), functools.partial(self._task, k, True),
+                    functools.partial(self._task, k, False)]
+        return lax.switch(ctrl["op"], branches, carry, x0, y, ctrl)
+
+    def _bubbles(self):
+        return _fill(self.act_lengths, (), self.bubble_fill), _fill(self.act_lengths, (1 + self.S,), self.bubble_fill)
+
+    def _idle(self, k, carry, x0, y, ctrl):
+        act_out, cot_out = self._bubbles()
+        return carry, act_out, cot_out, self._nan_metrics()
+
+    def _task(self, k, forward, carry, x0, y, ctrl):
         kern = self.kernels[k]
-        if phase == BACKWARD:
-            m = clock - (self.num_stages - 1 - k)
-            valid = (m >= 0) & (m < self.microbatches)
-        else:
-            valid = v0 if k == 0 else carry["act_valid"]
-            m = carry["done"]
-        run = functools.partial(self._backward_task if phase == BACKWARD else self._forward_task, phase, k, kern)
-        skip = functools.partial(self._bubble, phase, k, kern)
-        return lax.cond(valid, run, skip, carry, x0, y0, m)
-
-    def _inputs(self, k, carry, x0, y0):
-        x = x0 if k == 0 else self.act_packers[k - 1].unpack(carry["act"])
-        return x, (y0 if k == 0 else carry["act_y"])
-
-    def _forward_task(self, phase, k, kern, carry, x0, y0, m):
-        state = self.state_packers[k].unpack(carry["state"])
-        x, y = self._inputs(k, carry, x0, y0)
-        fresh = m % self.microbatches == 0
-        state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None, fresh)
         carry = dict(carry)
-        send = self._empty_message()
-        if phase == LOCAL:
-            for j in kern.sources:
-                d = j - k
-                slot = (m - DELAY_PER_HOP * d) % self.ring
-                res = self.res_packers[k].unpack({g: b[slot] for g, b in carry["ring"].items()})
-                cot = self.act_packers[k].unpack({g: b[d - 1] for g, b in carry["inbox"].items()})
-                present = carry["inbox_valid"][d - 1]
-                new_state, passed = kern.backward(state, {j: res}, {j: cot})
-                state = _where(present, new_state, state)
-                if j in passed:
-                    send = self._put_message(send, k, j, passed[j], present)
-            if own_dx is not None:
-                send = self._put_message(send, k, k, own_dx, True)
-            due = (m + 1) % self.microbatches == 0
-        else:
-            if own_dx is not None:
-                packed = self.act_packers[k - 1].pack(own_dx, self.act_lengths)
-                carry["outbox"] = {g: b.at[m % self.microbatches].set(packed[g]) for g, b in carry["outbox"].items()}
-            due = (not self.backward) & ((m + 1) % self.microbatches == 0)
-        if residual is not None:
-            packed = self.res_packers[k].pack(residual, self.res_lengths)
-            carry["ring"] = {g: b.at[m % self.ring].set(packed[g]) for g, b in carry["ring"].items()}
-        if phase == LOCAL and self.slots:
-            carry["inbox"], carry["inbox_valid"] = send
-        carry["state"] = self.state_packers[k].pack(state, self.state_lengths)
-        if k + 1 < self.num_stages:
-            carry["act"] = self.act_packers[k].pack(h, self.act_lengths)
-        carry["act_y"], carry["act_valid"] = y, jnp.array(True)
-        carry["done"] = m + 1
-        return carry, {name: value.astype(jnp.float32) for name, value in metrics.items()}, jnp.asarray(due)
-
-    def _backward_task(self, phase, k, kern, carry, x0, y0, m):
         state = self.state_packers[k].unpack(carry["state"])
-        carry = dict(carry)
-        send = self._empty_message()
-        slot = m % self.microbatches
-        for j in kern.sources:
-            d = j - k
-            res = self.res_packers[k].unpack({g: b[slot] for g, b in carry["ring"].items()})
-            cot = self.act_packers[k].unpack({g: b[d - 1] for g, b in carry["inbox"].items()})
-            state, passed = kern.backward(state, {j: res}, {j: cot})
+        act_out, cot_out = self._bubbles()
+        # reads first: a slot this task frees may be the one its residual is written to
+        consumed = []
+        for i, j in enumerate(kern.sources):
+            res = self.res_packers[k].unpack(_row(carry["res"], ctrl["consume_res"][i]))
+            cot = self.act_packers[k].unpack(_row(carry["cots"], ctrl["consume_cot"][i]))
+            consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
+        metrics = self._nan_metrics()
+        if forward:
+            x = x0 if k == 0 else self.act_packers[k - 1].unpack(_row(carry["acts"], ctrl["input"]))
+            state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None,
+                                                               ctrl["first"] != 0)
+            metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
+            if residual is not None:
+                carry["res"] = _put(carry["res"], ctrl["store"], self.res_packers[k].pack(residual, self.res_lengths))
+            if k + 1 < self.num_stages:
+                act_out = self.act_packers[k].pack(h, self.act_lengths)
+            if own_dx is not None:
+                cot_out = self._message(cot_out, 0, self.act_packers[k - 1].pack(own_dx, self.act_lengths), True)
+        for i, j, res, cot, present in consumed:
+            new_state, passed = kern.backward(state, {j: res}, {j: cot})
+            state = _where(present, new_state, state)
             if j in passed:
-                send = self._put_message(send, k, j, passed[j], True)
-        if kern.sends_own_gradient:
-            own = self.act_packers[k - 1].unpack({g: b[slot] for g, b in carry["outbox"].items()})
-            send = self._put_message(send, k, k, own, True)
+                cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
         carry["state"] = self.state_packers[k].pack(state, self.state_lengths)
-        carry["inbox"], carry["inbox_valid"] = send
-        return carry, self._nan_metrics(), m == self.microbatches - 1
+        return carry, act_out, cot_out, metrics
 
-    def _bubble(self, phase, k, kern, carry, x0, y0, m):
-        carry = dict(carry)
-        lead = (max(self.slots, 1),)
-        if phase != BACKWARD:
-            carry["act"] = _fill(self.act_lengths, (), self.bubble_fill)
-            carry["act_valid"] = jnp.array(False)
-        if phase != FORWARD and self.slots:
-            carry["inbox"] = _fill(self.act_lengths, lead, self.bubble_fill)
-            carry["inbox_valid"] = jnp.zeros(lead, bool)
-        return carry, self._nan_metrics(), jnp.array(False)
-
-    def _empty_message(self):
-        lead = (max(self.slots, 1),)
-        return _fill(self.act_lengths, lead, self.bubble_fill), jnp.zeros(lead, bool)
-
-    def _put_message(self, message, k, j, cotangent, valid):
-        """Cotangent of loss j for stage k-1, in the receiver's slot ``j - (k-1) - 1``."""
-        buffers, flags = message
-        slot = j - k
-        packed = self.act_packers[k - 1].pack(cotangent, self.act_lengths)
-        buffers = {g: b.at[slot].set(jnp.where(valid, packed[g], b[slot])) for g, b in buffers.items()}
-        return buffers, flags.at[slot].set(valid)
+    @staticmethod
+    def _message(out, o, packed, valid):
+        return {g: b.at[o].set(jnp.where(valid, packed[g], b[o])) for g, b in out.items()}
 
     def _nan_metrics(self):
         nan = jnp.full((), jnp.nan, jnp.float32)

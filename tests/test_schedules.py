@@ -11,9 +11,10 @@ from fractions import Fraction
 import pytest
 
 import lpjax
-from lpjax.schedules import BACKWARD, FORWARD, LOCAL, GPipe, Sequential, Streaming, TaskTable, make_schedule
+from lpjax.schedules import (BACKWARD, DELAY_PER_HOP, FORWARD, LOCAL, Flow, GPipe, OneFOneB, Sequential, Streaming,
+                             TaskTable, make_schedule)
 
-SCHEDULES = {"sequential": Sequential, "gpipe": GPipe, "streaming": Streaming}
+SCHEDULES = {"sequential": Sequential, "gpipe": GPipe, "1f1b": OneFOneB, "streaming": Streaming}
 GRID = list(itertools.product(SCHEDULES, [1, 2, 3, 4, 8], [1, 2, 4, 8], [1, 3], [True, False]))
 GRID_IDS = [f"{name}-K{k}-M{m}-steps{s}-{'bwd' if b else 'fwd'}" for name, k, m, s, b in GRID]
 
@@ -49,11 +50,11 @@ def clock_of(table):
     return where
 
 
-def phases(name, backward):
-    """The phases each microbatch goes through at every stage."""
+def phases(name, backward, stages=2):
+    """The phases each microbatch goes through at every stage (one stage has nothing to send back)."""
     if name == "streaming":
         return (LOCAL,)  # forward and the delayed backward are one task; `backward` changes nothing
-    return (FORWARD, BACKWARD) if backward else (FORWARD,)
+    return (FORWARD, BACKWARD) if backward and stages > 1 else (FORWARD,)
 
 
 # -- shape of the table ----------------------------------------------------------------------
@@ -73,7 +74,7 @@ def test_each_clock_has_one_slot_per_stage(name, stages, micro, steps, backward)
 def test_every_microbatch_visits_every_stage_once_per_phase(name, stages, micro, steps, backward):
     where = clock_of(table_for(name, stages, micro, steps, backward))
     expected = {(k, m, phase) for k in range(stages) for m in range(steps * micro)
-                for phase in phases(name, backward)}
+                for phase in phases(name, backward, stages)}
     assert set(where) == expected
 
 
@@ -88,6 +89,8 @@ def test_forward_runs_in_stage_order(name, stages, micro, steps, backward):
 
 @cases(lambda name, backward: BACKWARD in phases(name, backward))
 def test_backward_runs_in_reverse_stage_order_after_forward(name, stages, micro, steps, backward):
+    if stages == 1:
+        return  # one stage: no cotangent to send, no backward task
     where = clock_of(table_for(name, stages, micro, steps, backward))
     for m in range(steps * micro):
         for k in range(stages):
@@ -131,6 +134,82 @@ def test_one_update_per_stage_per_step_on_its_last_task(name, stages, micro, ste
                 assert last_task.microbatch == (step + 1) * micro - 1
 
 
+# -- what tasks consume ----------------------------------------------------------------------
+
+FLOWS = {  # Method.sources per stage for some methods on 4 stages
+    "backprop": Flow(((3,), (3,), (3,), ())),
+    "window1": Flow(((), (), (), ())),
+    "window2": Flow(((1,), (2,), (3,), ())),
+    "window3-uneven": Flow(((2,), (2, 3), (3,), ())),  # loss 1 switched off
+}
+
+
+def consumption_cases():
+    chosen = [(name, flow, micro, steps, drains) for name in SCHEDULES for flow in FLOWS
+              for micro in (1, 2, 3) for steps in (1, 3) for drains in (False, True)
+              if not (name == "streaming" and flow == "backprop")]
+    return pytest.mark.parametrize("name,flow,micro,steps,drains", chosen,
+                                   ids=[f"{n}-{f}-M{m}-steps{s}-{'drains' if d else 'stream'}" for n, f, m, s, d in chosen])
+
+
+def producer(task, j, about):
+    """The (stage, microbatch, phase-kind) of the task that sends loss j's cotangent about ``about``
+    to stage ``task.stage``: the sender's own forward if ``j`` is the next stage, else the sender's
+    task that consumed it."""
+    return task.stage + 1, j, about
+
+
+@consumption_cases()
+def test_every_consumed_cotangent_was_sent_at_an_earlier_clock(name, flow, micro, steps, drains):
+    flow_ = FLOWS[flow]
+    table = SCHEDULES[name](micro).table(4, steps, flow=flow_, drain_every_step=drains)
+    sent, consumed = {}, set()
+    for c, clock in enumerate(table.clocks):
+        for task in clock:
+            if task is None:
+                continue
+            k = task.stage
+            for j, about in task.consumes:
+                assert j in flow_.sources[k]
+                assert sent.get((k, j, about), c) < c, f"{task.label()} at stage {k} consumes ({j}, {about}) unsent"
+                assert (k, j, about) not in consumed, "consumed twice"
+                consumed.add((k, j, about))
+        for task in clock:  # messages are sent at the end of the clock
+            if task is None or task.stage == 0:
+                continue
+            k = task.stage
+            if task.runs_forward and k in flow_.sources[k - 1]:
+                sent[(k - 1, k, task.microbatch)] = c
+            for j, about in task.consumes:
+                if j in flow_.sources[k - 1]:
+                    sent[(k - 1, j, about)] = c
+    total = steps * micro
+    if SCHEDULES[name].synchronous:  # every message is consumed, about the backward's own microbatch
+        assert consumed == set(sent)
+        for task in table.tasks():
+            expected = tuple((j, task.microbatch) for j in flow_.sources[task.stage]) if task.phase == BACKWARD else ()
+            assert task.consumes == expected
+    else:  # streaming: about m - 2d, where it exists
+        for task in table.tasks():
+            k, m = task.stage, task.microbatch
+            assert task.consumes == tuple((j, m - DELAY_PER_HOP * (j - k)) for j in flow_.sources[k]
+                                          if m - DELAY_PER_HOP * (j - k) >= 0)
+        assert all(about + DELAY_PER_HOP * (j - k) >= total for k, j, about in set(sent) - consumed)
+
+
+@grid
+def test_first_task_of_each_step_is_its_first_forward(name, stages, micro, steps, backward):
+    table = table_for(name, stages, micro, steps, backward)
+    for k in range(stages):
+        mine = [clock[k] for clock in table.clocks if clock[k] is not None]
+        firsts = [task for task in mine if task.first]
+        assert [t.microbatch for t in firsts] == [s * micro for s in range(steps)]
+        assert all(t.runs_forward for t in firsts)
+        for step in range(steps):
+            in_step = [t for t in mine if t.microbatch // micro == step]
+            assert in_step[0].first
+
+
 # -- statistics ------------------------------------------------------------------------------
 
 def idle_fraction(table):
@@ -149,6 +228,45 @@ def test_streaming_idle_fraction_tends_to_zero(name, stages, micro, steps, backw
 def test_gpipe_idle_fraction_is_its_bubble(name, stages, micro, steps, backward):
     table = table_for(name, stages, micro, steps, backward)
     assert idle_fraction(table) == Fraction(stages - 1, micro + stages - 1)
+
+
+@only("1f1b")
+def test_1f1b_idle_fraction_is_gpipes_bubble(name, stages, micro, steps, backward):
+    table = table_for(name, stages, micro, steps, backward)
+    assert idle_fraction(table) == Fraction(stages - 1, micro + stages - 1)
+    assert len(table.clocks) == steps * (2 if backward and stages > 1 else 1) * (micro + stages - 1)
+
+
+@cases(lambda name, backward: name == "1f1b" and backward)
+def test_1f1b_holds_at_most_k_minus_stage_microbatches(name, stages, micro, steps, backward):
+    """The point of 1F1B: stage k has at most ``K-k`` forwards whose backward has not run (GPipe: M)."""
+    if stages == 1:
+        return  # no backward tasks at all
+    table = table_for(name, stages, micro, steps, backward)
+    for k in range(stages):
+        open_, most = 0, 0
+        for clock in table.clocks:
+            task = clock[k]
+            if task is not None:
+                open_ += 1 if task.phase == FORWARD else -1
+                most = max(most, open_)
+        assert most == min(stages - k, micro), f"stage {k}"
+        forwards = [clock[k] for clock in table.clocks if clock[k] is not None and clock[k].phase == FORWARD]
+        assert len(forwards) == steps * micro
+
+
+@cases(lambda name, backward: name == "1f1b" and backward)
+def test_1f1b_alternates_in_the_steady_state(name, stages, micro, steps, backward):
+    """After its ``K-1-k`` warm-up forwards, stage k alternates one forward and one backward."""
+    if stages == 1:
+        return  # no backward tasks at all
+    table = table_for(name, stages, micro, steps, backward)
+    for k in range(stages):
+        phases_ = [clock[k].phase for clock in table.clocks if clock[k] is not None][:2 * micro]
+        warm = min(stages - 1 - k, micro)
+        steady = phases_[warm:warm + 2 * (micro - warm)]
+        assert phases_[:warm] == [FORWARD] * warm
+        assert steady == [FORWARD, BACKWARD] * (micro - warm)
 
 
 @only("sequential")
@@ -195,9 +313,9 @@ def fed_step_by_step(schedule, stages, steps, backward):
     clocks = []
     for step in range(steps):
         fed = (step + 1) * schedule.microbatches
-        clocks += schedule.plan(stages, progress(clocks, stages), fed, drain=False, backward=backward)
-    clocks += schedule.plan(stages, progress(clocks, stages), steps * schedule.microbatches,
-                            drain=True, backward=backward)
+        clocks += schedule.plan(Flow.default(stages, backward), progress(clocks, stages), fed, drain=False)
+    clocks += schedule.plan(Flow.default(stages, backward), progress(clocks, stages), steps * schedule.microbatches,
+                            drain=True)
     return TaskTable(tuple(clocks), stages)
 
 
@@ -210,21 +328,23 @@ def test_feeding_step_by_step_gives_the_whole_run_table(name, stages, micro, ste
 @only("streaming")
 def test_streaming_incremental_plan_equals_one_plan(name, stages, micro, steps, backward):
     schedule = Streaming(micro)
-    whole = schedule.plan(stages, [0] * stages, steps * micro, drain=True, backward=backward)
+    whole = schedule.plan(Flow.default(stages, backward), [0] * stages, steps * micro, drain=True)
     assert table_for(name, stages, micro, steps, backward) == TaskTable(tuple(whole), stages)
 
 
 def test_streaming_without_drain_leaves_the_pipeline_full():
-    clocks = Streaming(2).plan(3, [0, 0, 0], 4, drain=False, backward=False)
+    flow = Flow.default(3, False)
+    clocks = Streaming(2).plan(flow, [0, 0, 0], 4, drain=False)
     assert progress(clocks, 3) == [4, 3, 2]
-    assert Streaming(2).plan(3, [4, 3, 2], 4, drain=False, backward=False) == []
+    assert Streaming(2).plan(flow, [4, 3, 2], 4, drain=False) == []
 
 
-@pytest.mark.parametrize("schedule", [Sequential(2), GPipe(2)], ids=repr)
+@pytest.mark.parametrize("schedule", [Sequential(2), GPipe(2), OneFOneB(2)], ids=repr)
 def test_synchronous_plan_refuses_a_partial_step(schedule):
+    flow = Flow.default(3, True)
     with pytest.raises(lpjax.ConfigError):
-        schedule.plan(3, [0, 0, 0], 3, drain=False, backward=True)
-    assert schedule.plan(3, [2, 2, 2], 2, drain=True, backward=True) == []
+        schedule.plan(flow, [0, 0, 0], 3, drain=False)
+    assert schedule.plan(flow, [2, 2, 2], 2, drain=True) == []
 
 
 # -- printing --------------------------------------------------------------------------------

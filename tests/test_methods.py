@@ -166,3 +166,62 @@ def test_per_stage_optimizers_get_their_own_learning_rate():
     after = stage_params(trainer)
     assert_trees_equal(before[0], after[0])
     assert not np.allclose(jax.tree.leaves(before[1])[0], jax.tree.leaves(after[1])[0])
+
+
+# -- backprop's optimizer is one optax tree over the whole model ---------------------------------
+
+def unstaged_optax_steps(model, tx, batches):
+    """optax on the unstaged network (every body, then the last head): the whole model as one tree."""
+    defs, params = graphdefs(model), initial_params(model)
+    K = len(model)
+    tree = {"bodies": [b for b, _ in params], "head": params[-1][1]}
+
+    def loss(t, x, y):
+        h = x
+        for k in range(K):
+            h = nnx.merge(defs[k][0], t["bodies"][k])(h)
+        return ce(nnx.merge(defs[-1][1], t["head"])(h), y)
+
+    state = tx.init(tree)
+    for x, y in batches:
+        updates, state = tx.update(jax.grad(loss)(tree, x, y), state, tree)
+        tree = optax.apply_updates(tree, updates)
+    return tree
+
+
+@pytest.mark.parametrize("layout", [None, lpjax.Layout(stages=3), lpjax.Layout(stages=3, executor="spmd")],
+                         ids=["reference", "mpmd", "spmd"])
+def test_backprop_with_global_clipping_equals_optax_on_the_unstaged_model(layout):
+    """Repro 3: one transformation used to be applied per stage, clipping each stage by its own norm."""
+    tx = optax.chain(optax.clip_by_global_norm(0.05), optax.adamw(0.1, weight_decay=0.1))
+    x, y = tiny_batch(8)
+    batches = [(x, y), (np.roll(x, 3, axis=0), np.roll(y, 3))]
+    expected = unstaged_optax_steps(tiny_model(), tx, batches)
+    trainer = lpjax.Trainer(tiny_model(), method=lpjax.Backprop(), optimizer=tx, schedule=GPipe(2), layout=layout)
+    for xb, yb in batches:
+        trainer.step(xb, yb)
+    got = stage_params(trainer)
+    for k in range(3):
+        assert_trees_close(got[k]["body"], nnx.to_pure_dict(expected["bodies"][k]), 1e-6, f"stage {k} body")
+    assert_trees_close(got[-1]["head"], nnx.to_pure_dict(expected["head"]), 1e-6, "last head")
+    # the clip really bites: per-stage clipping would have given a different step
+    norms = [float(h["grad_norm"]) for h in trainer.health()]
+    assert norms[0] == pytest.approx(norms[-1]) and norms[0] > 0.05
+
+
+def test_config_grad_clip_norm_clips_backprop_globally():
+    from ml_collections import ConfigDict
+
+    from lpjax.optimizer_config import build_optimizers
+
+    opt = ConfigDict({"name": "sgd", "learning_rate": 1.0, "learning_rates": None, "weight_decay": 0.0,
+                      "momentum": 0.0, "decay": "constant", "warmup_steps": 0, "grad_clip_norm": 0.05})
+    tx = build_optimizers(opt, 3, 1, lpjax.Backprop())
+    x, y = tiny_batch(8)
+    expected = unstaged_optax_steps(tiny_model(), optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(1.0)),
+                                    [(x, y)])
+    trainer = lpjax.Trainer(tiny_model(), method=lpjax.Backprop(), optimizer=tx)
+    trainer.step(x, y)
+    got = stage_params(trainer)
+    for k in range(3):
+        assert_trees_close(got[k]["body"], nnx.to_pure_dict(expected["bodies"][k]), 1e-6, f"stage {k} body")

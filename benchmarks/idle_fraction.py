@@ -1,9 +1,9 @@
-"""Idle fraction of streaming local vs GPipe backprop, from the tables and measured (issue 3).
+"""Idle fraction of streaming local vs GPipe and 1F1B backprop, from the tables and measured (issue 3).
 
 At K = 4 stages and T = 1000 microbatches (M = 4 per optimizer step, so 250 steps), prints:
 
 (a) the task tables: ``Streaming(M).table(K, T // M)`` (no flush between steps) and
-    ``GPipe(M).table(K, T // M)`` (flush every step), their busy and idle slots and idle fraction,
+    ``GPipe(M).table(K, T // M)`` and ``OneFOneB(M).table(K, T // M)`` (flush every step), their busy and idle slots and idle fraction,
     against the formulas (K-1)/(T+K-1) and (K-1)/(M+K-1);
 
 (b) measured while the executors run T tiny microbatches, counting the (clock, stage) slots in which
@@ -13,7 +13,7 @@ At K = 4 stages and T = 1000 microbatches (M = 4 per optimizer step, so 250 step
       executor's clock loop and its ``_execute`` are wrapped, each executed task is logged with the
       clock it ran in, and busy slots / (clocks x K) is computed from the log (also checking that no
       stage runs twice in a clock and that every microbatch visits stage k-1 before stage k), for
-      chunked on ``Streaming(M)`` and for backprop on ``GPipe(M)``;
+      chunked on ``Streaming(M)`` and for backprop on ``OneFOneB(M)``;
     - SPMD executor on K simulated CPU devices (``JAX_NUM_CPU_DEVICES=4``), chunked on
       ``Streaming(M)``: the device decides per clock from the validity flag whether a stage runs; a
       stage that ran returns its head's finite loss, a bubble returns NaN. The busy slots are counted
@@ -67,7 +67,7 @@ def main(argv=None):
     from flax import nnx
 
     import lpjax
-    from lpjax.schedules import GPipe, Streaming
+    from lpjax.schedules import GPipe, OneFOneB, Streaming
 
     stream_formula = (K - 1) / (T + K - 1)
     gpipe_formula = (K - 1) / (M + K - 1)
@@ -77,9 +77,11 @@ def main(argv=None):
     # -- (a) tables ------------------------------------------------------------------------------
     stream = Streaming(M).table(K, steps, backward=False)
     gpipe = GPipe(M).table(K, steps, backward=True)
+    one_f_one_b = OneFOneB(M).table(K, steps, backward=True)
     print("(a) task tables")
     for name, table, formula, what in [("streaming local", stream, stream_formula, "(K-1)/(T+K-1)"),
-                                       ("GPipe backprop  ", gpipe, gpipe_formula, "(K-1)/(M+K-1)")]:
+                                       ("GPipe backprop  ", gpipe, gpipe_formula, "(K-1)/(M+K-1)"),
+                                       ("1F1B backprop   ", one_f_one_b, gpipe_formula, "(K-1)/(M+K-1)")]:
         print(f"  {name}: {len(table.clocks):5d} clocks x {K} = {table.slots:5d} slots, {table.busy} busy, "
               f"{table.idle:4d} idle; idle fraction {table.idle_fraction:.6f}, formula {what} = {formula:.6f}"
               f" ({'exact' if abs(table.idle_fraction - formula) < 1e-12 else 'DIFFERENT'})")
@@ -118,7 +120,7 @@ def main(argv=None):
 
     print("(b) measured")
     for name, method, schedule, formula in [("reference, chunked, streaming ", lpjax.Chunked(), Streaming(M), stream_formula),
-                                            ("reference, backprop, GPipe    ", lpjax.Backprop(), GPipe(M), gpipe_formula)]:
+                                            ("reference, backprop, 1F1B     ", lpjax.Backprop(), OneFOneB(M), gpipe_formula)]:
         trainer = lpjax.Trainer(model(), method=method, optimizer=optax.sgd(0.01), schedule=schedule)
         log, clock = [], [0]
         executor = trainer.executor

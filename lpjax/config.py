@@ -16,7 +16,7 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     method.window           overlapping only (default 2)
     method.loss_weights     optional, one per stage
     optimizer.*             see lpjax.optimizer_config
-    schedule.name           sequential | gpipe | streaming (lpjax.schedules)
+    schedule.name           sequential | gpipe | 1f1b | streaming (lpjax.schedules)
     schedule.microbatches   microbatches per step; must divide batch_size
     layout.executor         reference (one device) | mpmd | spmd
     layout.stages           devices along the stage axis (default: one per stage)

@@ -194,14 +194,14 @@ class StageKernels:
         return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)) + jnp.zeros((), jnp.float32)
 
     def update(self, state: StageState, total_sq=None) -> StageState:
-        """One optimizer step. ``total_sq``, required for one-tree methods (backprop), is the sum of
-        every stage's ``grad_sq_norm``: the step and the finite check then see the whole model."""
+        """One optimizer step. For one-tree methods (backprop) executors pass ``total_sq``, the sum
+        of every stage's ``grad_sq_norm``: the step and the finite check then see the whole model.
+        Without it the stage is taken as the whole model (one stage; cost analysis)."""
         grads = self.mean_grads(state)
         trainable = self.trainable(state.params)
         if self.one_tree:
-            if total_sq is None:
-                raise AssertionError("a one-tree optimizer step needs the squared norm over all stages")
             own_sq = self.grad_sq_norm(state)
+            total_sq = own_sq if total_sq is None else total_sq
             norm = jnp.sqrt(total_sq).astype(jnp.float32)
             phantom = jnp.sqrt(jnp.maximum(total_sq - own_sq, 0.0)).astype(jnp.float32)
         else:

@@ -9,7 +9,7 @@ from flax import nnx
 import lpjax
 from lpjax.executors.spmd import SpmdExecutor
 from lpjax.models import mnist_resnet
-from lpjax.schedules import GPipe, Streaming
+from lpjax.schedules import GPipe, OneFOneB, Sequential, Streaming
 
 from tiny import assert_trees_close, lm_batch, lm_model, stage_params, tiny_batch, tiny_model
 
@@ -58,8 +58,9 @@ def test_heterogeneous_resnet_stages_match_reference():
                        [jax.device_get(s.rest) for s in spmd.stage_states], atol=1e-5)
 
 
-@pytest.mark.parametrize("method,schedule", [(lpjax.Overlapping(2), Streaming(2)), (lpjax.Backprop(), GPipe(2))],
-                         ids=["streaming", "gpipe"])
+@pytest.mark.parametrize("method,schedule", [(lpjax.Overlapping(2), Streaming(2)), (lpjax.Backprop(), GPipe(2)),
+                                             (lpjax.Overlapping(2), OneFOneB(2)), (lpjax.Backprop(), Sequential(2))],
+                         ids=["streaming", "gpipe", "1f1b", "sequential"])
 def test_nan_in_bubbles_never_reaches_parameters(method, schedule):
     """Fill every bubble slot with NaN (praxis-style): parameters stay finite and equal the reference."""
     x, y = tiny_batch(16)

@@ -61,6 +61,23 @@ class TreePacker:
             out[group] = jnp.pad(flat, (0, length - flat.shape[0]))
         return out
 
+    def repack(self, buffers, tree, before):
+        """``buffers`` with the leaves of ``tree`` written in place, skipping every leaf that is the
+        very leaf of ``before`` (the tree ``unpack(buffers)`` gave): a task that leaves the
+        parameters and optimizer state alone then writes only what it changed, instead of
+        concatenating the whole state anew every clock."""
+        buffers, offsets = dict(buffers), {group: 0 for group in buffers}
+        for spec, leaf, old in zip(self.leaves, jax.tree.leaves(tree), jax.tree.leaves(before)):
+            group = _group(spec.dtype)
+            start = offsets[group]
+            offsets[group] = start + spec.size
+            if leaf is old:
+                continue
+            if spec.key_impl is not None:
+                leaf = jax.random.key_data(leaf)
+            buffers[group] = jax.lax.dynamic_update_slice_in_dim(buffers[group], jnp.ravel(leaf), start, 0)
+        return buffers
+
     def unpack(self, buffers):
         offsets = {group: 0 for group in buffers}
         leaves = []

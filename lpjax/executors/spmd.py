@@ -28,6 +28,7 @@ BatchNorm statistics are per-slice averages. Idle stages send bubbles (zeros, or
 slots the host allocated for real messages.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -91,7 +92,7 @@ class SpmdExecutor:
         self.fed = 0
         self.inputs, self.labels = {}, {}  # host copies of fed microbatches until their last use
         self._metrics = []
-        self._programs = {}
+        self._programs, self._controls = {}, {}
         self._ready = False
 
     # -- shapes ------------------------------------------------------------------------------
@@ -234,9 +235,20 @@ class SpmdExecutor:
         mask = control["op"] == FORWARD_OP
         streams = (_global(stream_x, NamedSharding(self.mesh, P(None, "data"))),
                    _global(stream_y, NamedSharding(self.mesh, P(None, "stage", "data"))),
-                   _global(control, NamedSharding(self.mesh, P(None, "stage"))))
+                   self._control_on_device(control))
         self.buffers, metrics = self._program(together)(self.buffers, *streams)
         self._metrics.append((metrics, mask))
+
+    def _control_on_device(self, control):
+        """The lowered arrays as device arrays; a steady pipeline lowers every step to the same
+        arrays, so the last few are kept rather than sent again."""
+        key = b"".join(control[name].tobytes() for name in sorted(control)) + repr(
+            [control[name].shape for name in sorted(control)]).encode()
+        if key not in self._controls:
+            if len(self._controls) >= 8:
+                self._controls.pop(next(iter(self._controls)))
+            self._controls[key] = _global(control, NamedSharding(self.mesh, P(None, "stage")))
+        return self._controls[key]
 
     def _program(self, together):
         if together not in self._programs:
@@ -292,8 +304,8 @@ class SpmdExecutor:
         return lax.cond(due, functools.partial(self._update, k), lambda buffer: buffer, state_buffer)
 
     def _update(self, k, state_buffer, total_sq=None):
-        state = self.kernels[k].update(self.state_packers[k].unpack(state_buffer), total_sq)
-        return self.state_packers[k].pack(state, self.state_lengths)
+        before = self.state_packers[k].unpack(state_buffer)
+        return self.state_packers[k].repack(state_buffer, self.kernels[k].update(before, total_sq), before)
 
     def _sq_norm(self, k, state_buffer):
         return self.kernels[k].grad_sq_norm(self.state_packers[k].unpack(state_buffer))
@@ -314,7 +326,7 @@ class SpmdExecutor:
     def _task(self, k, forward, carry, x0, y, ctrl):
         kern = self.kernels[k]
         carry = dict(carry)
-        state = self.state_packers[k].unpack(carry["state"])
+        state = unpacked = self.state_packers[k].unpack(carry["state"])
         act_out, cot_out = self._bubbles()
         # reads first: a slot this task frees may be the one its residual is written to
         consumed = []
@@ -336,10 +348,11 @@ class SpmdExecutor:
                 cot_out = self._message(cot_out, 0, self.act_packers[k - 1].pack(own_dx, self.act_lengths), True)
         for i, j, res, cot, present in consumed:
             new_state, passed = kern.backward(state, {j: res}, {j: cot})
-            state = _where(present, new_state, state)
+            # backward only adds to the gradient sum: select that, not the whole state
+            state = dataclasses.replace(state, grad_sum=_where(present, new_state.grad_sum, state.grad_sum))
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
-        carry["state"] = self.state_packers[k].pack(state, self.state_lengths)
+        carry["state"] = self.state_packers[k].repack(carry["state"], state, unpacked)
         return carry, act_out, cot_out, metrics
 
     @staticmethod

@@ -102,12 +102,26 @@ class SpmdExecutor:
         x, y = x[: len(x) // D], y[: len(y) // D]
         h = jax.ShapeDtypeStruct(x.shape, x.dtype)
         y_abs = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        self.act_packers, self.res_packers = [], []
-        for kern, packer in zip(self.kernels, self.state_packers):
+        self.act_packers, self.res_packers, self.res_trees, self.res_shared = [], [], [], []
+        for k, (kern, packer) in enumerate(zip(self.kernels, self.state_packers)):
             state = jax.eval_shape(lambda: packer.unpack(zeros(self.state_lengths)))
-            _, h, _, residual, _ = jax.eval_shape(kern.forward, state, h, y_abs if kern.trains_head else None)
+            found = {}
+
+            def probe(state, x, y):
+                out = kern.forward(state, x, y)
+                if out[3] is not None:
+                    found["shared"] = self._shared_leaves(state, out[3])
+                return out
+
+            _, h, _, residual, _ = jax.eval_shape(probe, state, h, y_abs if kern.trains_head else None)
             self.act_packers.append(TreePacker(h))
-            self.res_packers.append(TreePacker(residual) if residual is not None else None)
+            if residual is None:
+                self.res_packers.append(None), self.res_trees.append(None), self.res_shared.append(None)
+                continue
+            leaves = jax.tree.leaves(residual)
+            self.res_shared.append(found["shared"])
+            self.res_trees.append(jax.tree.structure(residual))
+            self.res_packers.append(TreePacker([leaf for leaf, p in zip(leaves, found["shared"]) if p is None]))
         self.act_lengths = common_lengths(self.act_packers[:-1])
         self.res_lengths = common_lengths([p for p in self.res_packers if p is not None])
         for group in self.act_lengths:
@@ -199,8 +213,14 @@ class SpmdExecutor:
                 if not shards:
                     break
                 row[group] = jax.make_array_from_single_device_arrays(buf.shape[1:], sharding, shards)
-            out.append(jax.jit(packer.unpack, out_shardings=sharding)(row) if len(row) == len(self.state_lengths) else None)
+            out.append(self._unpacker(k)(row) if len(row) == len(self.state_lengths) else None)
         return out
+
+    def _unpacker(self, k):
+        if ("unpack", k) not in self._programs:
+            self._programs[("unpack", k)] = jax.jit(self.state_packers[k].unpack,
+                                                    out_shardings=self.placement.state_sharding(k))
+        return self._programs[("unpack", k)]
 
     # -- running -----------------------------------------------------------------------------
     def _run(self, drain):
@@ -331,7 +351,8 @@ class SpmdExecutor:
         # reads first: a slot this task frees may be the one its residual is written to
         consumed = []
         for i, j in enumerate(kern.sources):
-            res = self.res_packers[k].unpack(_row(carry["res"], ctrl["consume_res"][i]))
+            res = self._rebuild_residual(k, self.res_packers[k].unpack(_row(carry["res"], ctrl["consume_res"][i])),
+                                         state)
             cot = self.act_packers[k].unpack(_row(carry["cots"], ctrl["consume_cot"][i]))
             consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
         metrics = self._nan_metrics()
@@ -341,7 +362,8 @@ class SpmdExecutor:
                                                                ctrl["first"] != 0)
             metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
             if residual is not None:
-                carry["res"] = _put(carry["res"], ctrl["store"], self.res_packers[k].pack(residual, self.res_lengths))
+                kept = self._residual_to_store(k, unpacked, residual)
+                carry["res"] = _put(carry["res"], ctrl["store"], self.res_packers[k].pack(kept, self.res_lengths))
             if k + 1 < self.num_stages:
                 act_out = self.act_packers[k].pack(h, self.act_lengths)
             if own_dx is not None:
@@ -354,6 +376,30 @@ class SpmdExecutor:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
         carry["state"] = self.state_packers[k].repack(carry["state"], state, unpacked)
         return carry, act_out, cot_out, metrics
+
+    # -- residuals -----------------------------------------------------------------------------
+    # A body's VJP residual holds its weights. Flushed schedules never update a stage between a
+    # microbatch's forward and its backward, so those leaves are taken from the stage's state when
+    # the backward runs instead of being copied into a residual slot per microbatch (a full copy
+    # of the weights per forward; GPipe would hold M of them). Streaming may update in between and
+    # needs the version that ran the forward, so it stores everything.
+    def _shared_leaves(self, state, residual):
+        """Per residual leaf, the index of the body parameter leaf it is, else None."""
+        if not self.schedule.synchronous:
+            return [None] * len(jax.tree.leaves(residual))
+        ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(state.params["body"]))}
+        return [ids.get(id(leaf)) for leaf in jax.tree.leaves(residual)]
+
+    def _residual_to_store(self, k, state, residual):
+        shared = self._shared_leaves(state, residual)
+        if shared != self.res_shared[k]:
+            raise AssertionError(f"stage {k}'s residual shares different leaves with its weights than when probed")
+        return [leaf for leaf, p in zip(jax.tree.leaves(residual), shared) if p is None]
+
+    def _rebuild_residual(self, k, kept, state):
+        params = jax.tree.leaves(state.params["body"])
+        kept = iter(kept)
+        return jax.tree.unflatten(self.res_trees[k], [next(kept) if p is None else params[p] for p in self.res_shared[k]])
 
     @staticmethod
     def _message(out, o, packed, valid):

@@ -9,7 +9,7 @@ from flax import nnx
 import lpjax
 from lpjax.executors.spmd import SpmdExecutor
 from lpjax.models import mnist_resnet
-from lpjax.schedules import GPipe, OneFOneB, Sequential, Streaming
+from lpjax.schedules import Flow, GPipe, OneFOneB, Sequential, Streaming
 
 from tiny import assert_trees_close, lm_batch, lm_model, stage_params, tiny_batch, tiny_model
 
@@ -95,3 +95,40 @@ def test_transformer_with_data_axis_matches_reference():
     spmd = run(model_fn, lm_batch(), lpjax.Overlapping(2), Streaming(2),
                lpjax.Layout(stages=2, data=2, executor="spmd"))
     assert_trees_close(stage_params(reference), stage_params(spmd), atol=1e-6)
+
+
+# -- the host-side lowering (no device) ----------------------------------------------------------
+
+def _lowering(flow):
+    from lpjax.executors.lowering import Lowering
+
+    K = flow.num_stages
+    sends = [k > 0 and k in flow.sources[k - 1] for k in range(K)]
+    passes = [{j: k > 0 and j in flow.sources[k - 1] for j in flow.sources[k]} for k in range(K)]
+    return Lowering(flow, sends, passes)
+
+
+@pytest.mark.parametrize("schedule,flow", [
+    (OneFOneB(8), Flow(((3,), (3,), (3,), ()))),
+    (GPipe(8), Flow(((3,), (3,), (3,), ()))),
+    (Streaming(4), Flow(((1, 2), (2, 3), (3,), ()))),
+], ids=["1f1b-backprop", "gpipe-backprop", "streaming-window3"])
+def test_lowering_frees_every_slot_it_takes(schedule, flow):
+    """Mailbox slots are recycled: 50 steps with a drain after each need no more slots than 3, and
+    a flushed schedule ends every step with empty mailboxes."""
+    short, long = _lowering(flow), _lowering(flow)
+    short.lower(schedule.table(4, 3, flow=flow, drain_every_step=True).clocks)
+    long.lower(schedule.table(4, 50, flow=flow, drain_every_step=True).clocks)
+    assert long.capacities() == short.capacities()
+    if schedule.synchronous:
+        assert not long.act_at and not long.cot_at and not long.res_at
+        residual_slots = long.capacities()[2]
+        assert residual_slots == (8 if isinstance(schedule, GPipe) else 4)  # GPipe: M; 1F1B: K-k at stage k
+
+
+def test_lowering_refuses_a_cotangent_that_was_never_sent():
+    from lpjax.schedules import BACKWARD, Task
+
+    lowering = _lowering(Flow(((1,), ())))
+    with pytest.raises(AssertionError, match="before it was sent"):
+        lowering.lower([(Task(0, 0, BACKWARD, consumes=((1, 0),)), None)])

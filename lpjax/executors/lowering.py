@@ -22,6 +22,8 @@ Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
 
 import numpy as np
 
+IDLE, FORWARD_OP, BACKWARD_OP = 0, 1, 2  # the opcodes
+
 
 class SlotPool:
     """Per-stage slot numbers of one kind of mailbox; ``capacity`` grows when a stage needs more."""
@@ -69,7 +71,7 @@ class Lowering:
             tasks = [task for task in clock if task is not None]
             for task in tasks:  # reads: free what this clock consumes
                 k, m = task.stage, task.microbatch
-                out["op"][t, k] = 1 if task.runs_forward else 2
+                out["op"][t, k] = FORWARD_OP if task.runs_forward else BACKWARD_OP
                 out["first"][t, k], out["update"][t, k] = task.first, task.update
                 if task.runs_forward and k > 0:
                     out["input"][t, k] = slot = self.act_at.pop((k, m))

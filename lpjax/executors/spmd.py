@@ -39,12 +39,11 @@ from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
 from ..schedules import Flow
-from .lowering import Lowering, count_capacities
+from .lowering import FORWARD_OP, Lowering, count_capacities
 from .packing import TreePacker, common_lengths, zeros
 from .placement import PerStageMeshes
 
 P = jax.P
-IDLE, FORWARD_OP, BACKWARD_OP = 0, 1, 2
 
 
 def _where(flag, new, old):

@@ -11,7 +11,10 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
                             num_classes / vocab_size / input_shape / in_channels / seq_len are
                             filled from the dataset unless set
     stages                  cut the model's layers into this many near-equal stages, or
-    split_points            (tuple) the layer indices where stages 1.. start
+    split_points            (tuple) the layer indices where stages 1.. start, or "balanced" /
+                            "balanced_memory" with ``stages``: cut where the slowest stage (by
+                            XLA FLOPs, heads included) or the largest (by memory) is cheapest
+                            (lpjax.balance); the run header prints each stage's share
     method.name             backprop | greedy | chunked | overlapping
     method.window           overlapping only (default 2)
     method.loss_weights     optional, one per stage
@@ -45,7 +48,9 @@ import dataclasses
 import inspect
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 from ml_collections.config_dict import placeholder
 
@@ -73,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
         "dataset": {"name": placeholder(str)},
         "model": {"name": placeholder(str)},
         "stages": placeholder(int),
-        "split_points": placeholder(tuple),
+        "split_points": placeholder(object),  # a tuple, or "balanced" / "balanced_memory"
         "method": {"name": placeholder(str), "window": placeholder(int), "loss_weights": placeholder(tuple)},
         "optimizer": {
             "name": "adam",
@@ -110,6 +115,7 @@ class Experiment:
     trainer: Trainer
     num_steps: int
     stage_layers: list  # (first, last) layer index of each stage
+    split: Any = None  # lpjax.balance.BalancedSplit of a balanced cut (split_points="balanced"), else None
 
     def batches(self, start_step: int = 0):
         """The endless, seeded training stream, from global step ``start_step``."""
@@ -135,7 +141,7 @@ def build_experiment(config) -> Experiment:
     dataset = _load_dataset(cfg)
     rngs = nnx.Rngs(cfg["seed"])  # one stream for layers and heads, so no two get the same draws
     network = _build_network(cfg, dataset, rngs)
-    model = _cut(cfg, network, rngs)
+    model = _cut(cfg, network, rngs, dataset)
     num_stages = len(model)
 
     num_steps = _num_steps(cfg, dataset)
@@ -145,7 +151,7 @@ def build_experiment(config) -> Experiment:
                       num_classes=dataset.num_classes)
     _dry_run_checks(trainer, dataset, cfg["batch_size"])
     return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
-                      num_steps=num_steps, stage_layers=_stage_layers(model))
+                      num_steps=num_steps, stage_layers=_stage_layers(model), split=model.split)
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -232,7 +238,17 @@ def _build_network(cfg, dataset, rngs):
         raise ConfigError(f"model {name!r}: {str(err).splitlines()[0]}") from None
 
 
-def _cut(cfg, network, rngs):
+def _cut(cfg, network, rngs, dataset=None):
+    if isinstance(cfg["split_points"], str):
+        num_stages = positive_int(cfg["stages"], "stages")
+        # measured at one microbatch: what a stage holds per device (abstract shapes, nothing runs)
+        x, y = dataset.example_batch(1)
+        batch = max(1, cfg["batch_size"] // max(1, int(cfg["schedule"]["microbatches"] or 1)))
+        example = tuple(jax.ShapeDtypeStruct((batch, *np.shape(a)[1:]), np.asarray(a).dtype) for a in (x, y))
+        model = stage_network(network, num_stages=num_stages, split_points=cfg["split_points"], example=example,
+                              rngs=rngs)
+        cfg["stages"] = len(model)
+        return model
     points = int_list(cfg["split_points"], "split_points")
     if points is None:
         num_stages = positive_int(cfg["stages"], "stages")

@@ -9,7 +9,8 @@ def describe(experiment) -> str:
     return (f"{experiment.network.name} ({len(experiment.network.layers)} layers) on {data.name} "
             f"({data.num_train} train / {data.num_test} test) | {trainer.method.name}, {trainer.num_stages} stages, "
             f"{cfg['schedule']['name']} schedule x{trainer.microbatches} microbatches, {where} | "
-            f"{experiment.num_steps} steps of batch {cfg['batch_size']}")
+            f"{experiment.num_steps} steps of batch {cfg['batch_size']}"
+            + (f" | {experiment.split.describe()}" if getattr(experiment, "split", None) is not None else ""))
 
 
 def _layers(span) -> str:

@@ -27,6 +27,7 @@ class StagedModel:
     """An ordered list of stages; the last stage's head is the network's output head."""
 
     def __init__(self, stages: Sequence[Stage]):
+        self.split = None  # the lpjax.balance.BalancedSplit when stage_network balanced the cut
         stages = list(stages)
         if not stages:
             raise ConfigError("a StagedModel needs at least one stage")
@@ -103,7 +104,34 @@ def cut_layers(layers, make_head, *, num_stages=None, split_points=None, rngs: n
     return StagedModel(stages)
 
 
-def stage_network(network, *, num_stages=None, split_points=None, rngs: nnx.Rngs) -> StagedModel:
-    """Cut a ``lpjax.models.Network`` (layers + default heads) into stages."""
-    return cut_layers(network.layers, network.make_head, num_stages=num_stages,
-                      split_points=split_points, rngs=rngs)
+def stage_network(network, *, num_stages=None, split_points=None, example=None, loss="softmax_cross_entropy",
+                  rngs: nnx.Rngs) -> StagedModel:
+    """Cut a ``lpjax.models.Network`` (layers + default heads) into stages.
+
+    ``split_points="balanced"`` (or ``"balanced_memory"``) with ``num_stages=K`` cuts where the
+    slowest (largest) stage is cheapest, measured at ``example=(x, y)``, a batch or its
+    ShapeDtypeStructs (lpjax.balance); the model's ``split`` attribute then holds the cut, its per-stage
+    costs and shares (``model.split.describe()``)."""
+    split = None
+    if isinstance(split_points, str):
+        split = balanced(network, num_stages, split_points, example, loss)
+        split_points, num_stages = split.points, None
+    model = cut_layers(network.layers, network.make_head, num_stages=num_stages,
+                       split_points=split_points, rngs=rngs)
+    model.split = split
+    return model
+
+
+def balanced(network, num_stages, kind, example, loss="softmax_cross_entropy"):
+    """The ``lpjax.balance.BalancedSplit`` of ``split_points=kind`` ("balanced" | "balanced_memory")."""
+    from .balance import BALANCED, balanced_split  # lowers XLA programs; keep this module light
+
+    if kind not in BALANCED:
+        raise ConfigError(f"split_points {kind!r} is not a cut; use a tuple of layer indices, "
+                          f"{' or '.join(repr(k) for k in BALANCED)}")
+    if num_stages is None:
+        raise ConfigError(f"split_points={kind!r} needs the number of stages; set num_stages (stages=K in a config)")
+    if example is None:
+        raise ConfigError(f"split_points={kind!r} measures the layers; pass example=(x, y), a batch or its shapes")
+    even_split_points(len(network.layers), num_stages)  # the stage count checks of an even cut
+    return balanced_split(network, num_stages, *example, by=BALANCED[kind], loss=loss)

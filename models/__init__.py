@@ -2,12 +2,13 @@
 
 from .base import Network
 from .heads import FlattenLinear, LMHead, PoolLinear
-from .mlp import mlp
+from .mlp import deep_mlp, mlp
 from .resnet import cifar_resnet, mnist_resnet, resnet, resnet18, resnet32, resnet50, resnet110
 from .transformer import transformer_lm
 
 MODELS = {
     "mlp": mlp,
+    "deep_mlp": deep_mlp,
     "resnet18": resnet18,
     "resnet32": resnet32,
     "resnet110": resnet110,
@@ -27,7 +28,7 @@ def build(name: str, **kwargs) -> Network:
 
 
 __all__ = [
-    "Network", "PoolLinear", "FlattenLinear", "LMHead", "mlp", "resnet", "cifar_resnet",
+    "Network", "PoolLinear", "FlattenLinear", "LMHead", "mlp", "deep_mlp", "resnet", "cifar_resnet",
     "resnet18", "resnet32", "resnet110", "resnet50", "mnist_resnet", "transformer_lm",
     "MODELS", "build",
 ]

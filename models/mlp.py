@@ -46,3 +46,41 @@ def mlp(*, input_shape, num_classes: int, depth: int = 4, width: int = 256, rngs
         natural_splits=(),
         name=f"mlp{depth}x{width}",
     )
+
+
+class PooledDenseReLU(nnx.Module):
+    """Average-pool the image ``pool`` x ``pool`` (a fixed input projection), flatten, Dense, ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, pool: int, *, rngs: nnx.Rngs):
+        self.pool = pool
+        self.dense = DenseReLU(in_features, out_features, rngs=rngs)
+
+    def __call__(self, x):
+        if self.pool > 1:
+            x = nnx.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
+        return self.dense(x)
+
+
+def deep_mlp(*, input_shape, num_classes: int, depth: int = 8, width: int = 256, pool: int = 2,
+             rngs: nnx.Rngs) -> Network:
+    """A deep uniform MLP shaped like the paper's: ``depth`` Dense+ReLU layers of ``width``, the image
+    first average-pooled ``pool`` x ``pool`` so that the first layer is no wider than the others
+    (28x28 digits: 196 inputs against 256), and a light linear head on every layer.
+
+    Every layer then costs about the same, so any cut into K stages is close to balanced.
+    ``input_shape`` is NHWC without the batch axis; a flat input is not pooled."""
+    if depth < 1:
+        raise ValueError(f"mlp depth must be >= 1, got {depth}")
+    if len(input_shape) == 3 and pool > 1:
+        height, width_px, channels = input_shape
+        in_features = (height // pool) * (width_px // pool) * channels
+    else:
+        in_features, pool = math.prod(input_shape), 1
+    layers = [PooledDenseReLU(in_features, width, pool, rngs=rngs)]
+    layers += [DenseReLU(width, width, rngs=rngs) for _ in range(depth - 1)]
+    return Network(
+        layers=layers,
+        make_head=functools.partial(_flatten_head, width, num_classes, depth),
+        natural_splits=(),
+        name=f"deep_mlp{depth}x{width}",
+    )

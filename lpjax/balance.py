@@ -166,11 +166,34 @@ def _state_bytes(params, rest, tx) -> int:
     return 2 * _bytes(params) + _bytes(rest) + _bytes(jax.eval_shape(tx.init, params))
 
 
+_MEASURED = {}  # layer costs by network structure and input shapes: a sweep cuts the same network many times
+
+
+def _structure_key(network, x, y, loss, tx):
+    """Layer types, static attributes and parameter shapes (not values), input and label shapes."""
+    try:
+        from .costs import _abstract
+        layers = tuple((nnx.graphdef(layer), str(jax.tree.map(lambda a: (a.shape, str(a.dtype)),
+                                                              _abstract(nnx.state(layer)))))
+                       for layer in network.layers)
+        key = (layers, tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype),
+               tuple(np.shape(y)), str(y.dtype), loss if isinstance(loss, str) else id(loss), tx is None)
+        hash(key)
+        return key
+    except Exception:  # an unhashable structure: measure every time
+        return None
+
+
 def balanced_split(network, num_stages: int, x, y, *, by: str = "flops", loss="softmax_cross_entropy",
                    tx=None) -> BalancedSplit:
     """The split points that minimise the slowest (``by="flops"``) or largest (``by="memory"``) stage."""
     if by not in ("flops", "memory"):
         raise ConfigError(f"a balanced split is by 'flops' or 'memory', got {by!r}")
-    costs = measure_layers(network, x, y, loss=loss, tx=tx)
+    key = _structure_key(network, x, y, loss, tx)
+    costs = _MEASURED.get(key) if key is not None else None
+    if costs is None:
+        costs = measure_layers(network, x, y, loss=loss, tx=tx)
+        if key is not None:
+            _MEASURED[key] = costs
     points, stage_costs = min_max_partition(len(network.layers), num_stages, costs.stage_cost(by))
     return BalancedSplit(by=by, points=points, costs=stage_costs)

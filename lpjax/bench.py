@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from . import analysis, plots
+from . import analysis, paper, plots
 from .costs import format_flops
 from .errors import ConfigError
 from .metrics_log import write_json
@@ -58,9 +58,13 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
     records = run_sweep(sweep, workdir, sweep_path=path, verbose=verbose)
     window = sweep["smooth_window"]
 
+    # "final" problems (the paper suite's F3, F4) count only their final figures: no Pareto analysis
+    curves = [name for name, p in sweep["problems"].items() if p["measure"] == "time_to_target"]
+    all_records, records = records, [r for r in records if r["problem"] in curves]
     best = []
-    for problem, p in sweep["problems"].items():
-        best += analysis.best_runs([r for r in records if r["problem"] == problem], p["target_loss"], window)
+    for problem in curves:
+        best += analysis.best_runs([r for r in records if r["problem"] == problem],
+                                   sweep["problems"][problem]["target_loss"], window)
     by_id = {r["run_id"]: r for r in records}
     alignment_rows = [{"problem": e["problem"], "label": e["label"], "batch_size": e["batch_size"],
                        "alignment": by_id[e["run_id"]].get("alignment")} for e in best
@@ -80,12 +84,20 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
                "critical_batch_size": {f"{p}/{label}": analysis.critical_batch_size(pairs)
                                        for (p, label), pairs in analysis.steps_vs_batch(best).items()},
                "plots": [os.path.relpath(f, workdir) for f in figures]}
+    if sweep.get("memory"):
+        if verbose:
+            print("memory per device: compiling the stage programs (nothing is trained)", flush=True)
+        summary["memory"] = paper.memory_table(sweep["memory"])
+    if sweep.get("findings") or sweep.get("memory"):
+        summary["findings"] = paper.findings(summary, all_records, sweep)
+    elapsed = time.perf_counter() - started
+    summary["elapsed_s"] = round(elapsed, 1)
     write_json(os.path.join(workdir, "summary.json"), summary)
     report = os.path.join(workdir, "report.md")
     with open(report, "w", encoding="utf-8") as f:
-        f.write(render_report(summary, sweep, records))
+        f.write(render_report(summary, sweep, all_records))
     if verbose:
-        print(f"bench {suite}: {len(records)} runs, report in {report} ({elapsed:.0f}s)", flush=True)
+        print(f"bench {suite}: {len(all_records)} runs, report in {report} ({elapsed:.0f}s)", flush=True)
     return {"report": report, "plots": figures, **summary}
 
 
@@ -130,7 +142,11 @@ def render_report(summary: dict, sweep: dict, records: list) -> str:
         f"learning rate that gets there in the fewest steps is shown.",
         "",
     ]
+    if summary.get("findings"):
+        lines += paper.render(summary["findings"], summary.get("memory"))
     for problem, p in sweep["problems"].items():
+        if p["measure"] != "time_to_target":
+            continue  # reported in the findings section above
         lines += [f"## {problem}", "", f"Recipe `{p['recipe']}`, target training loss {p['target_loss']}, "
                   f"learning rates {', '.join(f'{lr:g}' for lr in p['learning_rates'])}.", ""]
         lines += ["| method | stages | FLOPs / example | ideal FLOPs / step | optimizer FLOPs / step "

@@ -260,16 +260,16 @@ def step_cost(trainer, x, y, *, compile: bool = True) -> StepCost:
                     data_parallel_only=trainer.method.window is None)
 
 
-def experiment_cost(experiment, batch: int = DEFAULT_COST_BATCH) -> StepCost:
+def experiment_cost(experiment, batch: int = DEFAULT_COST_BATCH, *, compile: bool = True) -> StepCost:
     """``step_cost`` of an ``Experiment`` (``lpjax.config.build_experiment``) at ``batch`` examples
-    of its training data (fewer if the training split is smaller)."""
+    of its training data (fewer if the training split is smaller); ``compile`` as in ``step_cost``."""
     data = experiment.dataset
     batch = max(1, min(int(batch), int(getattr(data, "num_train", batch))))
     if hasattr(data, "example_batch"):
         x, y = data.example_batch(batch)
     else:
         x, y = data.train_x[:batch], data.train_y[:batch]
-    return step_cost(experiment.trainer, x, y)
+    return step_cost(experiment.trainer, x, y, compile=compile)
 
 
 def format_flops(value) -> str:

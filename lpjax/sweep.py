@@ -10,8 +10,18 @@ A sweep recipe (``recipes/sweeps/NAME.py``) has ``get_config()`` returning an ml
     problems.NAME.learning_rates  tuple of peak learning rates
     problems.NAME.num_steps       steps per run: an int, or a tuple with one entry per batch size
     problems.NAME.target_loss     training loss (last head, smoothed) that counts as reaching the target
+    problems.NAME.split_points    optional: "balanced" / "balanced_memory" cuts every run's stages by
+                                  measured cost (lpjax.balance); default an even cut by layer count
+    problems.NAME.seeds           optional tuple of seeds: every run is repeated with each (default: the
+                                  recipe's own seed, once)
+    problems.NAME.measure         "time_to_target" (default): Pareto analysis of the curves; "final":
+                                  only the final train/test figures count (target_loss may be left out)
+    findings, memory              optional sections read by the paper suite's report (lpjax.paper)
     smooth_window                 steps of the centred running mean before thresholding (lpjax.analysis)
     cost_batch                    batch at which the kernels' costs are measured (lpjax.costs)
+    cost_compile                  True (default): costs of the compiled kernels, with peak memory;
+                                  False: FLOPs of the lowered programs, much faster for many-stage
+                                  models, no peak memory (lpjax.costs.analyse)
     alignment                     measure gradient alignment at the end of training (see below)
     compilation_cache             keep compiled programs in WORKDIR/jax_cache (see below)
 
@@ -59,8 +69,12 @@ from .methods import METHODS
 
 RESULTS = "results.jsonl"
 IN_RECIPE = "fix it in the sweep recipe"
-SWEEP_KEYS = {"problems", "smooth_window", "cost_batch", "alignment", "compilation_cache"}
-PROBLEM_KEYS = {"recipe", "overrides", "methods", "batch_sizes", "learning_rates", "num_steps", "target_loss"}
+SWEEP_KEYS = {"problems", "smooth_window", "cost_batch", "cost_compile", "alignment", "compilation_cache", "findings",
+              "memory"}
+PROBLEM_KEYS = {"recipe", "overrides", "methods", "batch_sizes", "learning_rates", "num_steps", "target_loss",
+                "split_points", "seeds", "measure"}
+OPTIONAL_PROBLEM_KEYS = {"overrides", "split_points", "seeds", "measure"}
+MEASURES = ("time_to_target", "final")
 
 
 @dataclasses.dataclass
@@ -70,6 +84,7 @@ class RunSpec:
     method: str
     stages: int
     label: str  # how plots and tables name the method: with the stage count when the sweep varies it
+    seed: int | None  # the run's seed when the problem lists seeds, else None (the recipe's own)
     batch_size: int
     learning_rate: float
     num_steps: int
@@ -106,9 +121,10 @@ def check_sweep(sweep) -> dict:
     cfg.setdefault("cost_batch", DEFAULT_COST_BATCH)
     cfg.setdefault("alignment", True)
     cfg.setdefault("compilation_cache", True)
+    cfg.setdefault("cost_compile", True)
     for key in ("smooth_window", "cost_batch"):
         positive_int(cfg[key], key, fix=IN_RECIPE)
-    for key in ("alignment", "compilation_cache"):
+    for key in ("alignment", "compilation_cache", "cost_compile"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be True or False, got {cfg[key]!r}; fix it in the sweep recipe")
     problems = cfg.get("problems")
@@ -127,7 +143,12 @@ def _check_problem(name, problem) -> None:
     unknown = sorted(set(problem) - PROBLEM_KEYS)
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]}; a problem has {', '.join(sorted(PROBLEM_KEYS))}")
-    needed = sorted(PROBLEM_KEYS - {"overrides"})
+    problem.setdefault("measure", "time_to_target")
+    if problem["measure"] not in MEASURES:
+        raise ConfigError(f"{where}.measure must be one of {', '.join(MEASURES)}, got {problem['measure']!r}")
+    if problem["measure"] == "final":
+        problem.setdefault("target_loss", 1.0)  # not used: only the final figures count
+    needed = sorted(PROBLEM_KEYS - OPTIONAL_PROBLEM_KEYS)
     missing = [key for key in needed if key not in problem]
     if missing:
         raise ConfigError(f"{where}.{missing[0]} is not set; a problem needs {', '.join(needed)}")
@@ -151,6 +172,12 @@ def _check_problem(name, problem) -> None:
     for s in steps:
         positive_int(s, f"{where}.num_steps", fix=IN_RECIPE)
     positive_number(problem["target_loss"], f"{where}.target_loss", fix=IN_RECIPE)
+    if problem.get("split_points") not in (None, "balanced", "balanced_memory"):
+        raise ConfigError(f"{where}.split_points must be 'balanced' or 'balanced_memory' (or left out for an even "
+                          f"cut), got {problem['split_points']!r}")
+    for seed in _as_tuple(problem.get("seeds", 0), f"{where}.seeds"):
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"{where}.seeds must be non-negative integers, got {seed!r}; {IN_RECIPE}")
     if not isinstance(problem.get("overrides", {}), dict):
         raise ConfigError(f"{where}.overrides must be a section of config keys, e.g. {{'model': {{'width': 64}}}}")
 
@@ -201,18 +228,26 @@ def plan_runs(sweep, sweep_path: str | None = None) -> list:
                 label = method if len(stage_counts) == 1 else f"{method}-{k}"
                 for batch, num_steps in zip(batches, steps):
                     probe = num_steps if cfg["alignment"] and batch == max(batches) else 0
+                    if p["measure"] == "final":
+                        probe = 0
                     for lr in _as_tuple(p["learning_rates"], "learning_rates"):
-                        config = _run_config(base, method, k, batch, lr, num_steps, probe)
-                        digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-                        run_id = f"{problem}_{method}_k{k}_b{batch}_lr{lr:g}_{digest[:8]}"
-                        specs.append(RunSpec(run_id, problem, method, k, label, batch, float(lr), num_steps,
-                                             float(p["target_loss"]), config))
+                        for seed in _as_tuple(p["seeds"], "seeds") if "seeds" in p else (None,):
+                            config = _run_config(base, method, k, batch, lr, num_steps, probe, p.get("split_points"))
+                            if seed is not None:
+                                config["seed"] = seed
+                            digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+                            tag = "" if seed is None else f"_s{seed}"
+                            run_id = f"{problem}_{method}_k{k}_b{batch}_lr{lr:g}{tag}_{digest[:8]}"
+                            specs.append(RunSpec(run_id, problem, method, k, label, seed, batch, float(lr),
+                                                 num_steps, float(p["target_loss"]), config))
     return specs
 
 
-def _run_config(base, method, stages, batch, lr, num_steps, probe_every) -> dict:
+def _run_config(base, method, stages, batch, lr, num_steps, probe_every, split_points=None) -> dict:
     config = json.loads(json.dumps(base))  # a deep copy; tuples become lists, which configs accept
-    merge_into(config, {"method": {"name": method}, "stages": stages, "split_points": None, "batch_size": batch,
+    split_points = split_points if stages > 1 else None  # one stage has nothing to balance
+    merge_into(config, {"method": {"name": method}, "stages": stages, "split_points": split_points,
+                        "batch_size": batch,
                     "optimizer": {"learning_rate": lr}, "num_steps": num_steps, "num_epochs": None,
                     "log_every": 1, "eval_every": 0, "probe": {"alignment_every": probe_every}})
     if method != "overlapping":
@@ -266,7 +301,8 @@ def run_sweep(sweep, workdir: str, *, sweep_path: str | None = None, verbose: bo
         for i, spec in enumerate(todo, 1):
             arch = (spec.problem, spec.method, spec.stages)
             if arch not in costs:
-                costs[arch] = experiment_cost(build_experiment(spec.config), cfg["cost_batch"])
+                costs[arch] = experiment_cost(build_experiment(spec.config), cfg["cost_batch"],
+                                              compile=cfg["cost_compile"])
             run_dir = os.path.join(workdir, "runs", spec.run_id)
             started = time.perf_counter()
             results = train_and_evaluate(spec.config, run_dir, progress=False, verbose=False)
@@ -308,6 +344,7 @@ def make_record(spec: RunSpec, curve: dict, cost, results: dict | None = None) -
     final = (results or {}).get("final", {})
     return {
         "run_id": spec.run_id, "problem": spec.problem, "method": spec.method, "label": spec.label,
+        "seed": spec.seed, "split": cost_split(cost),
         "stages": spec.stages, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
         "num_steps": spec.num_steps, "target_loss": spec.target_loss,
         "steps": curve["steps"], "loss": curve["loss"],
@@ -317,5 +354,13 @@ def make_record(spec: RunSpec, curve: dict, cost, results: dict | None = None) -
         "alignment_curve": curve["alignment_curve"],
         "alignment": curve["alignment_curve"][-1]["alignment"] if curve["alignment_curve"] else None,
         "test_loss": final.get("test_loss"), "test_accuracy": final.get("test_accuracy"),
+        "train_loss": final.get("train_loss"), "train_accuracy": final.get("train_accuracy"),
         "cost": cost.to_dict(),
     }
+
+
+def cost_split(cost) -> list:
+    """Each stage's share of the per-example FLOPs of a step (what a balanced cut evens out)."""
+    per_stage = [s.flops_per_example for s in cost.stages]
+    total = sum(per_stage)
+    return [round(f / total, 4) if total else None for f in per_stage]

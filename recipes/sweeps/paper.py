@@ -1,0 +1,104 @@
+# Run:    lpjax bench --suite paper --workdir runs/bench_paper
+# Expect: report.md with the paper's findings F1-F4 and the memory-per-device table, each marked
+#         "reproduced" or "not reproduced" beside the paper's figure; embedded data only, sized for
+#         about 30 minutes on 2 idle CPU cores (longer when the cores are shared). The figures this
+#         project measured are quoted in README.md, "Compute-efficiency curves".
+"""The paper suite (Laskin, Metz et al. 2020, arXiv 2012.03837), on embedded data at CPU size.
+
+- F1, the Pareto crossover: models shaped like the paper's, a deep uniform MLP (8 layers of 256, the
+  image pooled 2x2 first so no layer dominates) on MNIST-5k and a 7-block byte Transformer LM of width
+  64 (16-byte windows) whose head costs about a third of a block; stages cut by measured FLOPs
+  (split_points="balanced") at K = 2, 4 (chunked, overlapping) and 8 (greedy, one layer per stage);
+  batch sizes up to half the MNIST training set and 128 windows, meant to pass the critical batch
+  size the report estimates. One learning rate per problem (the paper tunes it; no budget here).
+- F2, alignment falling with depth: measured at the end of F1's largest-batch runs.
+- F3, random-label capacity: the 4x256 MLP on MNIST-5k with shuffled labels, the same number of epochs
+  for backprop and for greedy and overlapping at K = 4 and chunked at K = 2 (at K = 4 on four layers
+  chunked is greedy); final train accuracy (eval mode, on a 1,000-image sample of the training set).
+- F4, the ranking: test accuracy of the MNIST ResNet and test loss of the byte LM for backprop,
+  chunked (2 and 3 stages), overlapping and greedy (4 stages), over 3 seeds.
+- Memory per device (lpjax.paper.memory_table): compiled-program peaks, no training.
+"""
+
+import ml_collections
+
+REFERENCE = {"layout": {"executor": "reference", "stages": None, "data": 1},
+             "schedule": {"name": "sequential", "microbatches": 1}}
+
+
+def get_config():
+    sweep = ml_collections.ConfigDict()
+    sweep.smooth_window = 9
+    sweep.cost_batch = 32
+    sweep.cost_compile = False  # lowered-program FLOPs: 8-stage models would spend minutes compiling costs
+    sweep.alignment = True
+    constant = {"decay": "constant", "warmup_steps": 0}
+    lm_model = {"dataset": {"seq_len": 16}, "model": {"dim": 64, "depth": 7, "heads": 2}}
+    sweep.problems = {
+        "f1_mlp": {
+            "recipe": "recipes/mnist_mlp.py",
+            "overrides": {"model": {"name": "deep_mlp", "depth": 8, "width": 256}, "optimizer": constant,
+                          "eval_batch_size": 1000},
+            "split_points": "balanced",
+            # K = 2, 4, 8: chunked at 2 and 4, overlapping at 4, greedy one layer per stage (8)
+            "methods": {"backprop": 1, "chunked": (2, 4), "overlapping": 4, "greedy": 8},
+            "batch_sizes": (32, 256, 2048),
+            "learning_rates": (1e-3,),
+            "num_steps": (300, 120, 60),
+            "target_loss": 0.25,
+        },
+        "f1_transformer": {
+            "recipe": "recipes/text_transformer.py",
+            "overrides": {**lm_model, "optimizer": {**constant, "learning_rate": 3e-3}, "eval_batch_size": 4096},
+            "split_points": "balanced",
+            "methods": {"backprop": 1, "chunked": (2, 4), "overlapping": 4, "greedy": 8},
+            "batch_sizes": (8, 32, 128),
+            "learning_rates": (3e-3,),
+            "num_steps": (300, 150, 100),
+            "target_loss": 2.7,  # nats per byte, smoothed training loss of the last head
+        },
+        "f3_random_labels": {
+            "recipe": "recipes/mnist_mlp.py",
+            "overrides": {"dataset": {"random_labels": True}, "model": {"depth": 4, "width": 256},
+                          "optimizer": constant, "eval_batch_size": 1000},
+            "measure": "final",
+            # chunked at K = 4 on four layers would be greedy itself: two chunks of two layers instead
+            "methods": {"backprop": 1, "greedy": 4, "chunked": 2, "overlapping": 4},
+            "batch_sizes": (100,),
+            "learning_rates": (1e-3,),
+            "num_steps": (800,),  # 20 epochs of the 4,000 training images
+        },
+        "f4_mnist_resnet": {
+            "recipe": "recipes/mnist_resnet.py",
+            "overrides": {**REFERENCE, "optimizer": {"decay": "cosine"}},
+            "measure": "final",
+            "methods": {"backprop": 1, "chunked": (2, 3), "overlapping": 4, "greedy": 4},
+            "batch_sizes": (64,),
+            "learning_rates": (2e-3,),
+            "num_steps": (250,),  # 4 epochs
+            "seeds": (0, 1, 2),
+        },
+        "f4_byte_lm": {
+            "recipe": "recipes/text_transformer.py",
+            "overrides": {**REFERENCE, "dataset": {"seq_len": 16}, "model": {"dim": 64, "depth": 3, "heads": 2},
+                          "optimizer": {"warmup_steps": 20}, "eval_batch_size": 4096},
+            "measure": "final",
+            "methods": {"backprop": 1, "chunked": (2, 3), "overlapping": 4, "greedy": 4},
+            "batch_sizes": (32,),
+            "learning_rates": (3e-3,),
+            "num_steps": (150,),
+            "seeds": (0, 1, 2),
+        },
+    }
+    sweep.findings = {"pareto": ("f1_mlp", "f1_transformer"), "capacity": "f3_random_labels",
+                      "ranking": ("f4_mnist_resnet", "f4_byte_lm")}
+    # memory per device: compiled stage programs only, nothing is trained
+    sweep.memory = {
+        "stages": (2, 4, 8),
+        "models": {
+            "resnet32_cifar": {"model": "resnet32", "input_shape": (32, 32, 3), "num_classes": 10, "batch": 128},
+            "lm_seq256": {"model": "transformer_lm", "seq_len": 256, "vocab_size": 256, "dim": 256, "depth": 8,
+                          "heads": 4, "batch": 32},
+        },
+    }
+    return sweep

@@ -1,0 +1,96 @@
+"""The paper suite (lpjax.paper, recipes/sweeps/paper.py): its plan, and every report section on a tiny
+configuration that trains in seconds."""
+
+import os
+
+import pytest
+
+from lpjax import paper
+from lpjax.bench import run_bench, suite_path
+from lpjax.sweep import check_sweep, load_config_file, plan_runs
+
+TINY = '''
+import ml_collections
+
+def get_config():
+    sweep = ml_collections.ConfigDict()
+    sweep.smooth_window = 3
+    sweep.cost_batch = 8
+    sweep.problems = {
+        "f1_mlp": {"recipe": "recipes/mnist_mlp.py",
+                   "overrides": {"dataset": {"name": "digits"}, "model": {"name": "deep_mlp", "depth": 4, "width": 16},
+                                 "optimizer": {"decay": "constant"}, "eval_batch_size": 300},
+                   "split_points": "balanced",
+                   "methods": {"backprop": 1, "overlapping": 4},
+                   "batch_sizes": (16, 64), "learning_rates": (1e-2,), "num_steps": (12, 6), "target_loss": 2.2},
+        "f3_random_labels": {"recipe": "recipes/mnist_mlp.py",
+                             "overrides": {"dataset": {"random_labels": True, "max_train": 200},
+                                           "model": {"depth": 2, "width": 16}, "eval_batch_size": 500},
+                             "measure": "final", "methods": {"backprop": 1, "greedy": 2},
+                             "batch_sizes": (50,), "learning_rates": (1e-2,), "num_steps": (8,)},
+        "f4_digits": {"recipe": "recipes/mnist_mlp.py",
+                      "overrides": {"dataset": {"name": "digits"}, "model": {"depth": 2, "width": 16},
+                                    "eval_batch_size": 300},
+                      "measure": "final", "methods": {"backprop": 1, "greedy": 2},
+                      "batch_sizes": (32,), "learning_rates": (1e-2,), "num_steps": (5,), "seeds": (0, 1)},
+    }
+    sweep.findings = {"pareto": ("f1_mlp",), "capacity": "f3_random_labels", "ranking": ("f4_digits",)}
+    sweep.memory = {"stages": (2, 4), "models": {"tiny_mlp": {"model": "mlp", "input_shape": (8, 8, 1),
+                                                              "num_classes": 10, "depth": 4, "width": 16, "batch": 8}}}
+    return sweep
+'''
+
+
+def test_paper_suite_plan():
+    path = suite_path("paper")
+    sweep = check_sweep(load_config_file(path))
+    specs = plan_runs(sweep, path)
+    by_problem = {}
+    for s in specs:
+        by_problem.setdefault(s.problem, []).append(s)
+    # F1: backprop, chunked 2/4, overlapping 4, greedy 8 at three batch sizes, all balanced by FLOPs
+    assert len(by_problem["f1_mlp"]) == 5 * 3 and len(by_problem["f1_transformer"]) == 5 * 3
+    assert {s.stages for s in by_problem["f1_mlp"]} == {1, 2, 4, 8}
+    assert all(s.config["split_points"] == ("balanced" if s.stages > 1 else None) for s in by_problem["f1_mlp"])
+    # F3: one run per method, shuffled labels, the same steps for every method
+    f3 = by_problem["f3_random_labels"]
+    assert len(f3) == 4 and len({s.num_steps for s in f3}) == 1
+    assert all(s.config["dataset"]["random_labels"] is True for s in f3)
+    # F4: five methods x three seeds on each problem
+    for name in ("f4_mnist_resnet", "f4_byte_lm"):
+        assert len(by_problem[name]) == 5 * 3
+        assert sorted({s.seed for s in by_problem[name]}) == [0, 1, 2]
+        assert len({s.run_id for s in by_problem[name]}) == 15
+    assert sweep["memory"]["stages"] == (2, 4, 8)
+
+
+def test_paper_report_sections_on_a_tiny_suite(tmp_path):
+    recipe_dir = tmp_path / "recipes" / "sweeps"
+    recipe_dir.mkdir(parents=True)
+    sweep_file = recipe_dir / "tiny_paper.py"
+    sweep_file.write_text(TINY)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.symlink(os.path.join(repo, "recipes", "mnist_mlp.py"), tmp_path / "recipes" / "mnist_mlp.py")
+    out = run_bench(str(sweep_file), str(tmp_path / "work"), verbose=False)
+    found = out["findings"]
+    assert [r["problem"] for r in found["pareto"]] == ["f1_mlp"]
+    per_step = found["pareto"][0]["per_step_ratio"]
+    assert set(per_step) == {"overlapping"} and all(0 < v < 1 for v in per_step.values())
+    capacity = found["capacity"][0]
+    assert set(capacity["local"]) == {"greedy"} and 0 <= capacity["backprop"] <= 1
+    ranking = found["ranking"][0]
+    assert ranking["rows"]["backprop"][2] == 2  # two seeds each
+    assert ranking["order"] == ["greedy"] and ranking["gap_greedy"] == ranking["gap_best"]
+    memory = out["memory"][0]
+    assert memory["backprop_bytes"] > 0
+    for k in (2, 4):
+        assert 0 < memory["local"][k]["largest"] < memory["backprop_bytes"]
+    assert memory["local"][4]["largest"] <= memory["local"][2]["largest"]
+    report = open(out["report"]).read()
+    for text in ("## Paper findings", "F1 Pareto crossover, f1_mlp", "F2 alignment", "F3 random-label",
+                 "F4 ranking, f4_digits", "Memory per device", "| tiny_mlp | 8 |", paper.COMMAND):
+        assert text in report, text
+    assert "reproduced**" in report
+    assert "## f3_random_labels" not in report  # final-measure problems have no Pareto section
+    records = [r for r in out["best"] if r["problem"] == "f1_mlp"]
+    assert records

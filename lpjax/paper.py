@@ -193,9 +193,10 @@ def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked"
     return row
 
 
-def memory_table(memory: dict) -> list:
+def memory_table(memory: dict, method: str = "chunked") -> list:
+    """``memory_case`` of every model in a sweep's ``memory`` section ({stages, models})."""
     stages = tuple(memory.get("stages", (2, 4, 8)))
-    return [memory_case(name, spec, stages) for name, spec in memory["models"].items()]
+    return [memory_case(name, spec, stages, method) for name, spec in memory["models"].items()]
 
 
 def memory_verdict(rows: list) -> dict:
@@ -288,8 +289,8 @@ def memory_lines(rows: list) -> list:
     stages = sorted({k for r in rows for k in r["local"]})
     lines = ["### Memory per device (XLA memory analysis of the compiled stage programs)", "",
              "Peak bytes of one device's programs (arguments + outputs + temporaries - aliased): backprop holds "
-             "the whole network and its activations; a local method (chunked, memory-balanced cut) holds one "
-             "stage. Nothing is trained.", "",
+             f"the whole network and its activations; a local method ({rows[0]['method'] if rows else 'chunked'}, "
+             "memory-balanced cut) holds one stage. Nothing is trained.", "",
              "| model | batch | backprop, 1 device | " + " | ".join(f"K = {k}: largest stage" for k in stages) + " |",
              "|---|---|---|" + "---|" * len(stages)]
     for r in rows:

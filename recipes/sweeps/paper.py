@@ -54,8 +54,8 @@ def get_config():
             "methods": {"backprop": 1, "chunked": (2, 4), "overlapping": 4, "greedy": 8},
             "batch_sizes": (8, 32, 128),
             "learning_rates": (3e-3,),
-            "num_steps": (300, 150, 100),
-            "target_loss": 2.7,  # nats per byte, smoothed training loss of the last head
+            "num_steps": (200, 100, 60),
+            "target_loss": 2.8,  # nats per byte, smoothed training loss of the last head
         },
         "f3_random_labels": {
             "recipe": "recipes/mnist_mlp.py",
@@ -66,7 +66,7 @@ def get_config():
             "methods": {"backprop": 1, "greedy": 4, "chunked": 2, "overlapping": 4},
             "batch_sizes": (100,),
             "learning_rates": (1e-3,),
-            "num_steps": (800,),  # 20 epochs of the 4,000 training images
+            "num_steps": (600,),  # 15 epochs of the 4,000 training images
         },
         "f4_mnist_resnet": {
             "recipe": "recipes/mnist_resnet.py",
@@ -75,7 +75,7 @@ def get_config():
             "methods": {"backprop": 1, "chunked": (2, 3), "overlapping": 4, "greedy": 4},
             "batch_sizes": (64,),
             "learning_rates": (2e-3,),
-            "num_steps": (250,),  # 4 epochs
+            "num_steps": (160,),  # 2.5 epochs
             "seeds": (0, 1, 2),
         },
         "f4_byte_lm": {
@@ -86,7 +86,7 @@ def get_config():
             "methods": {"backprop": 1, "chunked": (2, 3), "overlapping": 4, "greedy": 4},
             "batch_sizes": (32,),
             "learning_rates": (3e-3,),
-            "num_steps": (150,),
+            "num_steps": (100,),
             "seeds": (0, 1, 2),
         },
     }

@@ -1,0 +1,71 @@
+"""Memory per device: backprop on one device against the largest stage of a local method (issue 13).
+
+Peak bytes from XLA's memory analysis of the compiled programs (arguments + outputs + temporaries -
+aliased), with abstract inputs: nothing is trained and no data is needed. Backprop compiles the whole
+network as one stage (forward, backward, its activations); the local method (chunked by default)
+cuts the network into K memory-balanced stages (split_points="balanced_memory", lpjax.balance) and
+compiles each stage's training step and update; the table shows the largest stage. Per stage, the
+peak is the larger of the training step and the optimizer update.
+
+Cases, as in recipes/sweeps/paper.py: ResNet-32 at CIFAR shape (32x32x3), batch 128, and an 8-block
+byte Transformer LM (width 256) at sequence length 256, batch 32. Goal at K = 4: the largest stage
+at most 0.3x backprop's peak (InfoPro reports -62.6 % at K = 4).
+
+Run from the repository root (several minutes on 2 CPU cores, most of it compiling):
+
+    python benchmarks/memory_per_device.py
+    python benchmarks/memory_per_device.py --case resnet32_cifar --stages 2 4
+    python benchmarks/memory_per_device.py --tiny   # a 4-layer MLP, seconds
+
+It prints a markdown table and, with --json PATH, writes the rows.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY = {"tiny_mlp": {"model": "mlp", "input_shape": (8, 8, 1), "num_classes": 10, "depth": 4, "width": 32,
+                     "batch": 16}}
+
+
+def main(argv=None) -> int:
+    from lpjax.bench import SWEEPS_DIR
+    from lpjax.paper import memory_lines, memory_table, memory_verdict
+    from lpjax.sweep import load_config_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=None, help="K values (default 2 4 8)")
+    parser.add_argument("--case", action="append", help="only this case of the paper suite (repeatable)")
+    parser.add_argument("--method", default="chunked", help="local method of the stages (chunked, greedy, overlapping)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny MLP instead of the paper suite's cases")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    memory = load_config_file(os.path.join(SWEEPS_DIR, "paper.py")).to_dict()["memory"]
+    models = TINY if args.tiny else memory["models"]
+    if args.case:
+        unknown = sorted(set(args.case) - set(models))
+        if unknown:
+            print(f"memory_per_device: error: unknown case {unknown[0]!r}; choose from {', '.join(models)}",
+                  file=sys.stderr)
+            return 2
+        models = {name: models[name] for name in args.case}
+    stages = tuple(args.stages or memory["stages"])
+    rows = memory_table({"stages": stages, "models": models}, method=args.method)
+    print("\n".join(memory_lines(rows)))
+    verdict = memory_verdict(rows)
+    if 4 in stages:
+        print(f"K = 4, largest local stage / backprop: "
+              + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in verdict["ratios_k4"].items() if ratio is not None)
+              + f" (goal <= {verdict['goal']}; {verdict['paper']})")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ training files), ``summary.json`` (best rates, headline ratios, alignment), ``re
 """
 
 import datetime
+import json
 import os
 import time
 
@@ -18,8 +19,8 @@ import jax
 from . import analysis, paper, plots
 from .costs import format_flops
 from .errors import ConfigError
-from .metrics_log import write_json
-from .sweep import check_sweep, load_config_file, plan_runs, run_sweep
+from .metrics_log import read_records, write_json
+from .sweep import RESULTS, check_sweep, load_config_file, plan_runs, run_sweep
 
 SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "sweeps")
 
@@ -45,8 +46,11 @@ def suite_path(suite: str) -> str:
                       f"or the path of a sweep recipe (.py)")
 
 
-def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
-    """Run (or resume) the suite's sweep, then write the analysis, report and plots to ``workdir``."""
+def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = True) -> dict:
+    """Run (or resume) the suite's sweep, then write the analysis, report and plots to ``workdir``.
+
+    ``train=False`` trains nothing: the report covers the runs already in ``workdir/results.jsonl``
+    and lists the planned runs that are missing (an interrupted sweep's interim report)."""
     started = time.perf_counter()
     if not workdir:
         raise ConfigError("no workdir given; pass the directory that should receive the bench results")
@@ -54,8 +58,13 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
         raise ConfigError(f"workdir {workdir!r} exists and is not a directory; choose another --workdir")
     path = suite_path(suite)
     sweep = check_sweep(load_config_file(path))
-    plan_runs(sweep, path)  # loads every recipe before anything is trained, so a bad one fails fast
-    records = run_sweep(sweep, workdir, sweep_path=path, verbose=verbose)
+    specs = plan_runs(sweep, path)  # loads every recipe before anything is trained, so a bad one fails fast
+    if train:
+        records = run_sweep(sweep, workdir, sweep_path=path, verbose=verbose)
+    else:
+        done = {r["run_id"]: r for r in read_records(os.path.join(workdir, RESULTS))}
+        records = [done[s.run_id] for s in specs if s.run_id in done]
+    missing = [s.run_id for s in specs if s.run_id not in {r["run_id"] for r in records}]
     window = sweep["smooth_window"]
 
     # "final" problems (the paper suite's F3, F4) count only their final figures: no Pareto analysis
@@ -87,11 +96,12 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
     if sweep.get("memory"):
         if verbose:
             print("memory per device: compiling the stage programs (nothing is trained)", flush=True)
-        summary["memory"] = paper.memory_table(sweep["memory"])
+        summary["memory"] = _memory(sweep["memory"], workdir)
     if sweep.get("findings") or sweep.get("memory"):
         summary["findings"] = paper.findings(summary, all_records, sweep)
     elapsed = time.perf_counter() - started
     summary["elapsed_s"] = round(elapsed, 1)
+    summary["missing_runs"] = missing
     write_json(os.path.join(workdir, "summary.json"), summary)
     report = os.path.join(workdir, "report.md")
     with open(report, "w", encoding="utf-8") as f:
@@ -99,6 +109,21 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True) -> dict:
     if verbose:
         print(f"bench {suite}: {len(all_records)} runs, report in {report} ({elapsed:.0f}s)", flush=True)
     return {"report": report, "plots": figures, **summary}
+
+
+def _memory(memory: dict, workdir: str) -> list:
+    """The memory-per-device rows, kept in ``workdir/memory.json`` for the same ``memory`` section:
+    compiled peaks do not change between calls, and compiling them takes minutes."""
+    cache = os.path.join(workdir, "memory.json")
+    spec = json.loads(json.dumps(memory))
+    if os.path.isfile(cache):
+        with open(cache, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept.get("spec") == spec:
+            return [{**row, "local": {int(k): v for k, v in row["local"].items()}} for row in kept["rows"]]
+    rows = paper.memory_table(memory)
+    write_json(cache, {"spec": spec, "rows": rows})
+    return rows
 
 
 def _alignment_runs(best) -> list:
@@ -188,6 +213,10 @@ def render_report(summary: dict, sweep: dict, records: list) -> str:
                 cells = [_num(v, ".3f") for v in values] + [""] * (width - len(values))
                 lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         lines.append("")
+    if summary.get("missing_runs"):
+        lines += [f"**Incomplete:** {len(summary['missing_runs'])} planned runs are not in results.jsonl yet "
+                  f"(rerun the same command to train them): " + ", ".join(f"`{r}`" for r in summary["missing_runs"]),
+                  ""]
     lines += ["## Figures", ""]
     for rel in summary["plots"]:
         if rel.endswith(".png"):

@@ -16,6 +16,8 @@ A sweep recipe (``recipes/sweeps/NAME.py``) has ``get_config()`` returning an ml
                                   recipe's own seed, once)
     problems.NAME.measure         "time_to_target" (default): Pareto analysis of the curves; "final":
                                   only the final train/test figures count (target_loss may be left out)
+    problems.NAME.priority        optional int (default 0): problems run in increasing priority, then
+                                  by name (ml_collections sorts the names); results do not depend on it
     findings, memory              optional sections read by the paper suite's report (lpjax.paper)
     smooth_window                 steps of the centred running mean before thresholding (lpjax.analysis)
     cost_batch                    batch at which the kernels' costs are measured (lpjax.costs)
@@ -72,8 +74,8 @@ IN_RECIPE = "fix it in the sweep recipe"
 SWEEP_KEYS = {"problems", "smooth_window", "cost_batch", "cost_compile", "alignment", "compilation_cache", "findings",
               "memory"}
 PROBLEM_KEYS = {"recipe", "overrides", "methods", "batch_sizes", "learning_rates", "num_steps", "target_loss",
-                "split_points", "seeds", "measure"}
-OPTIONAL_PROBLEM_KEYS = {"overrides", "split_points", "seeds", "measure"}
+                "split_points", "seeds", "measure", "priority"}
+OPTIONAL_PROBLEM_KEYS = {"overrides", "split_points", "seeds", "measure", "priority"}
 MEASURES = ("time_to_target", "final")
 
 
@@ -172,6 +174,8 @@ def _check_problem(name, problem) -> None:
     for s in steps:
         positive_int(s, f"{where}.num_steps", fix=IN_RECIPE)
     positive_number(problem["target_loss"], f"{where}.target_loss", fix=IN_RECIPE)
+    if not isinstance(problem.get("priority", 0), int):
+        raise ConfigError(f"{where}.priority must be an integer, got {problem['priority']!r}; {IN_RECIPE}")
     if problem.get("split_points") not in (None, "balanced", "balanced_memory"):
         raise ConfigError(f"{where}.split_points must be 'balanced' or 'balanced_memory' (or left out for an even "
                           f"cut), got {problem['split_points']!r}")
@@ -215,7 +219,7 @@ def plan_runs(sweep, sweep_path: str | None = None) -> list:
     """Every ``RunSpec`` of the sweep, in a fixed order (problem, method, stages, batch, rate)."""
     cfg = check_sweep(sweep)
     specs = []
-    for problem, p in cfg["problems"].items():
+    for problem, p in sorted(cfg["problems"].items(), key=lambda item: (item[1].get("priority", 0), item[0])):
         recipe = load_config_file(find_recipe(p["recipe"], sweep_path), what="recipe")
         base = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
         merge_into(base, p.get("overrides", {}))

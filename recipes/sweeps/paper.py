@@ -47,16 +47,6 @@ def get_config():
             "num_steps": (300, 120, 60),
             "target_loss": 0.25,
         },
-        "f1_transformer": {
-            "recipe": "recipes/text_transformer.py",
-            "overrides": {**lm_model, "optimizer": {**constant, "learning_rate": 3e-3}, "eval_batch_size": 4096},
-            "split_points": "balanced",
-            "methods": {"backprop": 1, "chunked": (2, 4), "overlapping": 4, "greedy": 8},
-            "batch_sizes": (8, 32, 128),
-            "learning_rates": (3e-3,),
-            "num_steps": (200, 100, 60),
-            "target_loss": 2.8,  # nats per byte, smoothed training loss of the last head
-        },
         "f3_random_labels": {
             "recipe": "recipes/mnist_mlp.py",
             "overrides": {"dataset": {"random_labels": True}, "model": {"depth": 4, "width": 256},
@@ -88,6 +78,17 @@ def get_config():
             "learning_rates": (3e-3,),
             "num_steps": (100,),
             "seeds": (0, 1, 2),
+        },
+        "f1_transformer": {
+            "priority": 1,  # the most expensive problem runs last
+            "recipe": "recipes/text_transformer.py",
+            "overrides": {**lm_model, "optimizer": {**constant, "learning_rate": 3e-3}, "eval_batch_size": 4096},
+            "split_points": "balanced",
+            "methods": {"backprop": 1, "chunked": (2, 4), "overlapping": 4, "greedy": 8},
+            "batch_sizes": (8, 32, 128),
+            "learning_rates": (3e-3,),
+            "num_steps": (200, 100, 60),
+            "target_loss": 2.8,  # nats per byte, smoothed training loss of the last head
         },
     }
     sweep.findings = {"pareto": ("f1_mlp", "f1_transformer"), "capacity": "f3_random_labels",

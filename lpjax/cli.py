@@ -3,6 +3,7 @@
     lpjax train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR   train, or resume DIR
     lpjax bench --suite small|recipes/sweeps/NAME.py --workdir DIR                compute-efficiency sweep
     lpjax plot --workdir DIR                                                      learning curves as PNG
+    lpjax launch -n N [--cpu-devices D] -- train ...                              N local processes, one run
 
 A user's mistake (a bad config value, an unknown key, a config file that is missing or raises, a bad
 flag) ends with one line on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written
@@ -38,6 +39,10 @@ class UsageError(Exception):
 
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["launch"]:  # its own options; everything after '--' belongs to the children
+        from .launch import main as launch
+
+        return launch(argv[2:])
     try:
         if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
             print(_help_text())
@@ -231,6 +236,9 @@ def _help_text() -> str:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    from .distributed import mark_failed
+
+    mark_failed()  # in a multi-process run: leave now, without the end-of-run barrier
     message = " ".join(message.split())  # exactly one line, whatever the source message looked like
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code

@@ -38,6 +38,10 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
                             stage's update is skipped (its state never becomes non-finite) and
                             counted; halt then stops the run with exit code 1
     probe.alignment_every   steps between gradient-alignment probes (0: off); see lpjax.alignment
+    distributed.*           several hosts (lpjax/multihost.py): coordinator ("host:port"),
+                            num_processes, process_id (all three, or none: then LPJAX_* variables
+                            or the detected TPU pod / SLURM / Kubernetes cluster), auto_detect,
+                            init_timeout_s (wait for every process to join), peer_timeout_s
 
 ``build_experiment`` validates in order of cost (plain values, then data, model and trainer) and
 raises ``ConfigError`` with one line naming the problem and the fix; it writes nothing to disk.
@@ -101,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
         "checkpoint": {"every_steps": 500, "keep": 3, "asynchronous": True},
         "nonfinite": "halt",
         "probe": {"alignment_every": 0},
+        "distributed": {"coordinator": placeholder(str), "num_processes": placeholder(int),
+                        "process_id": placeholder(int), "auto_detect": True, "init_timeout_s": 300,
+                        "peer_timeout_s": placeholder(float)},
     })
 
 

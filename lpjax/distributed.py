@@ -59,12 +59,13 @@ def peer_timeout(value=None):
 
 
 def initialize(coordinator=None, num_processes=None, process_id=None, *, cluster_detection=False,
-               peer_timeout_s=None):
+               peer_timeout_s=None, init_timeout_s=300):
     """Join the process group. Call before any other JAX call. Returns ``(process_id, count)``.
 
     ``peer_timeout_s`` (default ``LPJAX_PEER_TIMEOUT`` or 30): how long a process may go without a
     heartbeat before the others stop with a one-line error and exit status 1; 0 leaves JAX's
     defaults. Heartbeats come from a JAX thread, so long compilations or steps do not count.
+    ``init_timeout_s``: how long to wait for every process to join before JAX raises.
     """
     if coordinator is None and num_processes is None and process_id is None:
         settings = settings_from_env()
@@ -77,7 +78,7 @@ def initialize(coordinator=None, num_processes=None, process_id=None, *, cluster
     timeout = peer_timeout(peer_timeout_s)
     # CPU devices of different processes need a collectives backend; accelerators ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    options, watch = {}, False
+    options, watch = {"initialization_timeout": max(1, round(init_timeout_s))}, False
     if timeout and (num_processes is None or int(num_processes) > 1):
         options["heartbeat_timeout_seconds"] = max(1, round(timeout))
         watch = watchdog.supported()  # otherwise JAX's fatal log still ends the survivors in time

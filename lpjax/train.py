@@ -11,15 +11,17 @@ never reaches a stage's state (its update is skipped and counted); ``nonfinite=h
 run with ``NonFiniteError`` at the next sync, ``skip`` carries on.
 """
 
+import os
 import sys
 import time
 
 import jax
 from tqdm import tqdm
 
+from . import multihost
 from . import workdir as files
 from .checkpoint import Checkpointer
-from .config import build_experiment
+from .config import build_experiment, resolve
 from .errors import NonFiniteError
 from .metrics_log import MetricsLog, mean_per_stage, write_json
 from .report import describe, stage_table
@@ -28,21 +30,33 @@ from .report import describe, stage_table
 def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: bool = True) -> dict:
     """Train (or resume) the configured experiment and return what ``results.json`` holds."""
     started = time.perf_counter()
+    given = resolve(config)
+    multihost.start(given["distributed"])  # several hosts: joins them before JAX touches a device
+    multihost.check_same_config(given)
+    multihost.check_config(given)
+    writer = multihost.is_writer()  # process 0 alone writes files and prints
+    verbose, progress = verbose and writer, progress and writer
     files.check_writable(workdir)
     experiment = build_experiment(config)
+    multihost.check_layout(experiment.trainer)
     trainer, data, cfg = experiment.trainer, experiment.dataset, experiment.config
     files.check_resumable(workdir, cfg)
     say = print if verbose else (lambda *a, **k: None)
     say(describe(experiment), flush=True)
 
-    files.create(workdir)
+    if writer:
+        files.create(workdir)
+        os.makedirs(files.path(workdir, files.CHECKPOINTS), exist_ok=True)
+    multihost.sync("lpjax_workdir_created")
     checkpointer = Checkpointer(files.path(workdir, files.CHECKPOINTS), trainer.num_stages,
                                 keep=cfg["checkpoint"]["keep"], asynchronous=cfg["checkpoint"]["asynchronous"])
     try:
         start_step, batches = _resume(experiment, checkpointer, say)
-        write_json(files.path(workdir, files.CONFIG), cfg)
-        with MetricsLog(files.path(workdir, files.METRICS), files.path(workdir, files.TENSORBOARD),
-                        resume_step=start_step) as log:
+        if writer:
+            write_json(files.path(workdir, files.CONFIG), cfg)
+        log = (MetricsLog(files.path(workdir, files.METRICS), files.path(workdir, files.TENSORBOARD),
+                          resume_step=start_step) if writer else NullLog())
+        with log:
             train_time, test = _loop(experiment, checkpointer, log, batches, start_step, progress)
     finally:
         checkpointer.close()  # waits for a save in flight, also when the loop stopped on an error
@@ -52,7 +66,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
     results = _results(experiment, train, test, train_time, time.perf_counter() - started)
     results["train_eval_examples"] = sample
     results["resumed_from_step"] = start_step
-    write_json(files.path(workdir, files.RESULTS), results)
+    if writer:
+        write_json(files.path(workdir, files.RESULTS), results)
     say(stage_table(results["stages"]))
     final = results["final"]
     say(f"final head (stage {final['stage']}): test accuracy {100 * final['test_accuracy']:.2f}%, "
@@ -65,7 +80,7 @@ def _resume(experiment, checkpointer, say):
     """``(start_step, batches)``: the newest intact checkpoint loaded into the trainer (or step 0),
     and the training stream positioned right after the last batch that checkpoint had seen."""
     batches = experiment.batches()
-    restored = checkpointer.restore_latest(experiment.trainer.stage_states)
+    restored = checkpointer.restore_latest(_saved_states(experiment.trainer))
     if restored is None:
         return 0, batches
     states, meta = restored
@@ -109,11 +124,30 @@ def _loop(experiment, checkpointer, log, batches, start_step, progress):
                 test = trainer.evaluate_batches(data.eval_batches("test", cfg["eval_batch_size"]))
                 log.write(step, time.perf_counter() - loop_start, "test", test)
             if save:
-                checkpointer.save(step, trainer.stage_states, {"data_state": batches.get_state(), "config": cfg})
+                checkpointer.save(step, _saved_states(trainer), {"data_state": batches.get_state(), "config": cfg})
             bar.update(1)
     if test is None:  # nothing left to train: the checkpoint already held the last step
         test = trainer.evaluate_batches(data.eval_batches("test", cfg["eval_batch_size"]))
     return time.perf_counter() - loop_start, test
+
+
+def _saved_states(trainer):
+    """What a checkpoint holds: the live stage states, or, over several processes, every stage
+    gathered to the host (a collective; see lpjax/checkpoint.py)."""
+    return trainer.stage_states if jax.process_count() == 1 else trainer.host_states()
+
+
+class NullLog:
+    """The metrics log of processes other than 0: they compute every record but write none."""
+
+    def write(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _train_record(trainer, pending, seconds, examples_before) -> list:

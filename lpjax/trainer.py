@@ -106,7 +106,8 @@ class Trainer:
     def health(self):
         """Per stage, device scalars: the gradient norm at its last update and the updates skipped
         so far because a loss or gradient was not finite."""
-        return [{"grad_norm": s.grad_norm, "skipped": s.skipped} for s in self.stage_states]
+        states = self.stage_states if jax.process_count() == 1 else self.host_states()  # all stages, every process
+        return [{"grad_norm": s.grad_norm, "skipped": s.skipped} for s in states]
 
     def _count_examples(self):
         for k, done in enumerate(self.executor.done):
@@ -131,9 +132,15 @@ class Trainer:
         return self.evaluate_batches((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(x), batch_size))
 
     def evaluate_batches(self, batches):
-        """Like ``evaluate``, over an iterable of ``(x, y)`` batches (a data source's eval stream)."""
+        """Like ``evaluate``, over an iterable of ``(x, y)`` batches (a data source's eval stream).
+
+        In a multi-process run every process must call it with the same batches: each evaluates
+        every ``process_count``-th batch (its own share) with all stages on one of its devices, and
+        the totals are summed across processes."""
         self.drain()
         totals, count = np.zeros((self.num_stages, 2)), 0
+        if jax.process_count() > 1:
+            return self._evaluate_across_processes(batches)
         place = self.executor.placement
         for xb, yb in batches:
             h = xb
@@ -142,6 +149,31 @@ class Trainer:
                                                            place.put_state(k, yb))
                 totals[k] += (float(loss_sum), float(correct))
             count += np.size(yb)
+        return self._eval_figures(totals, count)
+
+    def _evaluate_across_processes(self, batches):
+        from jax.experimental import multihost_utils
+
+        device = jax.local_devices()[0]
+        states = jax.device_put(self.host_states(), device)  # a collective: the stages this process lacks
+        totals, count = np.zeros((self.num_stages, 2)), 0
+        me, processes = jax.process_index(), jax.process_count()
+        for i, (xb, yb) in enumerate(batches):
+            count += np.size(yb)
+            if i % processes != me:
+                continue
+            h = jax.device_put(xb, device)
+            for k in range(self.num_stages):
+                h, loss_sum, correct = self._predict_fn(k)(states[k], h, jax.device_put(yb, device))
+                totals[k] += (float(loss_sum), float(correct))
+        # float64 sums travel as two float32 words (JAX arrays are 32-bit by default): no precision lost
+        high = totals.astype(np.float32)
+        parts = np.stack([high, (totals - high).astype(np.float32)])
+        gathered = np.asarray(multihost_utils.process_allgather(parts)).astype(np.float64)
+        totals = gathered.sum((0, 1))
+        return self._eval_figures(totals, count)
+
+    def _eval_figures(self, totals, count):
         if count == 0:
             raise ConfigError("the evaluation split is empty; check the dataset's test split")
         return [{"loss": float(loss / count), "accuracy": float(correct / count)} for loss, correct in totals]

@@ -20,7 +20,7 @@ CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS = "config.json", "metrics.jso
 
 # Keys that may change between a run and its resumption: how long, how often, on which devices.
 RESUMABLE_CHANGES = ("layout", "num_steps", "num_epochs", "log_every", "eval_every", "eval_batch_size",
-                     "checkpoint", "nonfinite", "probe")
+                     "checkpoint", "nonfinite", "probe", "distributed")
 
 
 def path(workdir: str, name: str) -> str:

@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from .errors import ConfigError, NonFiniteError
+from .preemption import Preempted
 from .train import train_and_evaluate
 
 PROG = "lpjax"
@@ -64,6 +65,12 @@ def main(argv=None) -> int:
         return _fail(str(err))
     except NonFiniteError as err:
         return _fail(str(err), EXIT_HALTED)
+    except Preempted as stop:
+        from .multihost import is_writer
+
+        if is_writer():
+            print(str(stop), flush=True)
+        return stop.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ from .checkpoint import Checkpointer
 from .config import build_experiment, resolve
 from .errors import NonFiniteError
 from .metrics_log import MetricsLog, mean_per_stage, write_json
+from .preemption import Preempted, StopRequests
 from .report import describe, stage_table
 
 
@@ -99,11 +100,13 @@ def _loop(experiment, checkpointer, log, batches, start_step, progress):
     loop_start = last_time = time.perf_counter()
     last_examples = list(trainer.stage_examples)
     with tqdm(total=num_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
-              disable=not progress, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
+              disable=not progress, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar, \
+            StopRequests() as stops:
         for step in range(start_step + 1, num_steps + 1):
             x, y = next(batches)
             pending.append(trainer.step(x, y))
-            save = step == num_steps or (save_every and step % save_every == 0)
+            preempted = stops.agreed(step) and step < num_steps  # every process stops after the same step
+            save = step == num_steps or (save_every and step % save_every == 0) or preempted
             if save:
                 pending.append(trainer.flush())
             if step % log_every == 0 or save:
@@ -126,6 +129,8 @@ def _loop(experiment, checkpointer, log, batches, start_step, progress):
             if save:
                 checkpointer.save(step, _saved_states(trainer), {"data_state": batches.get_state(), "config": cfg})
             bar.update(1)
+            if preempted:
+                raise Preempted(step, stops.signum)  # after the checkpoint: the caller's finally waits for it
     if test is None:  # nothing left to train: the checkpoint already held the last step
         test = trainer.evaluate_batches(data.eval_batches("test", cfg["eval_batch_size"]))
     return time.perf_counter() - loop_start, test

@@ -1,0 +1,144 @@
+"""`lpjax train` over several processes, driven through `lpjax launch` as a user would, on CPU:
+2 processes x 2 simulated devices, joined over 127.0.0.1 (gloo collectives).
+
+The 2-process run must equal the 1-process run on 4 devices, in the metrics it logs and in the
+parameters it checkpoints; bad multi-process setups must end with exit 2 and one line."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 4 stages of a small MLP on digits, overlapping method, streaming schedule, spmd executor.
+CONFIG = textwrap.dedent("""
+    from lpjax.config import base_config
+
+
+    def get_config():
+        config = base_config()
+        config.dataset.name = "digits"
+        config.model.name = "mlp"
+        config.model.depth = 4
+        config.model.width = 32
+        config.stages = 4
+        config.method.name = "overlapping"
+        config.schedule.name = "streaming"
+        config.schedule.microbatches = 2
+        config.layout.executor = "spmd"
+        config.batch_size = 32
+        config.num_steps = 6
+        config.log_every = 2
+        config.eval_every = 3
+        config.checkpoint.every_steps = 3
+        return config
+""")
+TIMEOUT_S = 600  # cold JAX start-ups and compilations on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "four_stages.py"
+    path.write_text(CONFIG)
+    return path
+
+
+def lpjax(*args, devices=None, env=None):
+    full = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+    full.pop("JAX_NUM_CPU_DEVICES", None)
+    if devices:
+        full["JAX_NUM_CPU_DEVICES"] = str(devices)
+    return subprocess.run([sys.executable, "-m", "lpjax", *args], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+def both(*calls):
+    """Run the (function, args, kwargs) calls at the same time; their results in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]]
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(workdir, step, stage):
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / f"stage{stage}")
+    return jax.tree.leaves(restored["params"])
+
+
+def test_two_processes_equal_one_process_on_four_devices(config, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single, launched = both(
+        (lpjax, ["train", "--config", str(config), "--workdir", str(one)], {"devices": 4}),
+        (lpjax, ["launch", "-n", "2", "--cpu-devices", "2", "--", "train", "--config", str(config),
+                 "--workdir", str(two)], {}))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "[p0] final head" in launched.stdout and "[p1] final head" not in launched.stdout  # process 0 prints
+    a, b = records(one), records(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "accuracy", "grad_norm", "skipped"):
+            if key in ra:
+                np.testing.assert_allclose(np.array(ra[key], dtype=float), np.array(rb[key], dtype=float),
+                                           atol=1e-6, rtol=0, err_msg=f"{key} at {ra['step']} {ra['split']}")
+    for stage in range(4):
+        for x, y in zip(params(one, 6, stage), params(two, 6, stage), strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    results = json.loads((two / "results.json").read_text())
+    expected = json.loads((one / "results.json").read_text())
+    for s, t in zip(results["stages"], expected["stages"]):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert abs(s[key] - t[key]) <= 1e-6, (key, s, t)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_exit_2(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if "lpjax: error:" in line]
+    assert errors, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def test_bad_multiprocess_setups_exit_2_with_one_line(config, tmp_path):
+    port = free_port()
+    train = ["train", "--config", str(config)]
+
+    def process(pid, *extra):  # one of two processes started by hand, with LPJAX_* settings
+        env = {"LPJAX_COORDINATOR": f"127.0.0.1:{port}", "LPJAX_NUM_PROCESSES": "2", "LPJAX_PROCESS_ID": str(pid)}
+        return lpjax(*train, "--workdir", str(tmp_path / "mismatch"), *extra, devices=2, env=env)
+
+    launch = ["launch", "-n", "2", "--cpu-devices", "2", "--"]
+    mismatch0, mismatch1, mpmd, layout, unreachable = both(
+        (process, [0], {}),
+        (process, [1, "--config.seed=1"], {}),
+        (lpjax, [*launch, *train, "--workdir", str(tmp_path / "mpmd"), "--config.layout.executor=mpmd"], {}),
+        (lpjax, [*launch, *train, "--workdir", str(tmp_path / "layout"), "--config.stages=2"], {}),
+        (lpjax, [*train, "--workdir", str(tmp_path / "alone"), "--config.distributed.init_timeout_s=5",
+                 f"--config.distributed.coordinator=127.0.0.1:{free_port()}", "--config.distributed.num_processes=2",
+                 "--config.distributed.process_id=1"], {"devices": 2}))
+    one_line_exit_2(mismatch0, "process(es) 1 hold a different config")
+    one_line_exit_2(mismatch1, "process(es) 1 hold a different config")
+    one_line_exit_2(mpmd, "needs the spmd executor")
+    one_line_exit_2(layout, "uses 2 devices", "4")
+    one_line_exit_2(unreachable, "could not join the coordinator", "init_timeout_s")
+    for name in ("mismatch", "mpmd", "layout", "alone"):
+        assert not (tmp_path / name).exists(), name  # nothing written

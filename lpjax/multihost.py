@@ -121,9 +121,11 @@ def check_config(cfg: dict) -> None:
         return
     executor = (cfg.get("layout") or {}).get("executor")
     if executor != "spmd":
+        _together()
         raise ConfigError(f"a run over {count} processes needs the spmd executor, got layout.executor={executor!r}; "
                           f"set --config.layout.executor=spmd (reference and mpmd run in one process)")
     if (cfg.get("probe") or {}).get("alignment_every"):
+        _together()
         raise ConfigError("probe.alignment_every is not supported on several processes yet; set "
                           "--config.probe.alignment_every=0")
 
@@ -136,6 +138,7 @@ def check_layout(trainer) -> None:
     mesh = trainer.executor.mesh
     used, total = mesh.devices.size, jax.device_count()
     if used != total:
+        _together()
         raise ConfigError(f"layout stages={mesh.shape['stage']} x data={mesh.shape['data']} uses {used} devices but "
                           f"{count} processes hold {total} ({jax.local_device_count()} each); make stages x data "
                           f"equal {total}, or change the number of processes")
@@ -152,3 +155,10 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _together() -> None:
+    """Before an error every process raises alike: wait for all of them, so that none (process 0
+    hosts the coordination service) leaves while another is still building and would then report
+    a lost peer instead of the error."""
+    sync("lpjax_config_error")

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
                 print(written)
         return 0
     except (UsageError, ConfigError) as err:
-        return _fail(str(err))
+        from .multihost import SharedConfigError
+
+        return _fail(str(err), leave_at_once=not isinstance(err, SharedConfigError))
     except NonFiniteError as err:
         return _fail(str(err), EXIT_HALTED)
     except Preempted as stop:
@@ -242,10 +244,11 @@ def _help_text() -> str:
     ])
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    from .distributed import mark_failed
+def _fail(message: str, code: int = EXIT_USAGE, leave_at_once: bool = True) -> int:
+    if leave_at_once:  # in a multi-process run: leave now, without the end-of-run barrier
+        from .distributed import mark_failed
 
-    mark_failed()  # in a multi-process run: leave now, without the end-of-run barrier
+        mark_failed()
     message = " ".join(message.split())  # exactly one line, whatever the source message looked like
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code

@@ -32,6 +32,12 @@ from .errors import ConfigError
 KEYS = ("coordinator", "num_processes", "process_id")
 
 
+class SharedConfigError(ConfigError):
+    """A config error every process raises alike, after meeting the others (``_together``): the
+    processes then leave through JAX's end-of-run barrier, so that process 0, which hosts the
+    coordination service, does not vanish under the others (JAX would abort them)."""
+
+
 def cluster_detected() -> str | None:
     """The name of the cluster JAX would join on its own (TPU pod, SLURM, Kubernetes, MPI), or None.
 
@@ -108,7 +114,8 @@ def check_same_config(cfg: dict) -> None:
     digests = np.asarray(multihost_utils.process_allgather(config_digest(cfg)))
     differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
     if differ:
-        raise ConfigError(f"process(es) {', '.join(map(str, differ))} hold a different config from process 0; "
+        _together()
+        raise SharedConfigError(f"process(es) {', '.join(map(str, differ))} hold a different config from process 0; "
                           f"start every process with the same recipe and --config overrides")
 
 
@@ -122,11 +129,15 @@ def check_config(cfg: dict) -> None:
     executor = (cfg.get("layout") or {}).get("executor")
     if executor != "spmd":
         _together()
-        raise ConfigError(f"a run over {count} processes needs the spmd executor, got layout.executor={executor!r}; "
+        raise SharedConfigError(f"a run over {count} processes needs the spmd executor, got layout.executor={executor!r}; "
                           f"set --config.layout.executor=spmd (reference and mpmd run in one process)")
+    layout = cfg.get("layout") or {}
+    stages = layout.get("stages") or cfg.get("stages") or (len(cfg["split_points"]) + 1 if cfg.get("split_points") else None)
+    if isinstance(stages, int) and isinstance(layout.get("data"), int):
+        _check_devices(stages, layout["data"])  # before building: a process without devices in the mesh cannot build
     if (cfg.get("probe") or {}).get("alignment_every"):
         _together()
-        raise ConfigError("probe.alignment_every is not supported on several processes yet; set "
+        raise SharedConfigError("probe.alignment_every is not supported on several processes yet; set "
                           "--config.probe.alignment_every=0")
 
 
@@ -136,12 +147,16 @@ def check_layout(trainer) -> None:
     if count == 1:
         return
     mesh = trainer.executor.mesh
-    used, total = mesh.devices.size, jax.device_count()
+    _check_devices(mesh.shape["stage"], mesh.shape["data"])
+
+
+def _check_devices(stages: int, data: int) -> None:
+    used, total, count = stages * data, jax.device_count(), jax.process_count()
     if used != total:
         _together()
-        raise ConfigError(f"layout stages={mesh.shape['stage']} x data={mesh.shape['data']} uses {used} devices but "
-                          f"{count} processes hold {total} ({jax.local_device_count()} each); make stages x data "
-                          f"equal {total}, or change the number of processes")
+        raise SharedConfigError(f"layout stages={stages} x data={data} uses {used} devices but {count} processes "
+                                f"hold {total} ({jax.local_device_count()} each); make stages x data equal {total}, "
+                                f"or change the number of processes")
 
 
 def is_writer() -> bool:

@@ -142,3 +142,26 @@ def test_bad_multiprocess_setups_exit_2_with_one_line(config, tmp_path):
     one_line_exit_2(unreachable, "could not join the coordinator", "init_timeout_s")
     for name in ("mismatch", "mpmd", "layout", "alone"):
         assert not (tmp_path / name).exists(), name  # nothing written
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_with_a_checkpoint(config, tmp_path):
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "lpjax", "launch", "-n", "2", "--cpu-devices", "2", "--", "train",
+                             "--config", str(config), "--workdir", str(workdir), "--config.num_steps=2000",
+                             "--config.eval_every=0", "--config.checkpoint.every_steps=0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # both are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-2000:]
+    line = next(line for line in out.splitlines() if "preempted at step" in line)
+    step = int(line.split()[4].rstrip(";"))
+    assert line == f"[p0] preempted at step {step}; run the same command to resume"
+    assert 4 <= step < 2000 and (workdir / "checkpoints" / str(step)).is_dir()

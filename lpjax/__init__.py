@@ -1,5 +1,7 @@
 """lpjax: local-parallel training of deep networks in JAX (Laskin, Metz et al., arXiv 2012.03837)."""
 
+import importlib
+
 from . import losses, methods, schedules
 from .errors import ConfigError
 from .layout import Layout
@@ -9,7 +11,24 @@ from .trainer import Trainer
 
 __version__ = "0.1.0"
 
+# Loaded on first use: the model zoo and the run machinery import more than a Trainer needs.
+_LAZY = {"models": "lpjax.models", "data": "lpjax.data", "fit": "lpjax.train"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = getattr(module, name) if name == "fit" else module
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lpjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "Backprop", "Chunked", "ConfigError", "Greedy", "Layout", "Overlapping", "Stage", "StagedModel",
-    "Trainer", "cut_layers", "losses", "methods", "schedules", "stage_network",
+    "Trainer", "cut_layers", "data", "fit", "losses", "methods", "models", "schedules", "stage_network",
 ]

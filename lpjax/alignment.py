@@ -2,7 +2,7 @@
 
 For stage k the *local* gradient is what the method's update uses for the body parameters θ_k:
 ``Σ_j λ_j ∂L_j/∂θ_k`` over the losses j whose window reaches k, each backpropagated only through
-stages ``j-w+1 .. j`` (DESIGN.md §3). The *true* gradient is ``∂L_K/∂θ_k``, the final head's loss
+stages ``j-w+1 .. j`` (docs/semantics.md). The *true* gradient is ``∂L_K/∂θ_k``, the final head's loss
 backpropagated through the whole network. The probe reports their cosine similarity per stage.
 
 Backprop's local gradient is the true one (cosine 1 everywhere), as is the last stage's under any

@@ -16,19 +16,17 @@ import time
 
 import jax
 
-from . import analysis, paper, plots
+from . import analysis, catalog, paper, plots
 from .costs import format_flops
 from .errors import ConfigError
 from .metrics_log import read_records, write_json
 from .sweep import RESULTS, check_sweep, load_config_file, plan_runs, run_sweep
 
-SWEEPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "sweeps")
 
 
 def builtin_suites() -> list:
-    if not os.path.isdir(SWEEPS_DIR):
-        return []
-    return sorted(name[:-3] for name in os.listdir(SWEEPS_DIR) if name.endswith(".py") and not name.startswith("_"))
+    """The suites that ship in the package (lpjax.recipes.sweeps, the checkout's recipes/sweeps/)."""
+    return catalog.suite_names()
 
 
 def suite_path(suite: str) -> str:
@@ -37,7 +35,7 @@ def suite_path(suite: str) -> str:
         raise ConfigError(f"suite must be a name ({', '.join(builtin_suites()) or 'small'}) or a sweep recipe path, "
                           f"got {suite!r}")
     if suite in builtin_suites():
-        return os.path.join(SWEEPS_DIR, f"{suite}.py")
+        return os.path.join(catalog.sweeps_dir(), f"{suite}.py")
     if suite.endswith(".py") or os.sep in suite:
         if not os.path.isfile(suite):
             raise ConfigError(f"sweep recipe {suite!r} does not exist; give a path to a .py file with get_config()")
@@ -81,11 +79,12 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
     headline = analysis.headline(best)
 
     plot_dir = os.path.join(workdir, "plots")
-    figures = plots.pareto_figure(best, plot_dir)
+    title = f"lpjax bench {suite}"
+    figures = plots.pareto_figure(best, plot_dir, title=title)
     for x in ("compute", "ideal_time", "wall_time"):
-        figures += plots.loss_curves_figure(records, best, plot_dir, x=x, window=window)
-    figures += plots.steps_to_target_figure(best, plot_dir)
-    figures += plots.alignment_figure(alignment_rows, plot_dir)
+        figures += plots.loss_curves_figure(records, best, plot_dir, x=x, window=window, title=title)
+    figures += plots.steps_to_target_figure(best, plot_dir, title=title)
+    figures += plots.alignment_figure(alignment_rows, plot_dir, title=title)
 
     elapsed = time.perf_counter() - started
     summary = {"suite": suite, "sweep_file": os.path.abspath(path), "elapsed_s": round(elapsed, 1),

@@ -1,9 +1,16 @@
 """The ``lpjax`` command line.
 
-    lpjax train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR   train, or resume DIR
-    lpjax bench --suite small|recipes/sweeps/NAME.py --workdir DIR                compute-efficiency sweep
-    lpjax plot --workdir DIR                                                      learning curves as PNG
-    lpjax launch -n N [--cpu-devices D] -- train ...                              N local processes, one run
+    lpjax train --config NAME|FILE [--config.KEY=VALUE ...] --workdir DIR   train, or resume DIR
+    lpjax train --config NAME|FILE --print-config                           the resolved config, as JSON
+    lpjax train --config NAME|FILE --workdir DIR --dry-run                  build and check, train nothing
+    lpjax bench --suite NAME|FILE --workdir DIR                             compute-efficiency sweep
+    lpjax plot --workdir DIR                                                learning curves, PNG + SVG
+    lpjax recipes                                                           the shipped recipes and suites
+    lpjax launch -n N [--cpu-devices D] -- train ...                      N local processes, one run
+    lpjax COMMAND --help                                                    a command's flags (and config keys)
+
+A recipe NAME is one of the files that ship in the package (``lpjax recipes`` lists them); a FILE is
+any recipe path.
 
 A user's mistake (a bad config value, an unknown key, a config file that is missing or raises, a bad
 flag) ends with one line on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written
@@ -11,6 +18,8 @@ to the workdir. A run halted by a non-finite loss or gradient, or by a lost peer
 line and exit code 1. Anything else is a bug in lpjax and keeps its traceback.
 """
 
+import difflib
+import json
 import os
 import sys
 import traceback
@@ -18,15 +27,35 @@ import traceback
 from absl import flags
 from ml_collections import config_flags
 
+from . import catalog
+from .config_checks import did_you_mean
 from .errors import ConfigError, NonFiniteError
 from .preemption import Preempted
 from .train import train_and_evaluate
 
 PROG = "lpjax"
 USAGES = {
-    "train": f"{PROG} train --config recipes/NAME.py [--config.KEY=VALUE ...] --workdir DIR",
-    "bench": f"{PROG} bench --suite small|recipes/sweeps/NAME.py --workdir DIR",
+    "train": f"{PROG} train --config NAME|FILE [--config.KEY=VALUE ...] --workdir DIR [--print-config] [--dry-run]",
+    "bench": f"{PROG} bench --suite NAME|FILE --workdir DIR",
     "plot": f"{PROG} plot --workdir DIR",
+    "recipes": f"{PROG} recipes",
+}
+SUMMARIES = {
+    "train": "train a recipe; a --workdir that holds checkpoints is resumed",
+    "bench": "run a compute-efficiency sweep and write report.md with its figures",
+    "plot": "draw a training run's learning curves (PNG and SVG)",
+    "recipes": "list the recipes and sweep suites that ship with lpjax",
+}
+FLAGS = {  # per command: (flag, what it does)
+    "train": [("--config NAME|FILE", "a shipped recipe by name (lpjax recipes) or a recipe file with get_config()"),
+              ("--config.KEY=VALUE", "override one config key (below), e.g. --config.method.name=chunked"),
+              ("--workdir DIR", "the run's directory; one that holds checkpoints is resumed"),
+              ("--print-config", "print the resolved config as JSON (data and model built to fill it) and stop"),
+              ("--dry-run", "build and check data, model, trainer and workdir; print the header; train nothing")],
+    "bench": [("--suite NAME|FILE", "a shipped sweep suite by name (lpjax recipes) or a sweep recipe file"),
+              ("--workdir DIR", "the sweep's directory; finished runs in it are skipped")],
+    "plot": [("--workdir DIR", "a training run's directory (reads metrics.jsonl, writes curves.png/.svg)")],
+    "recipes": [],
 }
 USAGE = "usage: " + " | ".join(USAGES.values())
 COMMANDS = tuple(USAGES)
@@ -45,16 +74,24 @@ def main(argv=None) -> int:
 
         return launch(argv[2:])
     try:
-        if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
-            print(_help_text())
+        if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+            command = next((arg for arg in argv[1:] if arg in COMMANDS), None)
+            print(command_help(command) if command else _help_text())
             return 0
-        command, options = parse(argv)
+        command, options = parse(_with_recipe_paths(argv))
         if command == "train":
-            train_and_evaluate(options["config"], options["workdir"])
+            if options["print_config"]:
+                from .config import build_experiment
+
+                print(json.dumps(build_experiment(options["config"]).config, indent=2, default=str))
+            else:
+                train_and_evaluate(options["config"], options["workdir"], dry_run=options["dry_run"])
         elif command == "bench":
             from .bench import run_bench  # matplotlib and the sweep code load only when asked for
 
             run_bench(options["suite"], options["workdir"])
+        elif command == "recipes":
+            print(catalog.listing())
         else:
             from .plots import plot_run
 
@@ -73,9 +110,25 @@ def main(argv=None) -> int:
         if is_writer():
             print(str(stop), flush=True)
         return stop.exit_code
+    except ModuleNotFoundError as err:
+        extra = {"matplotlib": "plot", "tensorflow_datasets": "data", "PIL": "data"}.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        return _fail(f"this needs {err.name}, which a plain install leaves out; pip install 'lpjax[{extra}]'")
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _with_recipe_paths(argv) -> list:
+    """``--config NAME`` (a shipped recipe) as the path of its file, which config_flags can load."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + catalog.find_recipe(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = catalog.find_recipe(out[i + 1])
+    return out
 
 
 def parse(argv):
@@ -98,17 +151,21 @@ def parse(argv):
     if not positional:
         raise UsageError(f"no command given; {USAGE}")
     if positional[0] not in COMMANDS or len(positional) > 1:
-        raise UsageError(f"unknown command {' '.join(positional)!r}; {USAGE}")
+        raise UsageError(f"unknown command {' '.join(positional)!r}{did_you_mean(positional[0], COMMANDS)}; {USAGE}")
     command = positional[0]
     usage = f"usage: {USAGES[command]}"
-    given = [name for name in ("config", "suite") if flag_values[name].present]
-    wanted = {"train": ["config"], "bench": ["suite"], "plot": []}[command]
+    given = [name for name in ("config", "suite", "workdir", "print-config", "dry-run") if flag_values[name].present]
+    wanted = {"train": ["config", "workdir", "print-config", "dry-run"], "bench": ["suite", "workdir"],
+              "plot": ["workdir"], "recipes": []}[command]
     for name in given:
         if name not in wanted:
             raise UsageError(f"{command} takes no --{name}; {usage}")
+    if command == "recipes":
+        return command, {}
     if command == "train" and flag_values["config"].value is None:
         raise UsageError(f"missing --config; {usage}")
-    if not flag_values.workdir:
+    print_config = command == "train" and flag_values["print-config"].value
+    if not flag_values.workdir and not print_config:
         raise UsageError(f"missing --workdir; {usage}")
     if command == "bench":
         if not flag_values.suite:
@@ -119,7 +176,8 @@ def parse(argv):
     if _config_failed(flag_values):
         _, error = _load_config_only(argv)
         raise UsageError(error or "the config file did not load with the given --config overrides")
-    return command, {"config": flag_values.config, "workdir": flag_values.workdir}
+    return command, {"config": flag_values.config, "workdir": flag_values.workdir, "print_config": print_config,
+                     "dry_run": flag_values["dry-run"].value}
 
 
 def _config_failed(flag_values) -> bool:
@@ -138,13 +196,18 @@ def _define_flags(argv) -> flags.FlagValues:
     flags.DEFINE_string("workdir", None, "The run's directory (train, plot) or the sweep's (bench).",
                         flag_values=flag_values)
     flags.DEFINE_string("suite", None, "bench: 'small', or a sweep recipe file.", flag_values=flag_values)
+    flags.DEFINE_boolean("print-config", False, "train: print the resolved config and stop.", flag_values=flag_values)
+    flags.DEFINE_boolean("dry-run", False, "train: build and check everything, train nothing.",
+                         flag_values=flag_values)
     return flag_values
 
 
 def _explain_bad_flag(flagname: str, argv) -> str:
     """Name the override that failed: a key the config does not have, or a value of the wrong type."""
     if not flagname.startswith("config."):
-        return f"unknown flag --{flagname}; {USAGE}"
+        known = [name for command in FLAGS.values() for name, _ in command]
+        known = sorted({name.split()[0].split("=")[0].lstrip("-") for name in known} - {"config.KEY"})
+        return f"unknown flag --{flagname}{did_you_mean(flagname, known)}; {USAGE}"
     config, error = _load_config_only(argv)
     if error is not None:
         return error
@@ -177,7 +240,10 @@ def _missing_key(config, key: str):
         if part not in keys:
             where = f"under {'.'.join(path)!r}" if path else "at the top level"
             listing = ", ".join(keys) if keys else "none: it is a value, not a section"
-            return f"unknown config key {key!r}; keys {where}: {listing}"
+            guess = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+            rest = key.split(".")[len(path) + 1:]
+            guess = f" (did you mean {'.'.join(path + guess + rest)!r}?)" if guess else ""
+            return f"unknown config key {key!r}{guess}; keys {where}: {listing}"
         node, path = node[part], path + [part]
     return None
 
@@ -226,22 +292,65 @@ def _first_line(err) -> str:
 
 
 def _help_text() -> str:
-    return "\n".join([
-        USAGE,
-        "",
-        "Train staged networks with local parallelism (Laskin, Metz et al., arXiv 2012.03837).",
-        "",
-        "  train                    train a recipe; a --workdir that holds checkpoints is resumed",
-        "  bench                    run a compute-efficiency sweep and write report.md with its plots",
-        "  plot                     render a training run's learning curves as PNG",
-        "",
-        "  --config FILE            a recipe: a Python file whose get_config() returns an ml_collections ConfigDict",
-        "  --config.KEY=VALUE       override one key, e.g. --config.method.name=chunked --config.num_steps=200",
-        "  --suite NAME|FILE        bench: 'small' (embedded data, CPU) or a sweep recipe in recipes/sweeps/",
-        "  --workdir DIR            the run's (or the sweep's) directory",
-        "",
-        "Recipes ship in recipes/; every key is listed in lpjax/config.py.",
-    ])
+    lines = [USAGE, "", "Train staged networks with local parallelism (Laskin, Metz et al., arXiv 2012.03837).", ""]
+    lines += [f"  {command:<24} {SUMMARIES[command]}" for command in COMMANDS]
+    lines += [f"  {'launch':<24} run one lpjax train as N local processes: {PROG} launch -n N -- train ..."]
+    lines += ["", f"{PROG} COMMAND --help lists a command's flags (and, for train, every config key).",
+              f"{PROG} recipes lists the recipes and sweep suites that ship with lpjax."]
+    return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+    """One command's usage, what it does, its flags and, for train, every config key with its default."""
+    lines = [f"usage: {USAGES[command]}", "", SUMMARIES[command][0].upper() + SUMMARIES[command][1:] + "."]
+    if FLAGS[command]:
+        lines += ["", "flags:"] + [f"  {flag:<24} {what}" for flag, what in FLAGS[command]]
+    if command == "train":
+        lines += ["", "config keys (--config.KEY=VALUE; default in brackets; details in lpjax/config.py):"]
+        lines += config_key_lines()
+    if command in ("train", "bench"):
+        names = catalog.recipe_names() if command == "train" else catalog.suite_names()
+        lines += ["", f"shipped {'recipes' if command == 'train' else 'suites'}: {', '.join(names) or 'none found'} "
+                  f"(lpjax recipes describes them)"]
+    return "\n".join(lines)
+
+
+def config_key_lines() -> list:
+    from . import config as config_module
+
+    described = _key_descriptions(config_module.__doc__ or "")
+    flat = _flatten(config_module.base_config().to_dict())
+    lines = []
+    for key, default in flat.items():
+        section = key.split(".")[0] + ".*"
+        what = described.get(key) or described.get(section) or ""
+        lines.append(f"  {key:<26} [{default!r}] {what}".rstrip())
+    return lines
+
+
+def _key_descriptions(doc: str) -> dict:
+    """``{key: description}`` from the key table in lpjax/config.py's docstring."""
+    found, key = {}, None
+    for line in doc.splitlines():
+        if line.startswith("    ") and not line.startswith("     "):
+            parts = line.strip().split(None, 1)
+            key = parts[0]
+            found[key] = parts[1] if len(parts) > 1 else ""
+        elif key and line.startswith("     ") and line.strip():
+            found[key] += " " + line.strip()
+        else:
+            key = None
+    return {k: " ".join(v.split()) for k, v in found.items()}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _fail(message: str, code: int = EXIT_USAGE, leave_at_once: bool = True) -> int:

@@ -10,6 +10,9 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     model.name              a model of lpjax.models.MODELS; every other key is a builder keyword.
                             num_classes / vocab_size / input_shape / in_channels / seq_len are
                             filled from the dataset unless set
+    model.builder           instead of a zoo model: your own builder, "my_pkg.blocks:build" or
+                            "path/to/file.py:build", a function taking the other model keys (and
+                            rngs) that returns an lpjax.models.Network (docs/extending.md)
     stages                  cut the model's layers into this many near-equal stages, or
     split_points            (tuple) the layer indices where stages 1.. start, or "balanced" /
                             "balanced_memory" with ``stages``: cut where the slowest stage (by
@@ -49,8 +52,12 @@ raises ``ConfigError`` with one line naming the problem and the fix; it writes n
 
 import copy
 import dataclasses
+import importlib
+import importlib.util
 import inspect
-from typing import Any
+import os
+import sys
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -65,7 +72,7 @@ from .errors import ConfigError
 from .layout import Layout
 from .methods import METHODS, make_method
 from .models import MODELS
-from .optimizer_config import build_optimizers
+from .optimizer_config import build_optimizers, learning_rate_schedules
 from .schedules import SCHEDULES, make_schedule
 from .staging import stage_network
 from .trainer import Trainer
@@ -80,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "seed": 0,
         "dataset": {"name": placeholder(str)},
-        "model": {"name": placeholder(str)},
+        "model": {"name": placeholder(str), "builder": placeholder(str)},
         "stages": placeholder(int),
         "split_points": placeholder(object),  # a tuple, or "balanced" / "balanced_memory"
         "method": {"name": placeholder(str), "window": placeholder(int), "loss_weights": placeholder(tuple)},
@@ -123,6 +130,7 @@ class Experiment:
     num_steps: int
     stage_layers: list  # (first, last) layer index of each stage
     split: Any = None  # lpjax.balance.BalancedSplit of a balanced cut (split_points="balanced"), else None
+    learning_rates: list | None = None  # per stage: update count -> learning rate (host side, for logs)
 
     def batches(self, start_step: int = 0):
         """The endless, seeded training stream, from global step ``start_step``."""
@@ -158,7 +166,9 @@ def build_experiment(config) -> Experiment:
                       num_classes=dataset.num_classes)
     _dry_run_checks(trainer, dataset, cfg["batch_size"])
     return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
-                      num_steps=num_steps, stage_layers=_stage_layers(model), split=model.split)
+                      num_steps=num_steps, stage_layers=stage_layers(model), split=model.split,
+                      learning_rates=learning_rate_schedules(ml_collections.ConfigDict(cfg["optimizer"]),
+                                                             num_stages, num_steps))
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -200,9 +210,12 @@ def _check_plain_values(cfg) -> None:
         raise ConfigError("training length is not set; set --config.num_steps=N or --config.num_epochs=N")
     dataset = required(cfg["dataset"]["name"], "dataset.name", f"choose one of {', '.join(sorted(DATASETS))}")
     one_of(dataset, sorted(DATASETS), "dataset")
-    model = required(cfg["model"]["name"], "model.name", f"choose one of {', '.join(sorted(MODELS))}")
-    one_of(model, sorted(MODELS), "model")
-    required(cfg["method"]["name"], "method.name", f"choose one of {', '.join(METHODS)}")
+    if cfg["model"]["builder"] is None:
+        model = required(cfg["model"]["name"], "model.name", f"choose one of {', '.join(sorted(MODELS))}, or set "
+                         f"model.builder='my_pkg.module:function' for your own")
+        one_of(model, sorted(MODELS), "model")
+    method = required(cfg["method"]["name"], "method.name", f"choose one of {', '.join(METHODS)}")
+    one_of(method, tuple(METHODS), "method")
     one_of(cfg["schedule"]["name"], tuple(SCHEDULES), "schedule")
     one_of(cfg["layout"]["executor"], EXECUTORS, "layout.executor")
     if cfg["stages"] is None and cfg["split_points"] is None:
@@ -228,11 +241,51 @@ def _data_derived_options(dataset) -> dict:
     return derived
 
 
+def load_builder(spec: str) -> Callable:
+    """The function named by ``"package.module:function"`` or ``"path/to/file.py:function"``; a module
+    that is not importable as it is is also looked for in the working directory."""
+    module_name, sep, attribute = str(spec).partition(":")
+    if not sep or not module_name or not attribute.isidentifier():
+        raise ConfigError(f"model.builder {spec!r} must look like 'my_pkg.blocks:build' or 'path/to/file.py:build'")
+    try:
+        if module_name.endswith(".py"):
+            path = os.path.abspath(module_name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"model.builder file {module_name!r} does not exist; give a path to a .py file")
+            module_spec = importlib.util.spec_from_file_location(f"_lpjax_builder_{abs(hash(path))}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as err:
+                if err.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+                    raise
+                sys.path.insert(0, os.getcwd())  # `lpjax train` run next to the user's own package
+                module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"model.builder {spec!r}: could not import {module_name}: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                          f"install the package or run from the directory that holds it") from None
+    builder = getattr(module, attribute, None)
+    if not callable(builder):
+        raise ConfigError(f"model.builder {spec!r}: {module_name} has no function {attribute!r}")
+    return builder
+
+
 def _build_network(cfg, dataset, rngs):
+    spec = cfg["model"]["builder"]
+    if spec is not None:
+        builder = load_builder(spec)
+        if cfg["model"]["name"] is None:
+            cfg["model"]["name"] = spec
+    else:
+        builder = MODELS[cfg["model"]["name"]]
     name = cfg["model"]["name"]
-    builder = MODELS[name]
     accepted = [p for p in inspect.signature(builder).parameters if p != "rngs"]
-    given = {key: value for key, value in cfg["model"].items() if key != "name" and value is not None}
+    given = {key: value for key, value in cfg["model"].items() if key not in ("name", "builder") and value is not None}
     unexpected = sorted(set(given) - set(accepted))
     if unexpected:
         raise ConfigError(f"model {name!r} has no option(s) {', '.join(unexpected)}; "
@@ -240,9 +293,13 @@ def _build_network(cfg, dataset, rngs):
     derived = {k: v for k, v in _data_derived_options(dataset).items() if k in accepted and k not in given}
     cfg["model"].update(derived)  # recorded in config.json, so the run says exactly what it built
     try:
-        return builder(**given, **derived, rngs=rngs)
+        network = builder(**given, **derived, rngs=rngs)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model {name!r}: {str(err).splitlines()[0]}") from None
+    if not all(hasattr(network, attr) for attr in ("layers", "make_head", "name")):
+        raise ConfigError(f"model {name!r}: the builder returned a {type(network).__name__}, not an "
+                          f"lpjax.models.Network(layers, make_head, natural_splits, name); see docs/extending.md")
+    return network
 
 
 def _cut(cfg, network, rngs, dataset=None):
@@ -300,7 +357,8 @@ def _dry_run_checks(trainer, dataset, batch_size) -> None:
     trainer.check_shapes(xs[0], ys[0])
 
 
-def _stage_layers(model) -> list:
+def stage_layers(model) -> list:
+    """``(first, last)`` layer index of each stage of a ``StagedModel``."""
     spans, start = [], 0
     for stage in model:
         spans.append((start, start + stage.num_layers - 1))

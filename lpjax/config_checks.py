@@ -1,5 +1,6 @@
 """Small validators for config values; each failure is one ConfigError line naming the key and the fix."""
 
+import difflib
 from collections.abc import Mapping, Sequence
 
 from .errors import ConfigError
@@ -42,9 +43,15 @@ def boolean(value, key: str) -> bool:
     return value
 
 
+def did_you_mean(word, choices) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``choices`` (difflib), or an empty string."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def one_of(value, choices, key: str):
     if value not in choices:
-        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+        raise ConfigError(f"unknown {key} {value!r}{did_you_mean(value, choices)}; choose one of {', '.join(choices)}")
     return value
 
 
@@ -81,7 +88,8 @@ def no_unknown_keys(given: Mapping, known: Mapping, *, open_sections=(), prefix:
     for key, value in given.items():
         path = f"{prefix}{key}"
         if key not in known:
-            raise ConfigError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key {path!r}{did_you_mean(key, known)}; known keys here: "
+                              f"{', '.join(sorted(known))}")
         if path in open_sections:
             continue
         if isinstance(known[key], Mapping):

@@ -1,4 +1,4 @@
-"""Cost accounting from XLA's own analysis of the compiled per-stage kernels (DESIGN.md §8).
+"""Cost accounting from XLA's own analysis of the compiled per-stage kernels (README.md, "Compute-efficiency curves").
 
 Every figure comes from ``jax.jit(f).lower(...).compile().cost_analysis()`` (FLOPs, bytes accessed)
 and ``.memory_analysis()`` (peak memory), lowered with abstract shapes, so nothing runs on the device.

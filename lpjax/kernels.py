@@ -1,4 +1,4 @@
-"""Pure per-stage update rules (DESIGN.md §3), shared unchanged by every executor.
+"""Pure per-stage update rules (docs/semantics.md, "The per-stage rule"), shared unchanged by every executor.
 
 Each stage owns a ``StageState`` (params, non-trainable state such as batch statistics, optimizer
 state and a gradient sum). Three pure functions act on it:

@@ -1,4 +1,4 @@
-"""Update methods (DESIGN.md §3) as data: which losses exist and how far each reaches back.
+"""Update methods (docs/semantics.md, "The per-stage rule") as data: which losses exist and how far each reaches back.
 
 With stages k = 0..K-1, stage k's loss ``L_k = λ_k ℓ(G_k(h_k), y)`` backpropagates through stages
 ``k-w+1 .. k``. So the gradient of stage k's body sums ``∂L_j/∂θ_k`` over the *sources*

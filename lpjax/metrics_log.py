@@ -83,6 +83,32 @@ class MetricsLog:
                     self._board.add_scalar(f"{split}/{name}", value, step)
             self._board.flush()
 
+    def write_config(self, config: dict) -> None:
+        """The resolved config into TensorBoard: as JSON text, and its scalar values as hparams
+        (compared across runs in TensorBoard's HParams tab against the final test figures)."""
+        if self._board is None:
+            return
+        from tensorboardX.summary import hparams
+
+        self._board.add_text("config", "```json\n" + json.dumps(finite_or_none(config), indent=2, default=str)
+                             + "\n```", 0)
+        flat = {key: value for key, value in _flatten(config).items()
+                if isinstance(value, (bool, int, float, str)) and value is not None}
+        experiment, session_start, session_end = hparams(flat, {"final/test_loss": None, "final/test_accuracy": None})
+        for summary in (experiment, session_start, session_end):
+            self._board.file_writer.add_summary(summary)
+        self._board.flush()
+
+    def write_final(self, step: int, test: list) -> None:
+        """The last head's test figures under the names ``write_config`` declared as hparam metrics."""
+        if self._board is None or not test:
+            return
+        for name in ("loss", "accuracy"):
+            value = finite_or_none(test[-1].get(name))
+            if value is not None:
+                self._board.add_scalar(f"final/test_{name}", value, step)
+        self._board.flush()
+
     def close(self) -> None:
         self._file.close()
         if self._board is not None:
@@ -93,6 +119,18 @@ class MetricsLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            flat[f"{prefix}{key}"] = str(list(value))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _records_up_to(path: str, step: int) -> list:

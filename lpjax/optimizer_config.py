@@ -47,6 +47,16 @@ def build_optimizers(opt, num_stages: int, num_steps: int, method):
     return [_transformation(opt, rate, num_steps) for rate in rates]
 
 
+def learning_rate_schedules(opt, num_stages: int, num_steps: int) -> list:
+    """Per stage, the learning rate as a function of the update count (what the logs report)."""
+    rates = number_list(opt.learning_rates, "optimizer.learning_rates") or [opt.learning_rate] * num_stages
+    schedules = []
+    for rate in rates:
+        schedule = _learning_rate(opt, rate, num_steps)
+        schedules.append(schedule if callable(schedule) else (lambda count, value=float(schedule): value))
+    return schedules
+
+
 def _learning_rate(opt, peak: float, num_steps: int):
     warmup = min(opt.warmup_steps, num_steps)
     if opt.decay == "cosine":

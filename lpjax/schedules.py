@@ -1,4 +1,4 @@
-"""Schedules as data: task tables ``clock x stage -> task | idle`` (DESIGN.md §4).
+"""Schedules as data: task tables ``clock x stage -> task | idle`` (docs/semantics.md).
 
 The table *is* the semantics. Every task says everything an executor needs: its stage and
 microbatch, its phase, which cotangent messages ``(loss j, microbatch m')`` it consumes, whether it

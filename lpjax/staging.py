@@ -23,8 +23,11 @@ class Stage(nnx.Module):
         return self.body(x)
 
 
-class StagedModel:
-    """An ordered list of stages; the last stage's head is the network's output head."""
+class StagedModel(nnx.Module):
+    """An ordered list of stages; the last stage's head is the network's output head.
+
+    An NNX module, so ``nnx.state(model)``, ``nnx.split`` and ``model.eval()`` work on the whole
+    model (its state is ``{"stages": {k: {"body": ..., "head": ...}}}``)."""
 
     def __init__(self, stages: Sequence[Stage]):
         self.split = None  # the lpjax.balance.BalancedSplit when stage_network balanced the cut
@@ -34,7 +37,7 @@ class StagedModel:
         for i, stage in enumerate(stages):
             if not isinstance(stage, Stage):
                 raise ConfigError(f"stage {i} is a {type(stage).__name__}; wrap it as lpjax.Stage(body=..., head=...)")
-        self.stages = stages
+        self.stages = nnx.List(stages)
 
     def __len__(self):
         return len(self.stages)

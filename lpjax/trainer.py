@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .errors import ConfigError
 from .executors import make_executor
@@ -11,6 +12,7 @@ from .losses import check_logits_match_labels, get_loss
 from .methods import Method
 from .optimizers import per_stage_optimizers
 from .schedules import Schedule, Sequential
+from .staging import Stage
 
 
 class Trainer:
@@ -18,6 +20,11 @@ class Trainer:
 
     ``layout=None`` runs the reference executor on one device. ``step`` never waits on the device:
     the metrics it returns are device arrays.
+
+    The trainer trains its own copy of ``model``'s arrays (the executors donate their buffers to XLA,
+    which would otherwise delete the caller's), so ``model`` keeps working and one model can start
+    several trainers. ``export()`` writes the trained parameters and statistics back into ``model``;
+    ``lpjax.fit`` does so when it ends.
     """
 
     def __init__(self, model, *, method: Method, optimizer, loss="softmax_cross_entropy",
@@ -33,14 +40,14 @@ class Trainer:
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
         optimizers = per_stage_optimizers(optimizer, len(model), method)
-        self.kernels = [StageKernels(stage, k, len(model), method, tx, self.loss_fn)
+        self.kernels = [StageKernels(_copy_of(stage), k, len(model), method, tx, self.loss_fn)
                         for k, (stage, tx) in enumerate(zip(model, optimizers))]
         self.executor = make_executor(self.kernels, self.schedule, layout)
         self.steps = 0
         self.stage_examples = [0] * len(model)  # examples each stage has run forward so far
         self._done_seen, self._microbatch_rows = [0] * len(model), 0
         self._checked_shapes = False
-        self._predict = {}
+        self._predict, self._logits = {}, {}
 
     @property
     def num_stages(self):
@@ -52,6 +59,13 @@ class Trainer:
 
     @property
     def stage_states(self):
+        """Each stage's live ``StageState`` (params, statistics, optimizer state), on its devices.
+
+        Mid-pipeline with a streaming schedule: between ``step`` calls some microbatches are still in
+        flight, so stage k may have run microbatches that stage k+1 has not yet, and cotangents for
+        already-run microbatches may not have reached it. After ``drain()`` (or ``flush()``), and
+        always with the sequential and gpipe schedules, every fed microbatch has reached every stage.
+        ``export()`` and ``predict()`` drain first."""
         return self.executor.states
 
     # -- training ----------------------------------------------------------------------------
@@ -126,6 +140,42 @@ class Trainer:
                 check_logits_match_labels(logits.shape, np.shape(y), self.num_classes, where=f"stage {k}'s head")
         self._checked_shapes = True
 
+    # -- the trained model -------------------------------------------------------------------
+    def export(self):
+        """The user's ``StagedModel`` (the one this trainer was built from) holding the trained
+        parameters and non-trainable state (batch statistics), in eval mode, ready for ``model(x)``
+        and ``nnx.state(model)``; returns it.
+
+        Drains first (finishing in-flight microbatches, which does not change training: see
+        docs/semantics.md). The arrays written into the model are copies on the default device, so
+        further training does not touch them; call ``export()`` again for newer parameters. In a
+        multi-process run every process must call it (stages are gathered to every host).
+        """
+        self.drain()
+        device = jax.devices()[0]
+        for stage, state in zip(self.model, self.executor.host_states()):
+            for part in ("body", "head"):
+                arrays = jax.device_put({"params": state.params[part], "rest": state.rest[part]}, device)
+                nnx.update(getattr(stage, part), arrays["params"], arrays["rest"])
+            stage.eval()
+        return self.model
+
+    def predict(self, x):
+        """Anytime predictions: the logits of every stage's head on the inputs ``x``, in stage order
+        (device arrays), computed in eval mode with the current stage states.
+
+        Works at any point, also in the middle of streaming training: it drains first, which finishes
+        the in-flight microbatches and does not change the training result (docs/semantics.md). Equal
+        to ``self.export()(x)`` without touching the user's model."""
+        self.drain()
+        place, outputs, h = self.executor.placement, [], x
+        for k in range(self.num_stages):
+            if k not in self._logits:
+                self._logits[k] = jax.jit(self.kernels[k].predict)
+            h, logits = self._logits[k](self.executor.states[k], place.put_state(k, h))
+            outputs.append(logits)
+        return outputs
+
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, x, y, batch_size: int = 500):
         """Loss and accuracy of every stage's head on held-out arrays (anytime prediction)."""
@@ -189,3 +239,9 @@ class Trainer:
 
             self._predict[k] = jax.jit(predict)
         return self._predict[k]
+
+
+def _copy_of(stage: Stage) -> Stage:
+    """The stage with fresh copies of all its arrays: what the trainer trains (and donates)."""
+    graphdef, state = nnx.split(stage)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

@@ -117,7 +117,7 @@ def test_plot_run_draws_one_training_run(bench):
     _, workdir, summary = bench
     run_dir = os.path.join(workdir, "runs", summary["best"][0]["run_id"])
     paths = plot_run(run_dir)
-    assert paths == [os.path.join(run_dir, "curves.png")]
+    assert paths == [os.path.join(run_dir, "curves.png"), os.path.join(run_dir, "curves.svg")]
     with open(paths[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(lpjax.ConfigError, match="no metrics.jsonl"):

@@ -68,6 +68,9 @@ BAD_INPUTS = [
     ("unknown non-finite policy", ["--config.nonfinite=ignore"], ["unknown nonfinite 'ignore'", "skip"]),
     ("flag of the wrong type", ["--config.checkpoint.asynchronous=maybe"], ["asynchronous", "maybe"]),
     ("negative checkpoint interval", ["--config.checkpoint.every_steps=-5"], ["checkpoint.every_steps", ">= 0"]),
+    ("misspelled section", ["--config.optimzer.learning_rate=0.1"], ["did you mean 'optimizer.learning_rate'?"]),
+    ("misspelled method", ["--config.method.name=gredy"], ["did you mean 'greedy'?"]),
+    ("misspelled flag", ["--workdri=somewhere"], ["unknown flag --workdri", "did you mean 'workdir'?"]),
 ]
 
 

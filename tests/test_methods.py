@@ -1,4 +1,4 @@
-"""Each method's update equals an independent hand-written JAX computation of DESIGN.md §3."""
+"""Each method's update equals an independent hand-written JAX computation of the rule in docs/semantics.md."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Properties of the schedules' task tables (DESIGN.md §4), checked without running anything.
+"""Properties of the schedules' task tables (docs/semantics.md), checked without running anything.
 
 Every table is checked over a grid of stage counts, microbatches per step, steps and with or without
 a backward phase, so a schedule change that breaks an ordering or a statistic for one shape shows up.

@@ -57,6 +57,19 @@ class Dataset:
     task: str
     sample_seed: int = 0  # seeds the "train" evaluation sample
 
+    @classmethod
+    def from_arrays(cls, train_x, train_y, test_x, test_y, *, name: str = "arrays", num_classes: int | None = None,
+                    task: str = CLASSIFICATION) -> "Dataset":
+        """Your own arrays as a data source (``lpjax.fit``): integer labels, ``num_classes`` defaults
+        to the largest label + 1."""
+        train_x, train_y, test_x, test_y = (np.asarray(a) for a in (train_x, train_y, test_x, test_y))
+        if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+            raise ValueError(f"inputs and labels differ in length: train {len(train_x)} vs {len(train_y)}, "
+                             f"test {len(test_x)} vs {len(test_y)}")
+        if num_classes is None:
+            num_classes = int(max(train_y.max(), test_y.max())) + 1
+        return cls(name, train_x, train_y, test_x, test_y, num_classes, tuple(train_x.shape[1:]), task)
+
     @property
     def num_train(self) -> int:
         return len(self.train_x)

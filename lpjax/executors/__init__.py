@@ -1,4 +1,4 @@
-"""Executors: where and how a schedule's tasks run. See DESIGN.md §4."""
+"""Executors: where and how a schedule's tasks run. docs/semantics.md says what each one must compute."""
 
 from ..errors import ConfigError
 from .dataflow import DataflowExecutor

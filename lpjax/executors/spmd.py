@@ -1,4 +1,4 @@
-"""All stages in one jitted program over the mesh's ``stage`` axis (DESIGN.md §4, SPMD).
+"""All stages in one jitted program over the mesh's ``stage`` axis (SPMD; the rules it keeps are in docs/semantics.md).
 
 The host lowers the schedule's clocks to static per-clock arrays (``lowering.py``: opcode, mailbox
 slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule is on the device::

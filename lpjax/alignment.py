@@ -42,15 +42,14 @@ def _make_probe(kernels, method):
 
     def body(k, states, bp, h):
         kern = kernels[k]
-        return kern._body(kern.body_def, bp, states[k].rest["body"], h)[0]
+        return kern.apply_body(bp, states[k].rest["body"], h)[0]
 
     def loss_through(first, last, states, body_params, h, y, weight):
         """``weight · L_last`` with the gradient flowing through the bodies of stages first..last."""
         for offset, bp in enumerate(body_params):
             h = body(first + offset, states, bp, h)
         kern = kernels[last]
-        logits, _ = kern._head(kern.head_def, states[last].params["head"], states[last].rest["head"], h)
-        return weight * kern.loss_fn(logits, y)
+        return weight * kern.head_loss(states[last].params["head"], states[last].rest["head"], h, y)[0]
 
     def probe(states, x, y):
         bodies = [s.params["body"] for s in states]

@@ -18,7 +18,8 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
                             "balanced_memory" with ``stages``: cut where the slowest stage (by
                             XLA FLOPs, heads included) or the largest (by memory) is cheapest
                             (lpjax.balance); the run header prints each stage's share
-    method.name             backprop | greedy | chunked | overlapping
+    method.name             a registered method (lpjax.methods.METHODS): backprop | greedy |
+                            chunked | overlapping, or your own (docs/methods.md)
     method.window           overlapping only (default 2)
     method.loss_weights     optional, one per stage
     optimizer.*             see lpjax.optimizer_config

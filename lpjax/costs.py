@@ -200,7 +200,7 @@ def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
     body_rest, head_rest = rest["body"], rest["head"]
 
     def body(bp, br, inp):
-        return kern._body(kern.body_def, bp, br, inp)[0]
+        return kern.apply_body(bp, br, inp)[0]
 
     def body_and_grads(bp, br, inp, cotangent, with_input):
         if not with_input:
@@ -211,8 +211,7 @@ def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
 
     def head_loss_grads(hp, hr, h, labels):
         def loss(p, hidden):
-            logits, _ = kern._head(kern.head_def, p, hr, hidden)
-            return kern.weight * kern.loss_fn(logits, labels)
+            return kern.weight * kern.head_loss(p, hr, hidden, labels)[0]
         return jax.value_and_grad(loss, argnums=(0, 1))(hp, h)
 
     h = jax.eval_shape(body, params["body"], body_rest, x)
@@ -257,7 +256,7 @@ def step_cost(trainer, x, y, *, compile: bool = True) -> StepCost:
         cost, h = stage_costs(kern, state, h, y, compile=compile)
         stages.append(cost)
     return StepCost(method=trainer.method.name, batch=x.shape[0], stages=stages,
-                    data_parallel_only=trainer.method.window is None)
+                    data_parallel_only=trainer.method.needs_flush)
 
 
 def experiment_cost(experiment, batch: int = DEFAULT_COST_BATCH, *, compile: bool = True) -> StepCost:

@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 
 from .losses import accuracy
+from .methods import ONE_TREE
 
 
 @jax.tree_util.register_dataclass
@@ -83,7 +84,7 @@ class StageKernels:
         self.sources = method.sources(k, num_stages)
         self.passes_on = {j: method.passes_on(j, k, num_stages) for j in self.sources}
         self.sends_own_gradient = self.trains_head and method.passes_on(k, k, num_stages)
-        self.one_tree = method.window is None  # backprop: one optax tree over all stages
+        self.one_tree = method.optimizer == ONE_TREE  # backprop: one optax tree over all stages
         stage.eval()
         self.body_eval_def, _, _ = _split(stage.body)
         self.head_eval_def, _, _ = _split(stage.head)
@@ -108,6 +109,17 @@ class StageKernels:
             grad_norm=jnp.zeros((), jnp.float32),
             skipped=jnp.zeros((), jnp.int32),
         )
+
+    # -- public surface: the body and the local objective, for cost accounting, probes and methods ---
+    def apply_body(self, body_params, body_rest, x, *, train: bool = True):
+        """The stage's body on ``x``; returns ``(h, new_body_rest)`` (batch statistics updated in train mode)."""
+        return self._body(self.body_def if train else self.body_eval_def, body_params, body_rest, x)
+
+    def head_loss(self, head_params, head_rest, h, y, *, train: bool = True):
+        """The stage's local objective *unweighted*: ``(ℓ(G_k(h), y), (logits, new_head_rest))``.
+        The method's weight λ_k is ``self.weight``; the update uses ``λ_k · ℓ``."""
+        logits, new_rest = self._head(self.head_def if train else self.head_eval_def, head_params, head_rest, h)
+        return self.loss_fn(logits, y), (logits, new_rest)
 
     # -- pieces ------------------------------------------------------------------------------
     def _body(self, graphdef, body_params, body_rest, x):
@@ -139,18 +151,18 @@ class StageKernels:
         needs_input_grad = self.sends_own_gradient
         if not needs_input_grad:
             x = jax.lax.stop_gradient(x)
-        body_fn = lambda bp, inp: self._body(self.body_def, bp, rest["body"], inp)
+        body_fn = lambda bp, inp: self.apply_body(bp, rest["body"], inp)
         h, body_vjp, new_body_rest = jax.vjp(body_fn, params["body"], x, has_aux=True)
         new_rest = dict(rest, body=_keep_if_finite(new_body_rest, rest["body"]))
         grads = jax.tree.map(jnp.zeros_like, state.grad_sum)
         own_dx, metrics = None, self._no_metrics()
         if self.trains_head:
-            def head_loss(hp, hidden):
-                logits, head_rest = self._head(self.head_def, hp, rest["head"], hidden)
-                return self.weight * self.loss_fn(logits, y), (logits, head_rest)
+            def weighted_loss(hp, hidden):
+                loss, aux = self.head_loss(hp, rest["head"], hidden, y)
+                return self.weight * loss, aux
 
             (_, (logits, new_head_rest)), (head_grad, dh) = jax.value_and_grad(
-                head_loss, argnums=(0, 1), has_aux=True)(params["head"], h)
+                weighted_loss, argnums=(0, 1), has_aux=True)(params["head"], h)
             body_grad, dx = body_vjp(dh)
             grads = {"body": body_grad, "head": head_grad}
             new_rest["head"] = _keep_if_finite(new_head_rest, rest["head"])
@@ -225,6 +237,6 @@ class StageKernels:
     # -- evaluation --------------------------------------------------------------------------
     def predict(self, state: StageState, x):
         """Eval-mode body and head; returns ``(h, logits)``."""
-        h, _ = self._body(self.body_eval_def, state.params["body"], state.rest["body"], x)
+        h, _ = self.apply_body(state.params["body"], state.rest["body"], x, train=False)
         logits, _ = self._head(self.head_eval_def, state.params["head"], state.rest["head"], h)
         return h, logits

@@ -1,33 +1,64 @@
-"""Update methods (docs/semantics.md, "The per-stage rule") as data: which losses exist and how far each reaches back.
+"""Update methods (docs/semantics.md, "The per-stage rule") as data: an open, public protocol plus a
+registry of names.
 
 With stages k = 0..K-1, stage k's loss ``L_k = λ_k ℓ(G_k(h_k), y)`` backpropagates through stages
 ``k-w+1 .. k``. So the gradient of stage k's body sums ``∂L_j/∂θ_k`` over the *sources*
-``j = k .. k+w-1`` (those with λ_j ≠ 0), and its head gets ``∂L_k/∂φ_k``. Backprop is the window that
-spans the whole network with only the last loss switched on.
+``j = k .. k+w-1`` (those with λ_j ≠ 0), and its head gets ``∂L_k/∂φ_k``.
 
-A method knows nothing about devices or order; the kernels turn it into per-stage functions and the
-schedules decide when they run.
+A ``Method`` declares everything the kernels, schedules and executors need, and nothing else:
+
+- ``losses`` and ``loss_weights``: which stages' heads carry a loss and with what weight λ_k
+  (``EVERY_STAGE``: one per stage, weight 1 unless given; ``LAST_STAGE``: only the final head);
+- ``window``: how many stages each loss's gradient reaches, counting its own (``None``: every stage
+  before it);
+- ``needs_flush``: whether the gradient of a step only exists once the whole pipeline has run, so the
+  schedule must drain before the update;
+- ``optimizer``: how the optimizer is split (``PER_STAGE``: each stage its own optax state and its
+  own finite check; ``ONE_TREE``: one optax tree over the whole model, global norm across stages);
+- ``one_layer_per_stage``: a structural requirement checked against the model.
+
+Backprop is not a special case: it is ``losses=LAST_STAGE, window=None, needs_flush=True,
+optimizer=ONE_TREE``. A method knows nothing about devices or order; the kernels turn it into
+per-stage functions and the schedules decide when they run.
+
+``register_method(name)`` adds a factory to ``METHODS``; config strings (``method.name``) are looked up
+there, and the factory validates its own options (``window``, ``loss_weights``). See
+``docs/methods.md`` for writing your own.
 """
 
 import dataclasses
 
 from .errors import ConfigError
 
+EVERY_STAGE, LAST_STAGE = "every_stage", "last_stage"
+PER_STAGE, ONE_TREE = "per_stage", "one_tree"
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    window: int | None  # None: the whole network (backprop)
-    loss_weights: tuple[float, ...] | None = None
+    window: int | None = 1  # stages each loss's gradient reaches (its own included); None: all before it
+    losses: str = EVERY_STAGE
+    loss_weights: tuple[float, ...] | None = None  # EVERY_STAGE only; default 1 for every stage
     one_layer_per_stage: bool = False
-    needs_flush: bool = False  # backprop's gradient only exists after the whole pipeline has run
+    needs_flush: bool = False
+    optimizer: str = PER_STAGE
 
     def __post_init__(self):
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
+                                        or self.window < 1):
             raise ConfigError(f"window must be an integer >= 1, got {self.window!r}; the paper's overlapping window is 2")
+        if self.losses not in (EVERY_STAGE, LAST_STAGE):
+            raise ConfigError(f"losses must be {EVERY_STAGE!r} or {LAST_STAGE!r}, got {self.losses!r}")
+        if self.optimizer not in (PER_STAGE, ONE_TREE):
+            raise ConfigError(f"optimizer must be {PER_STAGE!r} or {ONE_TREE!r}, got {self.optimizer!r}")
+        if self.losses == LAST_STAGE and self.loss_weights is not None:
+            raise ConfigError(f"{self.name} uses only the last head's loss; drop loss_weights or pick a local method")
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
 
     def weights(self, num_stages: int) -> tuple[float, ...]:
-        if self.window is None:
+        if self.losses == LAST_STAGE:
             return (0.0,) * (num_stages - 1) + (1.0,)
         if self.loss_weights is None:
             return (1.0,) * num_stages
@@ -65,44 +96,58 @@ class Method:
         self.weights(len(model))
 
 
-def Backprop() -> Method:
-    """Global backpropagation of the last head's loss; the baseline."""
-    return Method("backprop", window=None, needs_flush=True)
+METHODS: dict = {}  # name -> factory(*, window=None, loss_weights=None) -> Method
 
 
-def Greedy(loss_weights=None) -> Method:
-    """Window 1 with one layer per stage (greedy layer-wise training)."""
-    return Method("greedy", window=1, loss_weights=_tuple(loss_weights), one_layer_per_stage=True)
+def register_method(name: str):
+    """Decorator: make ``factory`` available as ``method.name=<name>`` in configs and sweeps."""
+    def register(factory):
+        if name in METHODS and METHODS[name] is not factory:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = factory
+        return factory
+    return register
 
 
-def Chunked(loss_weights=None) -> Method:
-    """Window 1 with several layers per stage; the number of chunks is the number of stages."""
-    return Method("chunked", window=1, loss_weights=_tuple(loss_weights))
-
-
-def Overlapping(window: int = 2, loss_weights=None) -> Method:
-    """Each loss reaches back through ``window`` stages (the paper's overlapping variant uses 2)."""
-    if not isinstance(window, int) or window < 2:
-        raise ConfigError(f"overlapping needs window >= 2, got {window!r}; window 1 is Chunked")
-    return Method("overlapping", window=window, loss_weights=_tuple(loss_weights))
-
-
-def _tuple(weights):
-    return None if weights is None else tuple(weights)
-
-
-METHODS = {"backprop": Backprop, "greedy": Greedy, "chunked": Chunked, "overlapping": Overlapping}
-
-
-def make_method(name: str, *, window: int | None = None, loss_weights=None) -> Method:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    if name == "backprop":
-        if loss_weights is not None:
-            raise ConfigError("backprop uses only the last head's loss; drop loss_weights or pick a local method")
-        return Backprop()
-    if name == "overlapping":
-        return Overlapping(window=2 if window is None else window, loss_weights=loss_weights)
+def _no_window(name, window):
     if window not in (None, 1):
         raise ConfigError(f"{name} always uses window 1, got window={window}; use method 'overlapping' for w >= 2")
-    return METHODS[name](loss_weights=loss_weights)
+
+
+@register_method("backprop")
+def Backprop(*, window=None, loss_weights=None) -> Method:
+    """Global backpropagation of the last head's loss; the baseline."""
+    if window is not None:
+        raise ConfigError(f"backprop's gradient reaches every stage, got window={window}; drop method.window")
+    return Method("backprop", window=None, losses=LAST_STAGE, loss_weights=loss_weights, needs_flush=True,
+                  optimizer=ONE_TREE)
+
+
+@register_method("greedy")
+def Greedy(loss_weights=None, *, window=None) -> Method:
+    """Window 1 with one layer per stage (greedy layer-wise training)."""
+    _no_window("greedy", window)
+    return Method("greedy", window=1, loss_weights=loss_weights, one_layer_per_stage=True)
+
+
+@register_method("chunked")
+def Chunked(loss_weights=None, *, window=None) -> Method:
+    """Window 1 with several layers per stage; the number of chunks is the number of stages."""
+    _no_window("chunked", window)
+    return Method("chunked", window=1, loss_weights=loss_weights)
+
+
+@register_method("overlapping")
+def Overlapping(window: int | None = 2, loss_weights=None) -> Method:
+    """Each loss reaches back through ``window`` stages (the paper's overlapping variant uses 2)."""
+    window = 2 if window is None else window
+    if not isinstance(window, int) or window < 2:
+        raise ConfigError(f"overlapping needs window >= 2, got {window!r}; window 1 is Chunked")
+    return Method("overlapping", window=window, loss_weights=loss_weights)
+
+
+def make_method(name: str, **options) -> Method:
+    """The registered method ``name``, built with the options that are set (None means the default)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](**{key: value for key, value in options.items() if value is not None})

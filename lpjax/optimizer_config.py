@@ -10,6 +10,7 @@ import optax
 
 from .config_checks import non_negative_int, non_negative_number, number_list, one_of, positive_number
 from .errors import ConfigError
+from .methods import ONE_TREE
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DECAYS = ("constant", "cosine")
@@ -28,7 +29,7 @@ def check_optimizer_config(opt, num_stages: int, method) -> None:
     rates = number_list(opt.learning_rates, "optimizer.learning_rates")
     if rates is None:
         return
-    if method.window is None:
+    if method.optimizer == ONE_TREE:
         raise ConfigError("backprop trains the whole model with one optimizer; drop optimizer.learning_rates "
                           "or pick a local method")
     if len(rates) != num_stages:

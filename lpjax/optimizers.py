@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import optax
 
 from .errors import ConfigError
+from .methods import ONE_TREE
 
 
 def per_stage_optimizers(optimizer, num_stages: int, method) -> list:
@@ -12,7 +13,7 @@ def per_stage_optimizers(optimizer, num_stages: int, method) -> list:
         return [optimizer] * num_stages
     if isinstance(optimizer, Sequence) and not isinstance(optimizer, str):
         optimizers = list(optimizer)
-        if method.window is None:
+        if method.optimizer == ONE_TREE:
             raise ConfigError("backprop uses one optimizer for the whole model; pass a single optax transformation")
         if len(optimizers) != num_stages:
             raise ConfigError(

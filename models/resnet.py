@@ -9,14 +9,19 @@ from flax import nnx
 
 from .base import Network, check_head_index
 from .conv_blocks import BasicBlock, Bottleneck, CifarStem, ImageNetStem
-from .heads import PoolLinear
+from .heads import DeepPoolHead, PoolLinear, aux_head_depth, check_aux_head
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def _pool_head(channels, num_classes, head_conv, i, rngs):
+def _pool_head(channels, num_classes, head_conv, aux, i, rngs):
     check_head_index(i, len(channels))
-    return PoolLinear(channels[i], num_classes, hidden_conv=head_conv, rngs=rngs)
+    depth = aux_head_depth(aux.get("head_depth", 0), aux.get("head_pyramid", False), i, len(channels))
+    last = i == len(channels) - 1
+    if depth == 0 and (last or not (aux.get("head_norm") or aux.get("head_temperature"))):
+        return PoolLinear(channels[i], num_classes, hidden_conv=head_conv, rngs=rngs)
+    return DeepPoolHead(channels[i], num_classes, depth=depth, width=aux.get("head_width"),
+                        norm=aux.get("head_norm", False), temperature=aux.get("head_temperature", False), rngs=rngs)
 
 
 def resnet(
@@ -33,6 +38,11 @@ def resnet(
     head_conv: int = 0,
     name: str = "resnet",
     rngs: nnx.Rngs,
+    head_depth: int = 0,
+    head_width: int | None = None,
+    head_norm: bool = False,
+    head_temperature: bool = False,
+    head_pyramid: bool = False,
 ) -> Network:
     """Generic ResNet builder.
 
@@ -44,11 +54,18 @@ def resnet(
     ``width`` output channels. ``shortcut`` is ``"projection"`` (1x1 ConvBN) or
     ``"pad"`` (He et al.'s parameter-free option A).
 
+    ``aux_head`` configures the auxiliary heads (never the output head): ``head_depth`` conv
+    layers of ``head_width`` channels before pooling, ``head_norm``, ``head_temperature`` (learned
+    temperature and bias) and ``head_pyramid`` (AugLocal: depth shrinks towards the output); see
+    ``models.heads.DeepPoolHead``.
+
     ``natural_splits`` are the first blocks of stages 2.., i.e. the layers that
     downsample; cutting there gives one stage per resolution, with the stem
     riding along in the first stage.
     """
     block_cls = BLOCKS[block] if isinstance(block, str) else block
+    aux_head = check_aux_head(dict(head_depth=head_depth, head_width=head_width, head_norm=head_norm,
+                                   head_temperature=head_temperature, head_pyramid=head_pyramid))
     if stage_widths is None:
         stage_widths = [width * 2**s for s in range(len(stage_sizes))]
     if len(stage_widths) != len(stage_sizes):
@@ -73,7 +90,7 @@ def resnet(
 
     return Network(
         layers=layers,
-        make_head=functools.partial(_pool_head, tuple(channels), num_classes, head_conv),
+        make_head=functools.partial(_pool_head, tuple(channels), num_classes, head_conv, aux_head),
         natural_splits=tuple(natural_splits),
         name=name,
     )
@@ -123,7 +140,8 @@ def resnet50(*, num_classes: int = 1000, in_channels: int = 3, width: int = 64,
 
 def mnist_resnet(*, num_classes: int = 10, in_channels: int = 1, width: int = 16,
                  blocks_per_stage: Sequence[int] = (2, 2, 2, 2), head_conv: int = 0,
-                 rngs: nnx.Rngs) -> Network:
+                 rngs: nnx.Rngs, head_depth: int = 0, head_width: int | None = None, head_norm: bool = False,
+                 head_temperature: bool = False, head_pyramid: bool = False) -> Network:
     """A small ResNet for 28x28 digits that trains in about a minute on two CPU cores.
 
     The stride-2 stem brings 28x28 down to 14x14 at once (full-resolution convs
@@ -139,4 +157,6 @@ def mnist_resnet(*, num_classes: int = 10, in_channels: int = 1, width: int = 16
     return resnet(tuple(blocks_per_stage), "basic", num_classes=num_classes,
                   in_channels=in_channels, width=width,
                   stage_widths=[width * m for m in multipliers], stem_stride=2,
-                  head_conv=head_conv, name="mnist_resnet", rngs=rngs)
+                  head_conv=head_conv, name="mnist_resnet", rngs=rngs,
+                  head_depth=head_depth, head_width=head_width, head_norm=head_norm,
+                  head_temperature=head_temperature, head_pyramid=head_pyramid)

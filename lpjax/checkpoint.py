@@ -22,19 +22,28 @@ step's first microbatch overwrites the accumulator anyway.
 """
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import shutil
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from . import workdir as files
 from .errors import NonFiniteError
+from .workdir import CORRUPT as CORRUPT_DIR
 
 SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
-CORRUPT_DIR = "corrupt"
+# What must be finite to be saved or restored. grad_norm is a logged metric: under nonfinite=skip it is
+# NaN right after a skipped update, and that must not block the save (the update itself never landed).
+GUARDED_FIELDS = ("params", "rest", "opt_state")
+META_FINGERPRINT = "meta_fingerprint"
 
 
 class CheckpointError(Exception):
@@ -83,11 +92,14 @@ def _bits(flat):
 @jax.jit
 def _summary(tree):
     """``(fingerprint, finite)``: a position-weighted sum of the bits of every leaf, modulo 2**32
-    (any single changed word changes it), and whether every floating leaf is finite."""
+    (any single changed word changes it), and whether every floating leaf of the guarded fields is
+    finite."""
     total, finite = jnp.uint32(0), jnp.bool_(True)
-    for i, leaf in enumerate(jax.tree.leaves(tree)):
+    # the leaves in jax.tree.leaves(tree)'s order (dict keys sorted), each with its field's name
+    leaves = [(name, leaf) for name in sorted(tree) for leaf in jax.tree.leaves(tree[name])]
+    for i, (name, leaf) in enumerate(leaves):
         flat = jnp.ravel(leaf)
-        if jnp.issubdtype(flat.dtype, jnp.floating):
+        if jnp.issubdtype(flat.dtype, jnp.floating) and name in GUARDED_FIELDS:
             finite &= jnp.all(jnp.isfinite(flat))
         weights = jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(2 * i + 1)
         total += jnp.sum(_bits(flat) * weights, dtype=jnp.uint32)
@@ -105,6 +117,18 @@ def state_summary(state) -> tuple:
     return state_summaries([state])[0]
 
 
+def meta_fingerprint(meta: dict) -> str:
+    """A SHA-256 of ``meta``'s canonical JSON, without its own fingerprint: the step, the data position
+    and the state fingerprints are what resume trusts, so an edited meta must not load."""
+    body = {key: value for key, value in meta.items() if key != META_FINGERPRINT}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _json_view(meta: dict) -> dict:
+    """``meta`` as it reads back from JSON (tuples as lists), so saved and restored fingerprints agree."""
+    return json.loads(json.dumps(meta, default=str, allow_nan=False))
+
+
 def _warn(message: str) -> None:
     print(f"lpjax: warning: {message}", file=sys.stderr, flush=True)
 
@@ -117,6 +141,9 @@ class Checkpointer:
         self.names = tuple(f"stage{k}" for k in range(num_stages))
         self.multiprocess = jax.process_count() > 1
         self.writer = jax.process_index() == 0
+        self._pending = None  # (step, bytes) of an asynchronous save that may still fail
+        _quiet_orbax_errors()
+        _silence_abandoned_io_errors()
         if not self.multiprocess:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                                    cleanup_tmp_directories=True, create=True)
@@ -131,7 +158,8 @@ class Checkpointer:
         handlers = {name: ocp.StandardCheckpointHandler(multiprocessing_options=alone) for name in self.names}
         handlers["meta"] = ocp.JsonCheckpointHandler(multiprocessing_options=alone)
         if self.writer:
-            os.makedirs(self.directory, exist_ok=True)  # orbax will not create it for a subset of processes
+            with self._writing("the checkpoint directory"):
+                os.makedirs(self.directory, exist_ok=True)  # orbax will not create it for a subset of processes
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=False,
                                                cleanup_tmp_directories=self.writer, read_only=not self.writer,
                                                multiprocessing_options=alone)
@@ -151,11 +179,27 @@ class Checkpointer:
         if bad:
             raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
                                  f"nothing was checkpointed")
-        meta = dict(meta, step=step, fingerprints=[f for f, _ in summaries])
+        meta = _json_view(dict(meta, step=step, fingerprints=[f for f, _ in summaries]))
+        meta[META_FINGERPRINT] = meta_fingerprint(meta)
         if self.multiprocess and not self.writer:
             return
-        items = {name: ocp.args.StandardSave(_storable(s)) for name, s in zip(self.names, states)}
-        self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
+        self._finish_pending()  # orbax's save waits for the previous one anyway; this names its failure
+        trees = [_storable(s) for s in states]
+        size = sum(int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(trees))
+        items = {name: ocp.args.StandardSave(tree) for name, tree in zip(self.names, trees)}
+        with self._writing(f"the checkpoint at step {step}", size):
+            self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
+        self._pending = (step, size)
+
+    def _writing(self, what, size=None):
+        return files.writing(what, self.directory, os.path.dirname(self.directory), size)
+
+    def _finish_pending(self) -> None:
+        """Wait for the save in flight; a failure (a full disk) becomes one ``WriteError`` naming its step."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with self._writing(f"the checkpoint at step {pending[0]}", pending[1]):
+                self.manager.wait_until_finished()
 
     def restore_latest(self, like_states):
         """``(states, meta)`` from the newest checkpoint that reads back intact, placed like
@@ -175,8 +219,12 @@ class Checkpointer:
     def _restore(self, step, like_states):
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if meta is None or meta.get("step") != step or len(meta.get("fingerprints", ())) != len(self.names):
-                raise CheckpointError("its meta item is missing or incomplete")
+            if not isinstance(meta, dict) or META_FINGERPRINT not in meta:
+                raise CheckpointError("its meta item is missing or has no fingerprint")
+            if meta[META_FINGERPRINT] != meta_fingerprint(meta):
+                raise CheckpointError("its meta item does not match the fingerprint saved with it")
+            if meta.get("step") != step or len(meta.get("fingerprints", ())) != len(self.names):
+                raise CheckpointError("its meta item is incomplete")
             targets = [_host_target(s) if self.multiprocess else _abstract(s) for s in like_states]
             items = {name: ocp.args.StandardRestore(t) for name, t in zip(self.names, targets)}
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -194,13 +242,74 @@ class Checkpointer:
     def _quarantine(self, step) -> str:
         source = os.path.join(self.directory, str(step))
         target = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR, str(step))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        shutil.move(source, target)
+        with self._writing(f"the damaged checkpoint at step {step}, moved aside to {target},"):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            shutil.move(source, target)
         self.manager.reload()  # forget the step it had listed
         return target
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the save in flight (raising ``WriteError`` if it failed) and release orbax's threads."""
+        try:
+            self._finish_pending()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as err:
+                if files.os_error_in(err) is None:  # an OSError here is the one _finish_pending reported
+                    raise
+
+
+def _is_late_io_error(exc_type, exc) -> bool:
+    """An error of a read or write that an abandoned restore or save left behind: tensorstore
+    completes it after orbax's event loop closed, so asyncio raises "Event loop is closed" on a
+    background thread."""
+    return exc_type is RuntimeError and "Event loop is closed" in str(exc)
+
+
+def _is_orbax_coroutine(obj) -> bool:
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _silence_abandoned_io_errors() -> None:
+    """When a restore meets a damaged checkpoint or a save meets a full disk, orbax abandons its work
+    with reads or writes still in flight, and each of them later prints a traceback: 15 "Event loop
+    is closed" after one fallback here, and at exit "Exception ignored in: <coroutine
+    ...write_fragment>" after a full disk. lpjax reports the failure itself in one line, so these
+    are dropped (from the moment a Checkpointer exists, as they can come before the failure reaches
+    lpjax); every other error still prints."""
+    if getattr(sys.excepthook, "lpjax_filter", False):
+        return
+    previous_except, previous_unraisable, previous_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        if not _is_late_io_error(exc_type, exc):
+            previous_except(exc_type, exc, tb)
+
+    def unraisablehook(unraisable):
+        if not (_is_late_io_error(unraisable.exc_type, unraisable.exc_value) or _is_orbax_coroutine(unraisable.object)):
+            previous_unraisable(unraisable)
+
+    def thread_excepthook(args):
+        if not _is_late_io_error(args.exc_type, args.exc_value):
+            previous_thread(args)
+
+    excepthook.lpjax_filter = True
+    sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, thread_excepthook
+
+
+class _OrbaxErrorFilter(logging.Filter):
+    """Orbax logs each failure of a background save, with its traceback, several times (about 300
+    lines for one full disk) before raising it; lpjax reports the raised error in one line instead."""
+
+    def filter(self, record) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax_errors() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxErrorFilter) for f in logger.filters):
+        logger.addFilter(_OrbaxErrorFilter())

@@ -14,23 +14,25 @@ any recipe path.
 
 A user's mistake (a bad config value, an unknown key, a config file that is missing or raises, a bad
 flag) ends with one line on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written
-to the workdir. A run halted by a non-finite loss or gradient, or by a lost peer process, ends with one
-line and exit code 1. Anything else is a bug in lpjax and keeps its traceback.
+to the workdir. A run halted by a non-finite loss or gradient, by a lost peer process, or by a write
+that failed (a full disk) ends with one line and exit code 1. Anything else is a bug in lpjax and keeps its traceback.
 """
 
+import contextlib
 import difflib
 import json
+import logging
 import os
 import sys
-import traceback
 
 from absl import flags
 from ml_collections import config_flags
 
 from . import catalog
 from .config_checks import did_you_mean
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, WriteError
 from .preemption import Preempted
+from .recipe_file import load_recipe
 from .train import train_and_evaluate
 
 PROG = "lpjax"
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         from .multihost import SharedConfigError
 
         return _fail(str(err), leave_at_once=not isinstance(err, SharedConfigError))
-    except NonFiniteError as err:
+    except (NonFiniteError, WriteError) as err:
         return _fail(str(err), EXIT_HALTED)
     except Preempted as stop:
         from .multihost import is_writer
@@ -136,12 +138,17 @@ def parse(argv):
     holds ``config`` (train), ``suite`` (bench) and ``workdir``."""
     flag_values = _define_flags(argv)
     try:
-        rest = flag_values(argv)
+        with _quiet_config_flags():
+            rest = flag_values(argv)
     except flags.UnrecognizedFlagError as err:
         raise UsageError(_explain_bad_flag(err.flagname, argv)) from None
+    except SystemExit as err:  # the recipe called sys.exit(); never let it end lpjax silently
+        raise UsageError(_explain_parse_failure(err, argv)) from None
     except flags.Error as err:
         message = _first_line(err)
-        if "is not supported for overriding" in message:  # the recipe set the key to a bare None
+        if "Error whilst parsing config file" in message:  # config_flags keeps the reason in a traceback
+            message = _load_config_only(argv)[1] or message
+        elif "is not supported for overriding" in message:  # the recipe set the key to a bare None
             message = (f"{message.split('. Currently')[0]}; declare it in the recipe with "
                        f"ml_collections.config_dict.placeholder(TYPE)")
         raise UsageError(message) from None
@@ -163,6 +170,8 @@ def parse(argv):
     if command == "recipes":
         return command, {}
     if command == "train" and flag_values["config"].value is None:
+        if flag_values["config"].present:  # the recipe's get_config() returned None
+            raise UsageError(_load_config_only(argv)[1] or f"missing --config; {usage}")
         raise UsageError(f"missing --config; {usage}")
     print_config = command == "train" and flag_values["print-config"].value
     if not flag_values.workdir and not print_config:
@@ -259,31 +268,21 @@ def _load_config_only(argv):
             path = argv[i + 1]
     if path is None:
         return None, f"missing --config; {USAGE}"
-    config_only = [PROG, f"--config={path}"]
-    flag_values = _define_flags(config_only)
+    return load_recipe(path)
+
+
+@contextlib.contextmanager
+def _quiet_config_flags():
+    """config_flags only logs a warning when get_config() returns None; load_recipe reports it instead."""
+    def drop(record):
+        return "did you forget a return statement" not in record.getMessage()
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
     try:
-        flag_values(config_only)
-        config = flag_values.config
-        config.keys()  # a file that failed to load only says so when first used
-        return config, None
-    except OSError as err:
-        return None, f"could not load the config file: {_config_load_reason(err)}"
-    except Exception as err:  # the recipe itself raised: report it like a compiler would
-        return None, f"could not load the config file {path}: {type(err).__name__}: {_first_line(err)}{_where(err, path)}"
-
-
-def _where(err, path) -> str:
-    if isinstance(err, SyntaxError) and err.lineno:
-        return ""  # its message already says "(file, line N)"
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
-    return f" (line {frames[-1].lineno})" if frames else ""
-
-
-def _config_load_reason(err) -> str:
-    # config_flags' message spans several lines ("Attempted [Relative path]: ..."); keep the cause.
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    cause = next((line for line in reversed(lines) if line.startswith("[Errno")), None)
-    return cause or (lines[-1] if lines else type(err).__name__)
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _first_line(err) -> str:

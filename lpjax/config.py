@@ -21,7 +21,8 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     method.name             a registered method (lpjax.methods.METHODS): backprop | greedy |
                             chunked | overlapping, or your own (docs/methods.md)
     method.window           overlapping only (default 2)
-    method.loss_weights     optional, one per stage
+    method.loss_weights     optional, one per stage; >= 0 (a negative weight would make its stage
+                            ascend its loss) and not all 0
     optimizer.*             see lpjax.optimizer_config
     schedule.name           sequential | gpipe | 1f1b | streaming (lpjax.schedules)
     schedule.microbatches   microbatches per step; must divide batch_size
@@ -49,6 +50,9 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
 
 ``build_experiment`` validates in order of cost (plain values, then data, model and trainer) and
 raises ``ConfigError`` with one line naming the problem and the fix; it writes nothing to disk.
+Two checks cover whole classes of keys rather than a list of them: every float anywhere in the
+config must be finite (``inf > 0`` would pass a positivity check), and every integer a model
+builder is given must be at least 1 (at least 0 where the builder's default is 0).
 """
 
 import copy
@@ -66,8 +70,8 @@ import numpy as np
 from flax import nnx
 from ml_collections.config_dict import placeholder
 
-from .config_checks import (boolean, int_list, no_unknown_keys, non_negative_int, number_list, one_of, positive_int,
-                            required)
+from .config_checks import (boolean, builder_sizes, finite_everywhere, int_list, loss_weights, no_unknown_keys,
+                            non_negative_int, one_of, positive_int, required)
 from .data import DATASETS, load_dataset, steps_per_epoch
 from .errors import ConfigError
 from .layout import Layout
@@ -151,7 +155,7 @@ def build_experiment(config) -> Experiment:
     cfg = resolve(config)
     _check_plain_values(cfg)
     method = make_method(cfg["method"]["name"], window=cfg["method"]["window"],
-                         loss_weights=number_list(cfg["method"]["loss_weights"], "method.loss_weights"))
+                         loss_weights=loss_weights(cfg["method"]["loss_weights"], "method.loss_weights"))
     schedule = make_schedule(cfg["schedule"]["name"], cfg["schedule"]["microbatches"])
 
     dataset = _load_dataset(cfg)
@@ -191,6 +195,7 @@ def merge_into(into: dict, given: dict) -> None:
 
 
 def _check_plain_values(cfg) -> None:
+    finite_everywhere(cfg)  # every float, whatever its key: inf passes "> 0" checks and poisons training
     seed = non_negative_int(cfg["seed"], "seed")
     if seed >= 2**32:
         raise ConfigError(f"seed must be below 2**32, got {seed}")
@@ -291,6 +296,7 @@ def _build_network(cfg, dataset, rngs):
     if unexpected:
         raise ConfigError(f"model {name!r} has no option(s) {', '.join(unexpected)}; "
                           f"it accepts {', '.join(accepted)}")
+    builder_sizes(given, builder, "model")  # width=0 would reach the builder as a ZeroDivisionError
     derived = {k: v for k, v in _data_derived_options(dataset).items() if k in accepted and k not in given}
     cfg["model"].update(derived)  # recorded in config.json, so the run says exactly what it built
     try:

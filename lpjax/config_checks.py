@@ -1,6 +1,13 @@
-"""Small validators for config values; each failure is one ConfigError line naming the key and the fix."""
+"""Small validators for config values; each failure is one ConfigError line naming the key and the fix.
+
+Every number must be finite: ``inf > 0`` holds, so a positivity check alone lets ``learning_rate=inf``
+through, and the run's first update makes every parameter non-finite. ``finite_everywhere`` checks
+the whole config once, whatever the key; the range checks below refuse non-finite values as well.
+"""
 
 import difflib
+import inspect
+import math
 from collections.abc import Mapping, Sequence
 
 from .errors import ConfigError
@@ -24,17 +31,65 @@ def non_negative_int(value, key: str) -> int:
     return value
 
 
+def _is_finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def positive_number(value, key: str, fix: str | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key} must be a positive number, got {value!r}; "
+    if not _is_finite_number(value) or not value > 0:
+        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}; "
                           f"{fix or f'set --config.{key}=X with X > 0'}")
     return float(value)
 
 
 def non_negative_number(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"{key} must be a number >= 0, got {value!r}; set --config.{key}=X with X >= 0")
+    if not _is_finite_number(value) or not value >= 0:
+        raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}; set --config.{key}=X with X >= 0")
     return float(value)
+
+
+def fraction_below_one(value, key: str) -> float:
+    """A decay factor such as momentum: in [0, 1), since 1 never forgets and more grows without bound."""
+    if not _is_finite_number(value) or not 0 <= value < 1:
+        raise ConfigError(f"{key} must be a number in [0, 1), got {value!r}; set --config.{key}=X with 0 <= X < 1")
+    return float(value)
+
+
+def finite_everywhere(tree, prefix: str = "") -> None:
+    """Every float in the config, at any depth and inside lists and tuples, is finite."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            finite_everywhere(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{prefix} must hold finite numbers, got {item!r} in {tuple(tree)}; "
+                                  f"give finite values in --config.{prefix}='(a, b, ...)'")
+            finite_everywhere(item, prefix)
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"{prefix} must be a finite number, got {tree!r}; set --config.{prefix} to a finite value")
+
+
+def builder_sizes(given: Mapping, builder, section: str) -> None:
+    """Every integer a builder is given is a size or a count (width, depth, heads, blocks per stage):
+    >= 1, or >= 0 where the builder's own default is 0 (an option that is off unless asked for, such
+    as ``head_conv``). Lists and tuples of integers are checked item by item."""
+    params = inspect.signature(builder).parameters
+    for key, value in given.items():
+        default = params[key].default if key in params else None
+        defaults = default if isinstance(default, (list, tuple)) else (default,)
+        floor = 0 if any(_is_int(d) and d == 0 for d in defaults) else 1
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if _is_int(item) and item < floor:
+                shown = f"{item!r} in {tuple(value)}" if items is value else repr(item)
+                raise ConfigError(f"{section}.{key} must be an integer >= {floor}, got {shown}; "
+                                  f"set --config.{section}.{key} to a size of at least {floor}")
 
 
 def boolean(value, key: str) -> bool:
@@ -69,7 +124,24 @@ def number_list(value, key: str) -> tuple[float, ...] | None:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise ConfigError(f"{key} must hold numbers only, got {item!r} in {tuple(value)}")
+        if not _is_finite_number(item):
+            raise ConfigError(f"{key} must hold finite numbers, got {item!r} in {tuple(value)}")
     return tuple(float(item) for item in value)
+
+
+def loss_weights(value, key: str) -> tuple[float, ...] | None:
+    """Per-stage loss weights: finite, >= 0 (a negative weight makes its stage climb its loss) and not
+    all 0 (nothing would train)."""
+    weights = number_list(value, key)
+    if weights is None:
+        return None
+    for k, weight in enumerate(weights):
+        if weight < 0:
+            raise ConfigError(f"{key}[{k}] is {weight!r}: a negative weight makes stage {k} ascend its loss; "
+                              f"give weights >= 0 (0 leaves that stage's own loss out)")
+    if weights and not any(weights):
+        raise ConfigError(f"{key} are all 0, so no stage would learn; give at least one positive weight")
+    return weights
 
 
 def int_list(value, key: str) -> tuple[int, ...] | None:

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or state and the policy is to halt (exit code 1)."""
+
+
+class WriteError(RuntimeError):
+    """Writing the workdir failed (a full disk, lost permissions); the message says what, where, and
+    that rerunning resumes (exit code 1)."""

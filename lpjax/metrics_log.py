@@ -4,9 +4,11 @@ Training metrics stay on the device between log steps; ``mean_per_stage`` is the
 waits for them, so the training loop syncs with the host only every ``log_every`` steps.
 """
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -51,20 +53,28 @@ class MetricsLog:
 
     def __init__(self, path: str, tensorboard_dir: str | None = None, resume_step: int = 0):
         self.path = path
-        kept = _records_up_to(path, resume_step) if resume_step else []
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-        self._file = open(path, "a", encoding="utf-8")
-        self._board = None
+        self._board = self._file = None
+        with self._writing():
+            kept = _records_up_to(path, resume_step) if resume_step else []
+            replace_file(path, lambda f: f.writelines(kept))
+            self._file = open(path, "a", encoding="utf-8")
         if tensorboard_dir is not None:
             from tensorboardX import SummaryWriter  # imported here: only training runs need it
 
-            self._board = SummaryWriter(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
+            with self._writing("the TensorBoard events", tensorboard_dir):
+                self._board = SummaryWriter(tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
+
+    def _writing(self, what="the metrics log", where=None):
+        from .workdir import writing  # a full disk becomes one WriteError line naming this file
+
+        return writing(what, where or self.path, os.path.dirname(os.path.abspath(self.path)))
 
     def write(self, step: int, time_s: float, split: str, stages: list, **extra) -> None:
         """``stages``: one dict of metrics per stage (or None); ``extra``: further whole-run numbers."""
+        with self._writing("the metrics log and TensorBoard events"):
+            self._write(step, time_s, split, stages, **extra)
+
+    def _write(self, step, time_s, split, stages, **extra) -> None:
         record = {"step": step, "time": round(time_s, 3), "split": split}
         names = list(dict.fromkeys(name for s in stages if s is not None for name in s))
         for name in names:
@@ -110,9 +120,11 @@ class MetricsLog:
         self._board.flush()
 
     def close(self) -> None:
-        self._file.close()
-        if self._board is not None:
-            self._board.close()
+        with self._writing("the metrics log and TensorBoard events"):
+            if self._file is not None:
+                self._file.close()
+            if self._board is not None:
+                self._board.close()
 
     def __enter__(self):
         return self
@@ -134,38 +146,86 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _records_up_to(path: str, step: int) -> list:
+    """The lines of records up to ``step``, stopping at the first line that is not a whole record:
+    a line cut short by a kill, or bytes that are not UTF-8 JSON (a damaged disk block)."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
     kept = []
-    for line in lines:
+    for line in _lines(path):
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            break  # a line cut short by the kill: nothing after it is trustworthy
+            record = json.loads(line)
+            if not isinstance(record, dict) or not _is_number(record["step"]) or "\ufffd" in line:
+                break
+            if record["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            break  # nothing after a damaged line is trustworthy
     return kept
 
 
+def _lines(path: str) -> list:
+    """The non-blank lines of ``path`` without their newline; bytes that are not UTF-8 become U+FFFD,
+    which no JSON record contains (``json.dumps`` writes ASCII), so such a line never parses as one."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip("\n") for line in f if line.strip() and line.strip("\x00").strip()]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_records(path: str) -> list:
-    """Every complete JSON line of ``path``, in order ([] if there is no file); a line cut short by
-    a killed run is left out."""
+    """Every complete record of ``path``, in order ([] if there is no file): JSON objects only, so a
+    line cut short by a killed run, damaged bytes or a stray value are left out."""
     if not os.path.exists(path):
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in _lines(path):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "\ufffd" not in line:
+            records.append(record)
     return records
 
 
+def plottable_records(records) -> list:
+    """The records whose step is a number and whose per-stage metrics are lists of numbers or nulls;
+    a record edited by hand or written by another tool (``"loss": null``) is left out, not plotted."""
+    def per_stage(value) -> bool:
+        return isinstance(value, list) and all(v is None or _is_number(v) for v in value)
+
+    kept = []
+    for record in records:
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            continue
+        names = ("alignment",) if record.get("split") == "alignment" else METRIC_NAMES
+        if all(per_stage(record.get(name)) for name in names):
+            kept.append(record)
+    return kept
+
+
+def replace_file(path: str, write) -> None:
+    """Write a new ``path`` through ``write(file)`` into a temporary file of a unique name beside it,
+    then rename it over ``path``: a reader never sees half a file, and two writers never share a
+    temporary file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # what open() would have given under the usual umask, not mkstemp's 0o600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    def dump(f):
         json.dump(finite_or_none(obj), f, indent=2, default=str)
         f.write("\n")
-    os.replace(tmp, path)  # a reader never sees half a file
+
+    replace_file(path, dump)

@@ -8,7 +8,7 @@ the gradient for the others), ``momentum`` (momentum only), ``decay`` (constant 
 
 import optax
 
-from .config_checks import non_negative_int, non_negative_number, number_list, one_of, positive_number
+from .config_checks import fraction_below_one, non_negative_int, non_negative_number, number_list, one_of, positive_number
 from .errors import ConfigError
 from .methods import ONE_TREE
 
@@ -22,7 +22,7 @@ def check_optimizer_config(opt, num_stages: int, method) -> None:
     one_of(opt.decay, DECAYS, "optimizer.decay")
     positive_number(opt.learning_rate, "optimizer.learning_rate")
     non_negative_number(opt.weight_decay, "optimizer.weight_decay")
-    non_negative_number(opt.momentum, "optimizer.momentum")
+    fraction_below_one(opt.momentum, "optimizer.momentum")
     non_negative_int(opt.warmup_steps, "optimizer.warmup_steps")
     if opt.grad_clip_norm is not None:
         positive_number(opt.grad_clip_norm, "optimizer.grad_clip_norm")

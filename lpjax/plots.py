@@ -21,7 +21,7 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import analysis  # noqa: E402
-from .metrics_log import read_records  # noqa: E402
+from .metrics_log import plottable_records, read_records  # noqa: E402
 
 FORMATS = ("png", "svg")
 COLORS = {"backprop": "black", "greedy": "tab:orange", "chunked": "tab:blue", "overlapping": "tab:green"}
@@ -233,7 +233,14 @@ def plot_run(workdir: str) -> list:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ConfigError(f"no metrics.jsonl in {workdir!r}; pass the --workdir of a training run")
-    records = read_records(path)
+    out = os.path.join(workdir, "curves.png")
+    if not os.access(workdir, os.W_OK | os.X_OK) or (os.path.lexists(out) and not os.path.isfile(out)):
+        raise ConfigError(f"cannot write {out}: the workdir is read-only for this user or curves.png is not a file; "
+                          f"fix its permissions, or copy the run somewhere writable and plot that")
+    try:
+        records = plottable_records(read_records(path))
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}; fix its permissions") from None
     train = [r for r in records if r.get("split") == "train"]
     test = [r for r in records if r.get("split") == "test"]
     probes = [r for r in records if r.get("split") == "alignment"]
@@ -271,7 +278,12 @@ def plot_run(workdir: str) -> list:
         ax.set_ylabel("cosine(local, true gradient)")
         ax.set_title("gradient alignment")
         _legend(ax)
-    return _save(fig, workdir, "curves", _run_title(workdir))
+    try:
+        return _save(fig, workdir, "curves", _run_title(workdir))
+    except OSError as err:
+        plt.close(fig)
+        raise ConfigError(f"cannot write {out}: {err.strerror}; free some space or fix its permissions, "
+                          f"then plot again") from None
 
 
 def _run_title(workdir: str) -> str:

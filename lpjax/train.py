@@ -13,6 +13,7 @@ never reaches a stage's state (its update is skipped and counted); ``nonfinite=h
 run with ``NonFiniteError`` at the next sync, ``skip`` carries on.
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -28,6 +29,7 @@ from .checkpoint import Checkpointer
 from .config import build_experiment, resolve, stage_layers
 from .config_checks import boolean, non_negative_int, one_of, positive_int
 from .errors import ConfigError, NonFiniteError
+from .lock import WorkdirLock
 from .metrics_log import MetricsLog, mean_per_stage, write_json
 from .preemption import Preempted, StopRequests
 from .report import describe, describe_fit, environment, parameter_counts, parameter_table, stage_table
@@ -62,6 +64,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
     multihost.check_same_config(given)
     multihost.check_config(given)
     files.check_writable(workdir)
+    files.check_contents(workdir)
     experiment = build_experiment(config)
     multihost.check_layout(experiment.trainer)
     files.check_resumable(workdir, experiment.config)
@@ -116,6 +119,7 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
                schedule={"name": type(trainer.schedule).__name__.lower(), "microbatches": trainer.microbatches},
                layout=None if trainer.layout is None else dataclasses.asdict(trainer.layout))
     files.check_writable(workdir)
+    files.check_contents(workdir)
     files.check_resumable(workdir, cfg)
     run = Run(trainer=trainer, dataset=data, config=cfg, num_steps=steps, model_name=name,
               stage_layers=stage_layers(trainer.model), header=describe_fit(trainer, data, cfg, name))
@@ -153,6 +157,14 @@ def _run(run: Run, workdir: str, *, progress: bool, verbose: bool, dry_run: bool
 
     if writer:
         files.create(workdir)
+    # one writer per workdir: a second run is refused here, before it writes anything
+    with (WorkdirLock(workdir) if writer else contextlib.nullcontext()):
+        return _run_locked(run, workdir, say, progress, started, writer)
+
+
+def _run_locked(run: Run, workdir: str, say, progress, started, writer):
+    trainer, data, cfg = run.trainer, run.dataset, run.config
+    if writer:
         os.makedirs(files.path(workdir, files.CHECKPOINTS), exist_ok=True)
     multihost.sync("lpjax_workdir_created")
     checkpointer = Checkpointer(files.path(workdir, files.CHECKPOINTS), trainer.num_stages,
@@ -160,7 +172,8 @@ def _run(run: Run, workdir: str, *, progress: bool, verbose: bool, dry_run: bool
     try:
         start_step, batches = _resume(run, checkpointer, say)
         if writer:
-            write_json(files.path(workdir, files.CONFIG), cfg)
+            with files.writing(files.CONFIG, workdir, workdir):
+                write_json(files.path(workdir, files.CONFIG), cfg)
         log = (MetricsLog(files.path(workdir, files.METRICS), files.path(workdir, files.TENSORBOARD),
                           resume_step=start_step) if writer else NullLog())
         with log:
@@ -178,7 +191,8 @@ def _run(run: Run, workdir: str, *, progress: bool, verbose: bool, dry_run: bool
     results["steps_run"] = run.num_steps - start_step
     results["environment"] = environment()
     if writer:
-        write_json(files.path(workdir, files.RESULTS), results)
+        with files.writing(files.RESULTS, workdir, workdir):
+            write_json(files.path(workdir, files.RESULTS), results)
     say(stage_table(results["stages"]))
     final = results["final"]
     ran = run.num_steps - start_step
@@ -218,6 +232,7 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
     num_steps, log_every, eval_every = run.num_steps, cfg["log_every"], cfg["eval_every"]
     save_every, probe_every = cfg["checkpoint"]["every_steps"], cfg["probe"]["alignment_every"]
     pending, test = [], None  # Trainer.step results since the last train record, still on the device
+    saved = start_step or None  # the step of the newest checkpoint, for the halt message
     loop_start = last_time = time.perf_counter()
     last_examples = list(trainer.stage_examples)
     bar = None  # made after the first step, so that its rate and ETA leave compilation out
@@ -245,7 +260,7 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
                     stages = _train_record(run, step, pending, now - last_time, last_examples)
                     pending, last_time, last_examples = [], now, list(trainer.stage_examples)
                     log.write(step, now - loop_start, "train", stages)
-                    _apply_nonfinite_policy(cfg["nonfinite"], stages, step)
+                    _apply_nonfinite_policy(cfg["nonfinite"], stages, step, saved)
                     last = next((s for s in reversed(stages) if s.get("loss") is not None), None)
                     if last is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
@@ -259,6 +274,7 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
                     log.write(step, time.perf_counter() - loop_start, "test", test)
                 if save:
                     checkpointer.save(step, _saved_states(trainer), {"data_state": batches.get_state(), "config": cfg})
+                    saved = step
                 if preempted:
                     raise Preempted(step, stops.signum)  # after the checkpoint: the caller's finally waits for it
         finally:
@@ -330,13 +346,16 @@ def injected_learning_rate(opt_state):
     return None
 
 
-def _apply_nonfinite_policy(policy, stages, step) -> None:
+def _apply_nonfinite_policy(policy, stages, step, saved=None) -> None:
+    """``saved``: the step of the newest checkpoint, None when there is none yet."""
     bad = [(k, s["skipped"]) for k, s in enumerate(stages) if s["skipped"]]
     if bad and policy == "halt":
         where = ", ".join(f"stage {k} ({n} update{'s' if n > 1 else ''})" for k, n in bad)
-        raise NonFiniteError(f"non-finite loss or gradient by step {step}: skipped {where}; the last checkpoint "
-                             f"holds finite values. Lower the learning rate or check the data, or set "
-                             f"--config.nonfinite=skip to carry on past bad batches")
+        kept = (f"the checkpoint at step {saved} holds finite values" if saved
+                else "no checkpoint was written yet")
+        raise NonFiniteError(f"non-finite loss or gradient by step {step}: skipped {where}; {kept}. Lower the "
+                             f"learning rate or check the data, or set --config.nonfinite=skip to carry on past "
+                             f"bad batches")
 
 
 def _train_sample_size(data) -> int:

@@ -71,6 +71,44 @@ BAD_INPUTS = [
     ("misspelled section", ["--config.optimzer.learning_rate=0.1"], ["did you mean 'optimizer.learning_rate'?"]),
     ("misspelled method", ["--config.method.name=gredy"], ["did you mean 'greedy'?"]),
     ("misspelled flag", ["--workdri=somewhere"], ["unknown flag --workdri", "did you mean 'workdir'?"]),
+    # class: a number that is not finite or out of its range (inf passes "> 0"); every float key is checked
+    ("infinite learning rate", ["--config.optimizer.learning_rate=inf"], ["optimizer.learning_rate", "finite"]),
+    ("NaN learning rate", ["--config.optimizer.learning_rate=nan"], ["optimizer.learning_rate", "finite"]),
+    ("infinite weight decay", ["--config.optimizer.weight_decay=inf"], ["optimizer.weight_decay", "finite"]),
+    ("NaN momentum", ["--config.optimizer.momentum=nan"], ["optimizer.momentum", "finite"]),
+    ("momentum of 1 or more", ["--config.optimizer.momentum=1.5"], ["optimizer.momentum", "[0, 1)"]),
+    ("infinite clip norm", ["--config.optimizer.grad_clip_norm=inf"], ["optimizer.grad_clip_norm", "finite"]),
+    ("overflowing per-stage learning rate", ["--config.optimizer.learning_rates=(0.1,1e999)"],
+     ["optimizer.learning_rates", "finite", "inf"]),
+    ("overflowing loss weight", ["--config.method.loss_weights=(1e999,1.0)"], ["method.loss_weights", "finite"]),
+    ("NaN loss weight", ["--config.method.loss_weights=(1.0,nan)"], ["method.loss_weights", "finite"]),
+    ("negative learning rate", ["--config.optimizer.learning_rate=-0.1"], ["optimizer.learning_rate", "> 0"]),
+    # decision: a negative loss weight makes its stage climb its loss, so it is refused; 0 is allowed
+    ("negative loss weight", ["--config.method.loss_weights=(-1.0,1.0)"], ["loss_weights[0]", "ascend its loss"]),
+    ("all loss weights zero", ["--config.method.loss_weights=(0.0,0.0)"], ["all 0", "positive weight"]),
+    # class: a size or count a model builder takes, below 1 (below 0 where the builder's default is 0)
+    ("zero width", ["--config.model.width=0"], ["model.width must be an integer >= 1", "got 0"]),
+    ("zero depth", ["--config.model.depth=0"], ["model.depth must be an integer >= 1"]),
+    ("negative width", ["--config.model.width=-4"], ["model.width must be an integer >= 1", "-4"]),
+    ("zero attention heads", ["--config=recipes/text_transformer.py", "--config.model.heads=0"],
+     ["model.heads must be an integer >= 1"]),
+    ("zero transformer width", ["--config=recipes/text_transformer.py", "--config.model.dim=0"],
+     ["model.dim must be an integer >= 1"]),
+    ("negative head convolutions", ["--config=recipes/mnist_resnet.py", "--config.dataset.max_train=256",
+                                    "--config.model.head_conv=-1"], ["model.head_conv must be an integer >= 0"]),
+    # class: a recipe file that does not give a config
+    ("recipe whose get_config returns None", ["--config={configs}/none.py"], ["returned None", "return"]),
+    ("recipe whose get_config returns a number", ["--config={configs}/number.py"], ["returned a value of type int"]),
+    ("recipe calling sys.exit(3)", ["--config={configs}/exit3.py"], ["called sys.exit(3)", "line 3"]),
+    ("recipe calling sys.exit() on import", ["--config={configs}/exit_on_import.py"], ["called sys.exit(0)", "line 2"]),
+    ("recipe raising ValueError", ["--config={configs}/valueerror.py"], ["ValueError: no such size", "line 2"]),
+    ("recipe whose get_config needs an argument", ["--config={configs}/needs_argument.py"],
+     ["needs an argument", ":ARGUMENT"]),
+    ("recipe without get_config", ["--config={configs}/no_get_config.py"], ["defines no get_config() function"]),
+    ("config path that is a directory", ["--config={configs}"], ["it is not a file"]),
+    # class: a --workdir path the filesystem cannot hold, refused before any directory is made
+    ("workdir name too long", ["--workdir={workdir}/" + "n" * 300], ["300 bytes", "shorter --workdir"]),
+    ("workdir path too long", ["--workdir={workdir}/" + "/".join(["d" * 250] * 20)], ["bytes long", "shorter --workdir"]),
 ]
 
 
@@ -101,6 +139,13 @@ def run_cli(*args, cwd=REPO):
 def tiny_config(tmp_path_factory):
     folder = tmp_path_factory.mktemp("configs")
     (folder / "broken.py").write_text("def get_config():\n    return 1 / 0\n")
+    (folder / "none.py").write_text("def get_config():\n    config = 1\n")
+    (folder / "number.py").write_text("def get_config():\n    return 5\n")
+    (folder / "exit3.py").write_text("import sys\ndef get_config():\n    sys.exit(3)\n")
+    (folder / "exit_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    (folder / "valueerror.py").write_text("def get_config():\n    raise ValueError('no such size')\n")
+    (folder / "needs_argument.py").write_text("def get_config(size):\n    return size\n")
+    (folder / "no_get_config.py").write_text("config = None\n")
     path = folder / "tiny.py"
     path.write_text(TINY_CONFIG)
     return path
@@ -113,10 +158,10 @@ def bad_runs(tiny_config, tmp_path_factory):
 
     def run(case):
         name, args, _ = case
-        args = [arg.format(configs=tiny_config.parent) for arg in args]
+        workdir = root / "".join(c if c.isalnum() else "_" for c in name)
+        args = [arg.format(configs=tiny_config.parent, workdir=workdir) for arg in args]
         if not any(arg.startswith("--config=") for arg in args):
             args = [f"--config={tiny_config}", *args]
-        workdir = root / name.replace(" ", "_")
         if not any(arg.startswith("--workdir=") for arg in args):
             args.append(f"--workdir={workdir}")
         return name, workdir, run_cli("train", *args)

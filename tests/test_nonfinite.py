@@ -91,3 +91,74 @@ def test_halt_exits_1_with_one_line_and_leaves_only_finite_checkpoints(recipe, t
     assert "--config.nonfinite=skip" in lines[0] and "Traceback" not in err
     assert not (workdir / "results.json").exists()
     assert all(step < 60 for step in checkpoints_are_finite(workdir))  # what was saved before the halt is finite
+
+
+def test_halt_before_any_checkpoint_does_not_claim_one(recipe, tmp_path, capsys):
+    """The first bad batch is at step 1 and the first checkpoint would be at step 10."""
+    code = cli.main(["lpjax", "train", f"--config={recipe}", "--config.nonfinite=halt", "--config.log_every=1",
+                     f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = next(line for line in err.splitlines() if line.startswith("lpjax: error:"))
+    assert "by step 1:" in line and "no checkpoint was written yet" in line, line
+    assert "holds finite values" not in line
+    assert not (tmp_path / "run" / "checkpoints").exists() or not checkpoints_are_finite(tmp_path / "run")
+
+
+def test_the_halt_message_names_the_checkpoint_it_can_resume_from():
+    from lpjax.errors import NonFiniteError
+    from lpjax.train import _apply_nonfinite_policy
+
+    stages = [{"skipped": 0}, {"skipped": 2}]
+    with pytest.raises(NonFiniteError, match=r"stage 1 \(2 updates\); the checkpoint at step 30 holds finite"):
+        _apply_nonfinite_policy("halt", stages, 38, saved=30)
+    with pytest.raises(NonFiniteError, match="no checkpoint was written yet"):
+        _apply_nonfinite_policy("halt", stages, 38, saved=None)
+    _apply_nonfinite_policy("skip", stages, 38, saved=None)  # skip carries on
+
+
+def test_skip_checkpoints_at_a_skipped_step_and_resumes_from_it_exactly(recipe, tmp_path, capsys):
+    """Steps 1 and 4 of this data order hold a NaN image (found with log_every=1). Before the fix the
+    NaN gradient norm logged by the skipped update was saved with the state and refused by the
+    checkpoint's finiteness guard, so a checkpoint at step 4 stopped the run with exit 1."""
+    common = [f"--config={recipe}", "--config.nonfinite=skip", "--config.log_every=1",
+              "--config.checkpoint.every_steps=4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli.main(["lpjax", "train", *common, "--config.num_steps=8", f"--workdir={straight}"]) == 0
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    at_4 = next(r for r in records if r["split"] == "train" and r["step"] == 4)
+    assert at_4["skipped"] == [2, 2] and at_4["grad_norm"] == [None, None], at_4  # step 4 was skipped
+    assert cli.main(["lpjax", "train", *common, "--config.num_steps=4", f"--workdir={split}"]) == 0
+    assert checkpoints_are_finite(split) == [4]
+    assert cli.main(["lpjax", "train", *common, "--config.num_steps=8", f"--workdir={split}"]) == 0
+    assert "resumed from the checkpoint at step 4" in capsys.readouterr().out
+    assert checkpoints_are_finite(split) == [4, 8]
+
+    def final(workdir):
+        config = json.loads((workdir / "config.json").read_text())
+        trainer = build_experiment(config).trainer
+        states, meta = Checkpointer(str(workdir / "checkpoints"), trainer.num_stages).restore_latest(
+            trainer.stage_states)
+        return meta["step"], jax.device_get([(s.params, s.rest, s.opt_state, s.skipped) for s in states])
+
+    (step_a, a), (step_b, b) = final(straight), final(split)
+    assert step_a == step_b == 8
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_huge_learning_rate_with_skip_finishes(tmp_path, capsys):
+    """The issue's repro, shortened: every update of the last stage is skipped (its loss overflows),
+    and the run still ends with exit 0 and finite checkpoints."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "mnist_mlp.py"
+    workdir = tmp_path / "run"
+    code = cli.main(["lpjax", "train", f"--config={recipe}", "--config.dataset.name=digits",
+                     "--config.dataset.test_size=300", "--config.model.width=32", "--config.optimizer.learning_rate=1e4",
+                     "--config.nonfinite=skip", "--config.num_steps=10", "--config.log_every=5",
+                     "--config.checkpoint.every_steps=5", f"--workdir={workdir}"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert max(sum(r["skipped"]) for r in records if r["split"] == "train") > 0  # it did skip
+    assert checkpoints_are_finite(workdir) == [5, 10]

@@ -81,7 +81,7 @@ BAD_INPUTS = [
     ("overflowing per-stage learning rate", ["--config.optimizer.learning_rates=(0.1,1e999)"],
      ["optimizer.learning_rates", "finite", "inf"]),
     ("overflowing loss weight", ["--config.method.loss_weights=(1e999,1.0)"], ["method.loss_weights", "finite"]),
-    ("NaN loss weight", ["--config.method.loss_weights=(1.0,nan)"], ["method.loss_weights", "finite"]),
+    ("negative infinite loss weight", ["--config.method.loss_weights=(1.0,-1e999)"], ["method.loss_weights", "finite"]),
     ("negative learning rate", ["--config.optimizer.learning_rate=-0.1"], ["optimizer.learning_rate", "> 0"]),
     # decision: a negative loss weight makes its stage climb its loss, so it is refused; 0 is allowed
     ("negative loss weight", ["--config.method.loss_weights=(-1.0,1.0)"], ["loss_weights[0]", "ascend its loss"]),

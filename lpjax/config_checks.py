@@ -76,20 +76,23 @@ def finite_everywhere(tree, prefix: str = "") -> None:
 
 
 def builder_sizes(given: Mapping, builder, section: str) -> None:
-    """Every integer a builder is given is a size or a count (width, depth, heads, blocks per stage):
-    >= 1, or >= 0 where the builder's own default is 0 (an option that is off unless asked for, such
-    as ``head_conv``). Lists and tuples of integers are checked item by item."""
+    """Every integer a builder is given is a size or a count (width, depth, heads): >= 1, or >= 0
+    where the builder's own default is 0 (an option that is off unless asked for, such as
+    ``head_conv``). The items of a list or tuple are counts per part (``blocks_per_stage=(0, 1, 1,
+    1)`` leaves the first stage without blocks): >= 0 each, and not all 0."""
     params = inspect.signature(builder).parameters
     for key, value in given.items():
         default = params[key].default if key in params else None
-        defaults = default if isinstance(default, (list, tuple)) else (default,)
-        floor = 0 if any(_is_int(d) and d == 0 for d in defaults) else 1
-        items = value if isinstance(value, (list, tuple)) else (value,)
-        for item in items:
-            if _is_int(item) and item < floor:
-                shown = f"{item!r} in {tuple(value)}" if items is value else repr(item)
-                raise ConfigError(f"{section}.{key} must be an integer >= {floor}, got {shown}; "
-                                  f"set --config.{section}.{key} to a size of at least {floor}")
+        if isinstance(value, (list, tuple)):
+            ints = [item for item in value if _is_int(item)]
+            if any(item < 0 for item in ints) or (ints and len(ints) == len(value) and not any(ints)):
+                raise ConfigError(f"{section}.{key} must hold integers >= 0, not all 0, got {tuple(value)}; "
+                                  f"set --config.{section}.{key}='(a, b, ...)' with counts of at least 0")
+            continue
+        floor = 0 if _is_int(default) and default == 0 else 1
+        if _is_int(value) and value < floor:
+            raise ConfigError(f"{section}.{key} must be an integer >= {floor}, got {value!r}; "
+                              f"set --config.{section}.{key} to a size of at least {floor}")
 
 
 def boolean(value, key: str) -> bool:

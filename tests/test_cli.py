@@ -96,6 +96,9 @@ BAD_INPUTS = [
      ["model.dim must be an integer >= 1"]),
     ("negative head convolutions", ["--config=recipes/mnist_resnet.py", "--config.dataset.max_train=256",
                                     "--config.model.head_conv=-1"], ["model.head_conv must be an integer >= 0"]),
+    ("negative blocks in a stage", ["--config=recipes/mnist_resnet.py", "--config.dataset.max_train=256",
+                                    "--config.model.blocks_per_stage=(2,-1,2,2)"],
+     ["model.blocks_per_stage must hold integers >= 0", "(2, -1, 2, 2)"]),
     # class: a recipe file that does not give a config
     ("recipe whose get_config returns None", ["--config={configs}/none.py"], ["returned None", "return"]),
     ("recipe whose get_config returns a number", ["--config={configs}/number.py"], ["returned a value of type int"]),

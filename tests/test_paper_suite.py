@@ -114,3 +114,14 @@ def test_memory_benchmark_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| tiny_mlp | 16 |" in printed and "K = 4, largest local stage / backprop: tiny_mlp" in printed
     assert module.main(["--tiny", "--case", "nope"]) == 2
+
+
+def test_memory_cases_pass_only_the_keywords_a_builder_takes():
+    from lpjax.models import resnet32, transformer_lm
+    spec = {"model": "resnet32", "input_shape": (32, 32, 3), "num_classes": 10, "batch": 128}
+    assert paper._builder_options(spec, resnet32) == {"num_classes": 10}
+    x, y = paper._example(spec)
+    assert x.shape == (128, 32, 32, 3) and y.shape == (128,)
+    lm = {"model": "transformer_lm", "seq_len": 256, "dim": 256, "depth": 8, "heads": 4, "batch": 32}
+    assert paper._builder_options(lm, transformer_lm) == {"seq_len": 256, "dim": 256, "depth": 8, "heads": 4}
+    assert paper._example(lm)[0].shape == (32, 256)

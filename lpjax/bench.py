@@ -92,6 +92,7 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
                "critical_batch_size": {f"{p}/{label}": analysis.critical_batch_size(pairs)
                                        for (p, label), pairs in analysis.steps_vs_batch(best).items()},
                "plots": [os.path.relpath(f, workdir) for f in figures]}
+    summary["missing_runs"] = missing
     if sweep.get("memory"):
         if verbose:
             print("memory per device: compiling the stage programs (nothing is trained)", flush=True)
@@ -100,7 +101,6 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
         summary["findings"] = paper.findings(summary, all_records, sweep)
     elapsed = time.perf_counter() - started
     summary["elapsed_s"] = round(elapsed, 1)
-    summary["missing_runs"] = missing
     write_json(os.path.join(workdir, "summary.json"), summary)
     report = os.path.join(workdir, "report.md")
     with open(report, "w", encoding="utf-8") as f:

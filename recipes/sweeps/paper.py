@@ -1,8 +1,9 @@
 # Run:    lpjax bench --suite paper --workdir runs/bench_paper
 # Expect: report.md with the paper's findings F1-F4 and the memory-per-device table, each marked
-#         "reproduced" or "not reproduced" beside the paper's figure; embedded data only, sized for
-#         about 30 minutes on 2 idle CPU cores (longer when the cores are shared). The figures this
-#         project measured are quoted in README.md, "Compute-efficiency curves".
+#         "reproduced" or "not reproduced" beside the paper's figure; embedded data only, 64 runs,
+#         sized for about 30 minutes on 2 idle CPU cores. Not yet run to the end here: on the shared
+#         machine (load 13-23) 30 runs took 45 minutes; the interim figures are in README.md,
+#         "The paper suite" (F1 MLP 0.56x, F2 reproduced, F3 not reproduced).
 """The paper suite (Laskin, Metz et al. 2020, arXiv 2012.03837), on embedded data at CPU size.
 
 - F1, the Pareto crossover: models shaped like the paper's, a deep uniform MLP (8 layers of 256, the

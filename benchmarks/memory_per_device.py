@@ -32,7 +32,7 @@ TINY = {"tiny_mlp": {"model": "mlp", "input_shape": (8, 8, 1), "num_classes": 10
 
 
 def main(argv=None) -> int:
-    from lpjax.bench import SWEEPS_DIR
+    from lpjax.bench import suite_path
     from lpjax.paper import memory_lines, memory_table, memory_verdict
     from lpjax.sweep import load_config_file
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    memory = load_config_file(os.path.join(SWEEPS_DIR, "paper.py")).to_dict()["memory"]
+    memory = load_config_file(suite_path("paper")).to_dict()["memory"]
     models = TINY if args.tiny else memory["models"]
     if args.case:
         unknown = sorted(set(args.case) - set(models))

@@ -80,11 +80,13 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
 
     plot_dir = os.path.join(workdir, "plots")
     title = f"lpjax bench {suite}"
-    figures = plots.pareto_figure(best, plot_dir, title=title)
-    for x in ("compute", "ideal_time", "wall_time"):
-        figures += plots.loss_curves_figure(records, best, plot_dir, x=x, window=window, title=title)
-    figures += plots.steps_to_target_figure(best, plot_dir, title=title)
-    figures += plots.alignment_figure(alignment_rows, plot_dir, title=title)
+    figures = []
+    if best:  # none when every problem is "final", or an interim report has no curve runs yet
+        figures = plots.pareto_figure(best, plot_dir, title=title)
+        for x in ("compute", "ideal_time", "wall_time"):
+            figures += plots.loss_curves_figure(records, best, plot_dir, x=x, window=window, title=title)
+        figures += plots.steps_to_target_figure(best, plot_dir, title=title)
+        figures += plots.alignment_figure(alignment_rows, plot_dir, title=title)
 
     elapsed = time.perf_counter() - started
     summary = {"suite": suite, "sweep_file": os.path.abspath(path), "elapsed_s": round(elapsed, 1),

@@ -246,7 +246,7 @@ def test_heads_jit_through_split_merge(make_head, in_shape, out_shape):
 
 
 def test_registry_and_build():
-    assert set(MODELS) == {"mlp", "resnet18", "resnet32", "resnet110", "resnet50",
+    assert set(MODELS) == {"mlp", "deep_mlp", "resnet18", "resnet32", "resnet110", "resnet50",
                            "mnist_resnet", "transformer_lm"}
     net = build("resnet32", num_classes=3, width=2, rngs=nnx.Rngs(0))
     assert isinstance(net, Network) and len(net.layers) == 16

@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -18,31 +17,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tiny import digits_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 
+# several minutes of multi-process training on 2 cores: run by .ci/run after make test
+pytestmark = pytest.mark.skipif(os.environ.get("LPJAX_SLOW_TESTS") != "1",
+                                reason="multi-process training runs; LPJAX_SLOW_TESTS=1 runs them")
+
 # 4 stages of a small MLP on digits, overlapping method, streaming schedule, spmd executor.
-CONFIG = textwrap.dedent("""
-    from lpjax.config import base_config
-
-
-    def get_config():
-        config = base_config()
-        config.dataset.name = "digits"
-        config.model.name = "mlp"
-        config.model.depth = 4
-        config.model.width = 32
-        config.stages = 4
-        config.method.name = "overlapping"
-        config.schedule.name = "streaming"
-        config.schedule.microbatches = 2
-        config.layout.executor = "spmd"
-        config.batch_size = 32
-        config.num_steps = 6
-        config.log_every = 2
-        config.eval_every = 3
-        config.checkpoint.every_steps = 3
-        return config
-""")
+CONFIG = digits_recipe(model__depth=4, stages=4, method__name="overlapping", schedule__name="streaming",
+                       schedule__microbatches=2, layout__executor="spmd", num_steps=6, log_every=2, eval_every=3,
+                       checkpoint__every_steps=3)
 TIMEOUT_S = 600  # cold JAX start-ups and compilations on a busy 2-core machine
 
 

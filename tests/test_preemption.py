@@ -6,36 +6,25 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+
+from tiny import digits_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
+# two 300-step training runs and a resume: run by .ci/run after make test
+pytestmark = pytest.mark.skipif(os.environ.get("LPJAX_SLOW_TESTS") != "1",
+                                reason="several training runs; LPJAX_SLOW_TESTS=1 runs it")
+
 # chunked on a 2-stage MLP, sequential schedule: a checkpoint's flush changes nothing, so the
 # stopped-and-resumed run must match the unbroken one bit for bit.
-CONFIG = textwrap.dedent("""
-    from lpjax.config import base_config
-
-
-    def get_config():
-        config = base_config()
-        config.dataset.name = "digits"
-        config.model.name = "mlp"
-        config.model.depth = 2
-        config.model.width = 32
-        config.stages = 2
-        config.method.name = "chunked"
-        config.batch_size = 32
-        config.num_steps = 300
-        config.log_every = 5
-        config.checkpoint.every_steps = 1000
-        return config
-""")
+CONFIG = digits_recipe(num_steps=300, log_every=5, checkpoint__every_steps=1000)
 
 
 def start(config, workdir):

@@ -20,29 +20,12 @@ from lpjax.checkpoint import META_FINGERPRINT, Checkpointer
 from lpjax.config import build_experiment
 from lpjax.errors import ConfigError
 from lpjax.lock import WorkdirLock
+from tiny import digits_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
-RECIPE = """
-from lpjax.config import base_config
-
-
-def get_config():
-    config = base_config()
-    config.dataset.name = "digits"
-    config.dataset.test_size = 300
-    config.model.name = "mlp"
-    config.model.depth = 2
-    config.model.width = 32
-    config.stages = 2
-    config.method.name = "chunked"
-    config.optimizer.decay = "constant"
-    config.batch_size = 32
-    config.num_steps = 6
-    config.log_every = 3
-    config.checkpoint.every_steps = 3
-    return config
-"""
+RECIPE = digits_recipe(dataset__test_size=300, optimizer__decay="constant", num_steps=6, log_every=3,
+                       checkpoint__every_steps=3)
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,14 @@ def lm_model(num_stages, seed=0):
 def lm_batch(n=8, seed=0):
     tokens = np.random.default_rng(seed).integers(0, VOCAB, (n, SEQ + 1)).astype(np.int32)
     return tokens[:, :-1], tokens[:, 1:]
+
+
+def digits_recipe(**settings) -> str:
+    """Source of a recipe file for the cheapest real run (digits, a 2-layer MLP cut in 2 chunked
+    stages, batch 32); ``settings`` override config keys, with ``__`` for dots
+    (``checkpoint__every_steps=3``)."""
+    base = {"dataset__name": "digits", "model__name": "mlp", "model__depth": 2, "model__width": 32,
+            "stages": 2, "method__name": "chunked", "batch_size": 32}
+    lines = [f"    config.{key.replace('__', '.')} = {value!r}" for key, value in {**base, **settings}.items()]
+    return "\n".join(["from lpjax.config import base_config", "", "", "def get_config():",
+                      "    config = base_config()", *lines, "    return config", ""])

@@ -38,14 +38,7 @@ def mlp(*, input_shape, num_classes: int, depth: int = 4, width: int = 256, rngs
     if depth < 1:
         raise ValueError(f"mlp depth must be >= 1, got {depth}")
     in_features = math.prod(input_shape)
-    layers = [DenseReLU(in_features, width, rngs=rngs)]
-    layers += [DenseReLU(width, width, rngs=rngs) for _ in range(depth - 1)]
-    return Network(
-        layers=layers,
-        make_head=functools.partial(_flatten_head, width, num_classes, depth),
-        natural_splits=(),
-        name=f"mlp{depth}x{width}",
-    )
+    return _dense_stack(DenseReLU(in_features, width, rngs=rngs), width, depth, num_classes, f"mlp{depth}x{width}", rngs)
 
 
 class PooledDenseReLU(nnx.Module):
@@ -76,11 +69,12 @@ def deep_mlp(*, input_shape, num_classes: int, depth: int = 8, width: int = 256,
         in_features = (height // pool) * (width_px // pool) * channels
     else:
         in_features, pool = math.prod(input_shape), 1
-    layers = [PooledDenseReLU(in_features, width, pool, rngs=rngs)]
-    layers += [DenseReLU(width, width, rngs=rngs) for _ in range(depth - 1)]
-    return Network(
-        layers=layers,
-        make_head=functools.partial(_flatten_head, width, num_classes, depth),
-        natural_splits=(),
-        name=f"deep_mlp{depth}x{width}",
-    )
+    return _dense_stack(PooledDenseReLU(in_features, width, pool, rngs=rngs), width, depth, num_classes,
+                        f"deep_mlp{depth}x{width}", rngs)
+
+
+def _dense_stack(first, width, depth, num_classes, name, rngs):
+    """``first`` then ``depth - 1`` equal DenseReLU layers, with the flattening head on each stage."""
+    layers = [first] + [DenseReLU(width, width, rngs=rngs) for _ in range(depth - 1)]
+    return Network(layers=layers, make_head=functools.partial(_flatten_head, width, num_classes, depth),
+                   natural_splits=(), name=name)

@@ -37,6 +37,7 @@ from flax import nnx
 
 from .losses import accuracy
 from .methods import ONE_TREE
+from .shared_readout import get_readout, set_readout
 
 
 @jax.tree_util.register_dataclass
@@ -76,8 +77,11 @@ def _split(module):
 class StageKernels:
     """The update rule of stage ``k`` of ``K`` for one method, as pure functions."""
 
-    def __init__(self, stage, k, num_stages, method, tx, loss_fn):
+    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None):
         self.k, self.num_stages = k, num_stages
+        # shared readout (lpjax/shared_readout.py): where this stage's head keeps the readout; the
+        # last stage owns it (a Param), the others hold a read-only copy in their non-trainable state
+        self.readout_path = readout_path
         self.tx, self.loss_fn = tx, loss_fn
         self.weight = method.weights(num_stages)[k]
         self.trains_head = self.weight != 0.0
@@ -120,6 +124,16 @@ class StageKernels:
         The method's weight λ_k is ``self.weight``; the update uses ``λ_k · ℓ``."""
         logits, new_rest = self._head(self.head_def if train else self.head_eval_def, head_params, head_rest, h)
         return self.loss_fn(logits, y), (logits, new_rest)
+
+    # -- shared readout: the owner's readout, and a reader's copy -----------------------------
+    def readout(self, state: StageState) -> dict:
+        """The last stage's readout arrays (``{"kernel", "bias"}``), as its loss has trained them."""
+        return get_readout(state.params["head"], self.readout_path)
+
+    def with_readout(self, state: StageState, readout: dict) -> StageState:
+        """A reader's state with its read-only copy replaced by ``readout`` (a refresh)."""
+        return dataclasses.replace(state, rest=dict(state.rest, head=set_readout(state.rest["head"], self.readout_path,
+                                                                                  readout)))
 
     # -- pieces ------------------------------------------------------------------------------
     def _body(self, graphdef, body_params, body_rest, x):

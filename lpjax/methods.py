@@ -15,7 +15,11 @@ A ``Method`` declares everything the kernels, schedules and executors need, and 
   schedule must drain before the update;
 - ``optimizer``: how the optimizer is split (``PER_STAGE``: each stage its own optax state and its
   own finite check; ``ONE_TREE``: one optax tree over the whole model, global norm across stages);
-- ``one_layer_per_stage``: a structural requirement checked against the model.
+- ``one_layer_per_stage``: a structural requirement checked against the model;
+- ``shared``: state shared across stages, with its refresh rule (``SharedReadout``: the auxiliary
+  heads read a stop-gradient copy of the last stage's readout, refreshed every R steps; see
+  ``lpjax/shared_readout.py``). Which stages each loss's gradient reaches is ``window`` (through
+  the bodies) plus, for a shared state, the rule that only its owner's loss trains it.
 
 Backprop is not a special case: it is ``losses=LAST_STAGE, window=None, needs_flush=True,
 optimizer=ONE_TREE``. A method knows nothing about devices or order; the kernels turn it into
@@ -35,6 +39,28 @@ PER_STAGE, ONE_TREE = "per_stage", "one_tree"
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedReadout:
+    """State shared across stages: the last stage's readout (its classifier Dense, or the LM's
+    unembedding), read by every other stage's head through a stop-gradient copy.
+
+    Owner: the last stage; only its loss trains the readout. Readers: stages 0..K-2, whose losses
+    train their bodies and private head layers but not the readout. Refresh rule: the copy is taken
+    at the start of every step whose index is a multiple of ``refresh_steps``, after the previous
+    step's update (docs/semantics.md, "Shared readout")."""
+
+    refresh_steps: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.refresh_steps, int) or isinstance(self.refresh_steps, bool) or self.refresh_steps < 1:
+            raise ConfigError(f"method.readout_refresh_steps must be an integer >= 1, got {self.refresh_steps!r}")
+
+    def refreshes_before(self, step: int) -> bool:
+        """Whether the copy is refreshed before step ``step`` (0-based) runs; step 0 starts from a
+        copy of the initial readout."""
+        return step > 0 and step % self.refresh_steps == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     window: int | None = 1  # stages each loss's gradient reaches (its own included); None: all before it
@@ -43,6 +69,7 @@ class Method:
     one_layer_per_stage: bool = False
     needs_flush: bool = False
     optimizer: str = PER_STAGE
+    shared: SharedReadout | None = None  # state shared across stages, with its refresh rule
 
     def __post_init__(self):
         if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
@@ -56,6 +83,11 @@ class Method:
             raise ConfigError(f"{self.name} uses only the last head's loss; drop loss_weights or pick a local method")
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        if self.shared is not None and not isinstance(self.shared, SharedReadout):
+            raise ConfigError(f"shared must be an lpjax.methods.SharedReadout, got {self.shared!r}")
+        if self.shared is not None and self.losses == LAST_STAGE:
+            raise ConfigError(f"{self.name} trains only the last head, so no auxiliary head reads a shared readout; "
+                              f"drop method.shared_readout or pick a local method (greedy, chunked, overlapping)")
 
     def weights(self, num_stages: int) -> tuple[float, ...]:
         if self.losses == LAST_STAGE:
@@ -93,7 +125,14 @@ class Method:
             raise ConfigError(
                 f"window {self.window} is longer than the {len(model)} stages; use a window of at most {len(model)}"
             )
-        self.weights(len(model))
+        weights = self.weights(len(model))
+        if self.shared is not None:
+            if len(model) < 2:
+                raise ConfigError("a shared readout needs at least 2 stages (one owner, one reader); "
+                                  "drop method.shared_readout or cut more stages")
+            if weights[-1] == 0.0:
+                raise ConfigError("only the last stage's loss trains the shared readout, but its weight is 0; "
+                                  "give the last stage a non-zero loss weight")
 
 
 METHODS: dict = {}  # name -> factory(*, window=None, loss_weights=None) -> Method
@@ -146,8 +185,21 @@ def Overlapping(window: int | None = 2, loss_weights=None) -> Method:
     return Method("overlapping", window=window, loss_weights=loss_weights)
 
 
-def make_method(name: str, **options) -> Method:
-    """The registered method ``name``, built with the options that are set (None means the default)."""
+def make_method(name: str, *, shared_readout: bool = False, readout_refresh_steps: int | None = None,
+                **options) -> Method:
+    """The registered method ``name``, built with the options that are set (None means the default).
+
+    ``shared_readout`` adds a ``SharedReadout(readout_refresh_steps)`` to whatever the factory
+    builds, so every registered method (yours included) can take it without knowing about it."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name](**{key: value for key, value in options.items() if value is not None})
+    method = METHODS[name](**{key: value for key, value in options.items() if value is not None})
+    if not isinstance(shared_readout, bool):
+        raise ConfigError(f"method.shared_readout must be true or false, got {shared_readout!r}")
+    if shared_readout:
+        method = dataclasses.replace(method, shared=SharedReadout(1 if readout_refresh_steps is None
+                                                                  else readout_refresh_steps))
+    elif readout_refresh_steps is not None:
+        raise ConfigError("method.readout_refresh_steps is set but method.shared_readout is not; "
+                          "set --config.method.shared_readout=True or drop the refresh interval")
+    return method

@@ -215,7 +215,7 @@ def _resume(run, checkpointer, say):
     if restored is None:
         return 0, batches
     states, meta = restored
-    run.trainer.load_states(states)
+    run.trainer.load_states(states, steps=meta["step"])
     batches.set_state(meta["data_state"])
     if meta["step"] >= run.num_steps:
         say(f"already finished at step {meta['step']} (the checkpoint there is the run's last); "

@@ -12,6 +12,7 @@ from .losses import check_logits_match_labels, get_loss
 from .methods import Method
 from .optimizers import per_stage_optimizers
 from .schedules import Schedule, Sequential
+from .shared_readout import share_readout
 from .staging import Stage
 
 
@@ -36,12 +37,17 @@ class Trainer:
         self.schedule = schedule or Sequential(1)
         if method.needs_flush and not self.schedule.synchronous:
             raise ConfigError(f"{method.name} needs a flushing schedule (sequential, gpipe or 1f1b), not {self.schedule!r}")
+        if method.shared is not None and not self.schedule.synchronous:
+            raise ConfigError(f"a shared readout is refreshed at step boundaries, which streaming does not have; "
+                              f"use a flushing schedule (sequential, gpipe or 1f1b), not {self.schedule!r}")
+        # the user's model gets the read-only copies too, so export() writes into the same structure
+        paths = share_readout(model) if method.shared is not None else (None,) * len(model)
         self.layout = layout
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
         optimizers = per_stage_optimizers(optimizer, len(model), method)
-        self.kernels = [StageKernels(_copy_of(stage), k, len(model), method, tx, self.loss_fn)
-                        for k, (stage, tx) in enumerate(zip(model, optimizers))]
+        self.kernels = [StageKernels(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path)
+                        for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
         self.executor = make_executor(self.kernels, self.schedule, layout)
         self.steps = 0
         self.stage_examples = [0] * len(model)  # examples each stage has run forward so far
@@ -88,6 +94,9 @@ class Trainer:
         if not self._checked_shapes:
             self.check_shapes(xs[0], ys[0])
         self._microbatch_rows = len(xs[0])
+        if self.method.shared is not None and self.method.shared.refreshes_before(self.steps):
+            # a flushing schedule leaves every stage at the step boundary: no task is in flight
+            self.executor.refresh_shared()
         self.executor.feed(xs, ys)
         self.steps += 1
         self._count_examples()
@@ -113,9 +122,13 @@ class Trainer:
         what a multi-process checkpoint saves."""
         return self.executor.host_states()
 
-    def load_states(self, states):
-        """Continue from restored stage states (``StageState`` pytrees, one per stage)."""
+    def load_states(self, states, steps: int | None = None):
+        """Continue from restored stage states (``StageState`` pytrees, one per stage). ``steps``:
+        the optimizer steps those states have taken, which a method's refresh rule counts from
+        (a shared readout's copy); the step counter is left as it is when omitted."""
         self.executor.load_states(states)
+        if steps is not None:
+            self.steps = steps
 
     def health(self):
         """Per stage, device scalars: the gradient norm at its last update and the updates skipped

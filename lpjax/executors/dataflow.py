@@ -71,6 +71,23 @@ class DataflowExecutor:
         self.done, self.fed = [0] * self.num_stages, 0
         self._due = set()
 
+    def refresh_shared(self):
+        """Refresh every reader's copy of the shared readout from the last stage (lpjax/shared_readout.py):
+        the readout leaves the last stage's devices by ``device_put`` to each reader's. Called by the
+        trainer at a step boundary of a flushing schedule, where no task is in flight."""
+        self.drain()  # a flushing schedule has nothing left to run here; this only makes it certain
+        owner = self.num_stages - 1
+        readout = self._shared_cell("readout", owner)(self.states[owner])
+        for k in range(owner):
+            self.states[k] = self._shared_cell("write", k)(self.states[k], self.placement.put_state(k, readout))
+
+    def _shared_cell(self, kind, k):
+        if (kind, k) not in self._cells:
+            kern = self.kernels[k]
+            fn = kern.readout if kind == "readout" else kern.with_readout
+            self._cells[(kind, k)] = jax.jit(fn, donate_argnums=() if kind == "readout" else (0,))
+        return self._cells[(kind, k)]
+
     def host_states(self):
         """Every stage's state as numpy arrays (this executor is single-process)."""
         return jax.device_get(self.states)

@@ -171,6 +171,45 @@ class SpmdExecutor:
         self.inputs, self.labels = {}, {}
         self.done, self.fed = [0] * self.num_stages, 0
 
+    def refresh_shared(self):
+        """Refresh every reader's copy of the shared readout (lpjax/shared_readout.py) with one
+        collective: the last stage packs its readout, a ``psum`` over ``stage`` (every other stage
+        adds zeros, which is exact) broadcasts it, and stages 0..K-2 write it into their state.
+        Called by the trainer at a step boundary of a flushing schedule, where nothing is in flight."""
+        self.drain()
+        if "refresh" not in self._programs:
+            K = self.num_stages
+            owner = self.kernels[K - 1]
+            initial = self.state_packers[K - 1].unpack(zeros(self.state_lengths))
+            readout = TreePacker(jax.eval_shape(lambda: owner.readout(initial)))
+            lengths = readout.sizes
+
+            def extract(k, buffer):
+                if k != K - 1:
+                    return zeros(lengths)
+                return readout.pack(owner.readout(self.state_packers[k].unpack(buffer)), lengths)
+
+            def write(k, buffer, flat):
+                if k == K - 1:
+                    return buffer
+                before = self.state_packers[k].unpack(buffer)
+                after = self.kernels[k].with_readout(before, readout.unpack(flat))
+                return self.state_packers[k].repack(buffer, after, before)
+
+            def refresh(state):
+                local = {g: b[0] for g, b in state.items()}
+                k = lax.axis_index("stage")
+                flat = lax.switch(k, [functools.partial(extract, s) for s in range(K)], local)
+                flat = lax.psum(flat, "stage")
+                local = lax.switch(k, [functools.partial(write, s) for s in range(K)], local, flat)
+                return {g: b[None] for g, b in local.items()}
+
+            spec = jax.tree.map(lambda _: P("stage"), self.buffers["state"])
+            self._programs["refresh"] = jax.jit(jax.shard_map(refresh, mesh=self.mesh, in_specs=(spec,),
+                                                              out_specs=spec, axis_names={"stage", "data"},
+                                                              check_vma=False), donate_argnums=(0,))
+        self.buffers["state"] = self._programs["refresh"](self.buffers["state"])
+
     def load_states(self, states):
         """Replace every stage's state (a restored checkpoint); host round trip, so single-process."""
         self.flush()

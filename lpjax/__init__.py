@@ -5,7 +5,7 @@ import importlib
 from . import losses, methods, schedules
 from .errors import ConfigError
 from .layout import Layout
-from .methods import Backprop, Chunked, Greedy, Method, Overlapping, make_method, register_method
+from .methods import Backprop, Chunked, Greedy, Method, Overlapping, SharedReadout, make_method, register_method
 from .staging import Stage, StagedModel, cut_layers, stage_network
 from .trainer import Trainer
 
@@ -29,7 +29,7 @@ def __dir__():
 
 
 __all__ = [
-    "Backprop", "Chunked", "ConfigError", "Greedy", "Layout", "Method", "Overlapping", "Stage", "StagedModel",
+    "Backprop", "Chunked", "ConfigError", "Greedy", "Layout", "Method", "Overlapping", "SharedReadout", "Stage", "StagedModel",
     "Trainer", "cut_layers", "data", "fit", "losses", "make_method", "methods", "models", "register_method",
     "schedules", "stage_network",
 ]

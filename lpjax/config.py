@@ -23,6 +23,9 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     method.window           overlapping only (default 2)
     method.loss_weights     optional, one per stage; >= 0 (a negative weight would make its stage
                             ascend its loss) and not all 0
+    method.shared_readout   true: the auxiliary heads end in a read-only copy of the last stage's
+                            readout (SOLO; local methods, flushing schedules; docs/methods.md)
+    method.readout_refresh_steps  steps between refreshes of that copy (default 1: every step)
     optimizer.*             see lpjax.optimizer_config
     schedule.name           sequential | gpipe | 1f1b | streaming (lpjax.schedules)
     schedule.microbatches   microbatches per step; must divide batch_size
@@ -95,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
         "model": {"name": placeholder(str), "builder": placeholder(str)},
         "stages": placeholder(int),
         "split_points": placeholder(object),  # a tuple, or "balanced" / "balanced_memory"
-        "method": {"name": placeholder(str), "window": placeholder(int), "loss_weights": placeholder(tuple)},
+        "method": {"name": placeholder(str), "window": placeholder(int), "loss_weights": placeholder(tuple),
+                   "shared_readout": False, "readout_refresh_steps": placeholder(int)},
         "optimizer": {
             "name": "adam",
             "learning_rate": 1e-3,
@@ -155,7 +159,9 @@ def build_experiment(config) -> Experiment:
     cfg = resolve(config)
     _check_plain_values(cfg)
     method = make_method(cfg["method"]["name"], window=cfg["method"]["window"],
-                         loss_weights=loss_weights(cfg["method"]["loss_weights"], "method.loss_weights"))
+                         loss_weights=loss_weights(cfg["method"]["loss_weights"], "method.loss_weights"),
+                         shared_readout=boolean(cfg["method"]["shared_readout"], "method.shared_readout"),
+                         readout_refresh_steps=cfg["method"]["readout_refresh_steps"])
     schedule = make_schedule(cfg["schedule"]["name"], cfg["schedule"]["microbatches"])
 
     dataset = _load_dataset(cfg)

@@ -83,11 +83,19 @@ class Method:
             raise ConfigError(f"{self.name} uses only the last head's loss; drop loss_weights or pick a local method")
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        if isinstance(self.shared, dict):  # dataclasses.asdict(method) round-trips
+            object.__setattr__(self, "shared", SharedReadout(**self.shared))
         if self.shared is not None and not isinstance(self.shared, SharedReadout):
             raise ConfigError(f"shared must be an lpjax.methods.SharedReadout, got {self.shared!r}")
         if self.shared is not None and self.losses == LAST_STAGE:
             raise ConfigError(f"{self.name} trains only the last head, so no auxiliary head reads a shared readout; "
                               f"drop method.shared_readout or pick a local method (greedy, chunked, overlapping)")
+
+    def describe(self) -> str:
+        """The name, plus the shared state when there is one (run headers)."""
+        if self.shared is None:
+            return self.name
+        return f"{self.name} + shared readout (refreshed every {self.shared.refresh_steps} steps)"
 
     def weights(self, num_stages: int) -> tuple[float, ...]:
         if self.losses == LAST_STAGE:

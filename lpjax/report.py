@@ -18,7 +18,7 @@ def describe(experiment) -> str:
     where = ("reference executor, one device" if layout["executor"] == "reference"
              else f"{layout['executor']} executor on {layout['stages']}x{layout['data']} devices")
     return (f"{experiment.network.name} ({len(experiment.network.layers)} layers) on {data.name} "
-            f"({data.num_train} train / {data.num_test} test) | {trainer.method.name}, {trainer.num_stages} stages, "
+            f"({data.num_train} train / {data.num_test} test) | {trainer.method.describe()}, {trainer.num_stages} stages, "
             f"{cfg['schedule']['name']} schedule x{trainer.microbatches} microbatches, {where} | "
             f"{experiment.num_steps} steps of batch {cfg['batch_size']}"
             + (f" | {experiment.split.describe()}" if getattr(experiment, "split", None) is not None else ""))
@@ -30,7 +30,7 @@ def describe_fit(trainer, data, cfg, name) -> str:
     where = ("reference executor, one device" if layout is None
              else f"{layout.executor} executor on {layout.stages}x{layout.data} devices")
     return (f"{name} on {data.name} ({data.num_train} train / {getattr(data, 'num_test', '?')} test) | "
-            f"{trainer.method.name}, {trainer.num_stages} stages, {cfg['schedule']['name']} schedule "
+            f"{trainer.method.describe()}, {trainer.num_stages} stages, {cfg['schedule']['name']} schedule "
             f"x{trainer.microbatches} microbatches, {where} | {cfg['num_steps']} steps of batch {cfg['batch_size']}")
 
 

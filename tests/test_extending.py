@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+from lpjax.methods import METHODS
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 
 
@@ -24,6 +26,7 @@ def test_every_example_in_the_extending_guide_runs(tmp_path, monkeypatch, capsys
     finally:
         for name in ("my_blocks", "my_recipe"):
             sys.modules.pop(name, None)
+        METHODS.pop("two-back", None)  # section 4's method, registered by the guide
     out = capsys.readouterr().out
     assert "test accuracy per stage:" in out and "greedy with MLP heads:" in out
     # the recipe with a user builder trained through the CLI's loop, and fit wrote its workdir
@@ -32,3 +35,6 @@ def test_every_example_in_the_extending_guide_runs(tmp_path, monkeypatch, capsys
     for run in ("runs/my_blocks", "runs/my_blocks_fit"):
         assert (tmp_path / run / "results.json").is_file() and (tmp_path / run / "checkpoints").is_dir()
     assert len(namespace["logits"]) == 2
+    # section 4: the user's method, with private heads and with the shared readout
+    assert "two-back [" in out and "two-back + shared readout (refreshed every 10 steps) [" in out
+    assert namespace["trainer"].method.shared.refresh_steps == 10

@@ -96,3 +96,12 @@ def test_docs_example_runs():
     losses = namespace["losses"]
     assert namespace["trainer"].method.window == 3 and namespace["trainer"].method.weights(4)[-1] == 2.0
     assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_shared_state_round_trips_through_the_protocol():
+    """A method's shared state is part of its declaration: asdict -> Method gives the same method."""
+    for name in ("greedy", "chunked", "overlapping"):
+        method = make_method(name, shared_readout=True, readout_refresh_steps=50)
+        assert method.shared == lpjax.SharedReadout(50)
+        assert Method(**dataclasses.asdict(method)) == method
+        assert dataclasses.replace(make_method(name), shared=lpjax.SharedReadout(50)) == method

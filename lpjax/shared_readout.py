@@ -98,6 +98,17 @@ def share_readout(model) -> tuple:
     return tuple(paths) + (path,)
 
 
+def holds_no_copies(model) -> tuple:
+    """``(None,) * K`` for a method without a shared readout; a model whose heads already hold
+    read-only copies (a shared-readout trainer was built on it) would silently leave those heads
+    without a trainable readout, so it is refused."""
+    for k, stage in enumerate(model):
+        if any(isinstance(node, ReadOnlyReadout) for _, node in nnx.iter_graph(stage.head)):
+            raise ConfigError(f"stage {k}'s head holds a read-only copy of the last readout (a shared-readout "
+                              f"trainer was built on this model); build a fresh model, or set method.shared_readout=True")
+    return (None,) * len(model)
+
+
 def _at(module, path):
     for name in path:
         module = getattr(module, name)

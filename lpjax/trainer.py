@@ -12,7 +12,7 @@ from .losses import check_logits_match_labels, get_loss
 from .methods import Method
 from .optimizers import per_stage_optimizers
 from .schedules import Schedule, Sequential
-from .shared_readout import share_readout
+from .shared_readout import holds_no_copies, share_readout
 from .staging import Stage
 
 
@@ -41,7 +41,7 @@ class Trainer:
             raise ConfigError(f"a shared readout is refreshed at step boundaries, which streaming does not have; "
                               f"use a flushing schedule (sequential, gpipe or 1f1b), not {self.schedule!r}")
         # the user's model gets the read-only copies too, so export() writes into the same structure
-        paths = share_readout(model) if method.shared is not None else (None,) * len(model)
+        paths = share_readout(model) if method.shared is not None else holds_no_copies(model)
         self.layout = layout
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)

@@ -126,6 +126,9 @@ def test_private_head_layers_train_and_the_lm_unembedding_is_shared():
     assert_trees_equal(owner_after[1], copies)
     assert not np.array_equal(owner["kernel"], copies["kernel"])
     assert isinstance(trainer.export()[0].head.linear, lpjax.shared_readout.ReadOnlyReadout)
+    # that model now has read-only heads: a private-head trainer on it would silently not train them
+    with pytest.raises(lpjax.ConfigError, match="build a fresh model"):
+        lpjax.Trainer(model, method=lpjax.Chunked(), optimizer=optax.adam(1e-2))
 
 
 def readouts_lm(states):

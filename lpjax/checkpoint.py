@@ -11,14 +11,23 @@ back on a different ``data``-axis size. The fingerprint is recomputed after read
 whose files were damaged (or that fails to read at all) is moved aside to ``corrupt/`` with a
 warning, and the one before it is tried, so nothing silently loads garbage and nothing is deleted.
 
-In a multi-process run (``jax.process_count() > 1``) stages live on different hosts and orbax will
-not save host-local arrays, so a checkpoint goes through the host: every process passes
-``Trainer.host_states()`` (all stages as numpy, gathered across processes), process 0 alone writes
-them, synchronously, and every process reads them back (a filesystem all hosts see is assumed, as
-on pods). Saving the same numbers from every host would only race on the same files.
+``lpjax train`` over several processes saves **sharded** checkpoints (``sharded=True``): one
+item, ``state``, holding the SPMD executor's stacked state buffers as they live on the mesh (row k
+on stage k's devices). Every process takes part; orbax (OCDBT) writes each shard from the process
+that holds it, into that process's own ``ocdbt.process_<i>/`` files, so no host gathers the model.
+The fingerprints are computed on the mesh too (``SpmdExecutor.summaries``), per stage, from the
+same unpacked ``StageState`` as a per-stage checkpoint's. Restoring reads each process's rows onto
+the current mesh, so a sharded checkpoint resumes on another process count or ``data`` size (with
+the spmd executor); a per-stage checkpoint resumes under spmd through the host. Every process
+decides alike whether a checkpoint is intact. All hosts must see one filesystem.
 
-The gradient accumulator is not saved: a checkpoint is taken after ``Trainer.flush()``, and the next
-step's first microbatch overwrites the accumulator anyway.
+The Python API's multi-process path (``Checkpointer(dir, K)`` with ``Trainer.host_states()``, all
+stages gathered to every host) is kept: process 0 alone writes, synchronously, and every process
+reads them back.
+
+The gradient accumulator is not saved in per-stage checkpoints (a sharded one holds it, in the
+buffers): a checkpoint is taken after ``Trainer.flush()``, and the next step's first microbatch
+overwrites the accumulator anyway.
 """
 
 import dataclasses
@@ -29,6 +38,7 @@ import os
 import shutil
 import sys
 import threading
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from . import workdir as files
-from .errors import NonFiniteError
+from .errors import ConfigError, NonFiniteError
 from .workdir import CORRUPT as CORRUPT_DIR
 
 SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
@@ -44,6 +54,7 @@ SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
 # NaN right after a skipped update, and that must not block the save (the update itself never landed).
 GUARDED_FIELDS = ("params", "rest", "opt_state")
 META_FINGERPRINT = "meta_fingerprint"
+SHARDED_ITEM = "state"  # a sharded checkpoint's one item: the SPMD executor's stacked state buffers
 
 
 class CheckpointError(Exception):
@@ -106,6 +117,12 @@ def _summary(tree):
     return total, finite
 
 
+def stage_summary_on_device(state):
+    """``(fingerprint, finite)`` of one stage's saved state as device scalars (traceable: the SPMD
+    executor computes it inside its mesh program, where each stage lives)."""
+    return _summary(_storable(state))
+
+
 def state_summaries(states) -> list:
     """``(fingerprint, finite)`` of each stage's saved state, as Python values, in one wait on the
     devices."""
@@ -133,21 +150,51 @@ def _warn(message: str) -> None:
     print(f"lpjax: warning: {message}", file=sys.stderr, flush=True)
 
 
-class Checkpointer:
-    """Saves and restores a trainer's stage states under ``directory`` (one subdirectory per step)."""
+@dataclasses.dataclass
+class ShardedStates:
+    """The SPMD executor's stacked state buffers, ``{dtype name: [stages, length]}`` global arrays
+    whose rows live on each stage's devices, and each stage's ``(fingerprint, finite)``: what a
+    sharded checkpoint saves (``SpmdExecutor.sharded_states``)."""
 
-    def __init__(self, directory: str, num_stages: int, *, keep: int = 3, asynchronous: bool = True):
+    tree: dict
+    summaries: list
+
+
+@dataclasses.dataclass
+class ShardedTarget:
+    """What a sharded checkpoint is restored onto (``SpmdExecutor.sharded_target``): the buffers'
+    shapes and shardings on the current mesh, the function that fingerprints such buffers, and
+    function giving every stage's current ``StageState`` in this process (to read a per-stage
+    checkpoint instead, through the host)."""
+
+    abstract: dict
+    summarize: Callable
+    host_like: Callable
+
+
+class Checkpointer:
+    """Saves and restores a trainer's stage states under ``directory`` (one subdirectory per step).
+
+    ``sharded=True`` (``lpjax train`` over several processes): every process takes part in each
+    save and restore, and saves ``ShardedStates``: orbax writes each array's shards from the process
+    that holds them, so no host gathers the model. Otherwise, over several processes, process 0
+    alone writes the ``host_states()`` every process passes (the Python API's path)."""
+
+    def __init__(self, directory: str, num_stages: int, *, keep: int = 3, asynchronous: bool = True,
+                 sharded: bool = False):
         self.directory = os.path.abspath(directory)
         self.names = tuple(f"stage{k}" for k in range(num_stages))
         self.multiprocess = jax.process_count() > 1
+        self.sharded = sharded
         self.writer = jax.process_index() == 0
         self._pending = None  # (step, bytes) of an asynchronous save that may still fail
         _quiet_orbax_errors()
         _silence_abandoned_io_errors()
-        if not self.multiprocess:
+        if not self.multiprocess or sharded:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                                    cleanup_tmp_directories=True, create=True)
-            self.manager = ocp.CheckpointManager(self.directory, item_names=self.names + ("meta",), options=options)
+            self.manager = ocp.CheckpointManager(self.directory, item_names=self.names + (SHARDED_ITEM, "meta"),
+                                                 options=options)
             return
         # each process's manager works alone (no barriers with the others, which may be dead); only
         # process 0's ever writes. orbax's background directory creation races with itself for a
@@ -171,22 +218,24 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, states, meta: dict) -> None:
-        """Start saving ``states`` (one ``StageState`` per stage; ``Trainer.host_states()`` in a
-        multi-process run) and ``meta`` as checkpoint ``step``. Raises ``NonFiniteError``, saving
-        nothing, if any stage's state is not finite."""
-        summaries = state_summaries(states)
+        """Start saving ``states`` (one ``StageState`` per stage, ``Trainer.host_states()`` in a
+        multi-process run, or ``ShardedStates``) and ``meta`` as checkpoint ``step``. Raises
+        ``NonFiniteError``, saving nothing, if any stage's state is not finite."""
+        if isinstance(states, ShardedStates):
+            summaries, trees = states.summaries, {SHARDED_ITEM: states.tree}
+        else:
+            summaries, trees = state_summaries(states), {name: _storable(s) for name, s in zip(self.names, states)}
         bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
         if bad:
             raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
                                  f"nothing was checkpointed")
         meta = _json_view(dict(meta, step=step, fingerprints=[f for f, _ in summaries]))
         meta[META_FINGERPRINT] = meta_fingerprint(meta)
-        if self.multiprocess and not self.writer:
+        if self.multiprocess and not self.sharded and not self.writer:
             return
         self._finish_pending()  # orbax's save waits for the previous one anyway; this names its failure
-        trees = [_storable(s) for s in states]
         size = sum(int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(trees))
-        items = {name: ocp.args.StandardSave(tree) for name, tree in zip(self.names, trees)}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
         with self._writing(f"the checkpoint at step {step}", size):
             self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
         self._pending = (step, size)
@@ -201,22 +250,33 @@ class Checkpointer:
             with self._writing(f"the checkpoint at step {pending[0]}", pending[1]):
                 self.manager.wait_until_finished()
 
-    def restore_latest(self, like_states):
+    def restore_latest(self, like):
         """``(states, meta)`` from the newest checkpoint that reads back intact, placed like
-        ``like_states``; ``None`` if there is none. Damaged ones are moved aside with a warning."""
+        ``like`` (a list of ``StageState``, or a ``ShardedTarget``, which gets ``ShardedStates``
+        from a sharded checkpoint); ``None`` if there is none. Damaged ones are moved aside with a
+        warning."""
         for step in reversed(self.steps()):
             try:
-                return self._restore(step, like_states)
+                found, failure = self._restore(step, like), None
             except CheckpointError as err:
-                if not self.writer:  # process 0 alone moves files; the others only skip it
-                    _warn(f"checkpoint at step {step} is damaged ({err}); falling back to the one before")
-                    continue
-                where = self._quarantine(step)
-                _warn(f"checkpoint at step {step} is damaged ({err}); moved it to {where} and "
-                      f"falling back to the one before")
+                found, failure = None, err
+            if self.multiprocess and self.sharded:  # every process must fall back alike
+                failure = _agree(failure)
+            if failure is None:
+                return found
+            if not self.writer:  # process 0 alone moves files; the others only skip it
+                _warn(f"checkpoint at step {step} is damaged ({failure}); falling back to the one before")
+                continue
+            where = self._quarantine(step)
+            _warn(f"checkpoint at step {step} is damaged ({failure}); moved it to {where} and "
+                  f"falling back to the one before")
         return None
 
-    def _restore(self, step, like_states):
+    def _restore(self, step, like):
+        packed = os.path.isdir(os.path.join(self.directory, str(step), SHARDED_ITEM))
+        if packed and not isinstance(like, ShardedTarget):
+            raise ConfigError(f"the checkpoint at step {step} in {self.directory} is sharded (written by the spmd "
+                              f"executor over several processes); resume it with --config.layout.executor=spmd")
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if not isinstance(meta, dict) or META_FINGERPRINT not in meta:
@@ -225,16 +285,25 @@ class Checkpointer:
                 raise CheckpointError("its meta item does not match the fingerprint saved with it")
             if meta.get("step") != step or len(meta.get("fingerprints", ())) != len(self.names):
                 raise CheckpointError("its meta item is incomplete")
-            targets = [_host_target(s) if self.multiprocess else _abstract(s) for s in like_states]
-            items = {name: ocp.args.StandardRestore(t) for name, t in zip(self.names, targets)}
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            if packed:
+                tree = self.manager.restore(step, args=ocp.args.Composite(
+                    **{SHARDED_ITEM: ocp.args.StandardRestore(like.abstract)}))[SHARDED_ITEM]
+                states = ShardedStates(dict(tree), like.summarize(tree))
+                summaries = states.summaries
+            else:
+                host = isinstance(like, ShardedTarget) or self.multiprocess
+                like_states = like.host_like() if isinstance(like, ShardedTarget) else like
+                targets = [_host_target(s) if host else _abstract(s) for s in like_states]
+                items = {name: ocp.args.StandardRestore(t) for name, t in zip(self.names, targets)}
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                states = [_rebuild(s, restored[name]) for s, name in zip(like_states, self.names)]
+                summaries = state_summaries(states)
         except CheckpointError:
             raise
         except Exception as err:  # orbax and tensorstore raise many kinds for unreadable files
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise CheckpointError(f"{type(err).__name__}: {reason[:200]}") from None
-        states = [_rebuild(like, restored[name]) for like, name in zip(like_states, self.names)]
-        for k, (fingerprint, finite) in enumerate(state_summaries(states)):
+        for k, (fingerprint, finite) in enumerate(summaries):
             if fingerprint != meta["fingerprints"][k] or not finite:
                 raise CheckpointError(f"stage {k}'s contents do not match the fingerprint saved with them")
         return states, meta
@@ -260,6 +329,18 @@ class Checkpointer:
             except Exception as err:
                 if files.os_error_in(err) is None:  # an OSError here is the one _finish_pending reported
                     raise
+
+
+def _agree(failure):
+    """Over several processes: a restore that failed anywhere failed everywhere (one process may
+    read a damaged shard that the others never touch); returns this process's view of it."""
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.array([failure is not None], np.int32)))
+    if failure is None and flags.any():
+        bad = ", ".join(str(p) for p in np.flatnonzero(flags.ravel()))
+        return CheckpointError(f"process(es) {bad} could not read their part of it")
+    return failure
 
 
 def _is_late_io_error(exc_type, exc) -> bool:

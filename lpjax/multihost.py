@@ -19,6 +19,7 @@ every process reads the same data stream and the same checkpoints, so all hosts 
 filesystem (a shared path or a GCS bucket).
 """
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -180,6 +181,42 @@ def _check_devices(stages: int, data: int) -> None:
         raise SharedConfigError(f"layout stages={stages} x data={data} uses {used} devices but {count} processes "
                                 f"hold {total} ({jax.local_device_count()} each); make stages x data equal {total}, "
                                 f"or change the number of processes")
+
+
+def check_shared_filesystem(directory: str) -> None:
+    """Over several processes: process 0 writes a marker file with a fresh token under
+    ``directory``; every other process must read the same token there, else every process raises
+    one ``ConfigError`` (checkpoints are written from every process into one directory, and
+    process 0 alone writes the rest). A collective: every process calls it."""
+    if jax.process_count() == 1:
+        return
+    import os
+    import secrets
+
+    from jax.experimental import multihost_utils
+
+    marker = os.path.join(directory, ".lpjax_shared_filesystem")
+    token = np.frombuffer(secrets.token_bytes(8), np.uint32).copy() if is_writer() else np.zeros(2, np.uint32)
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    if is_writer():
+        with open(marker, "w") as f:
+            f.write(token.tobytes().hex())
+    sync("lpjax_marker_written")
+    try:
+        with open(marker) as f:
+            seen = f.read().strip() == token.tobytes().hex()
+    except OSError:
+        seen = False
+    flags = np.asarray(multihost_utils.process_allgather(np.array([seen], np.int32))).ravel()
+    sync("lpjax_marker_read")
+    if is_writer():
+        with contextlib.suppress(OSError):
+            os.remove(marker)
+    blind = [p for p in range(len(flags)) if not flags[p]]
+    if blind:
+        raise SharedConfigError(f"process(es) {', '.join(map(str, blind))} do not see the files process 0 writes "
+                                f"under {directory}; every host must see one filesystem (a shared path such as NFS, "
+                                f"or a bucket mounted on every host): give --workdir a directory they all share")
 
 
 def is_writer() -> bool:

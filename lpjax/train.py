@@ -49,8 +49,25 @@ class Run:
     header: str
     learning_rates: list | None = None  # per stage: step -> learning rate (host side), when known
 
-    def batches(self):
-        return self.dataset.train_batches(self.config["batch_size"], seed=self.config["seed"])
+    def batches(self, start_step: int = 0):
+        """This process's rows of each training batch (all of them in one process)."""
+        index, count = self.trainer.data_shard
+        at = {"start_step": start_step} if start_step else {}
+        if count == 1:
+            return self.dataset.train_batches(self.config["batch_size"], seed=self.config["seed"], **at)
+        return self.dataset.train_batches(self.config["batch_size"], seed=self.config["seed"], shard_index=index,
+                                          shard_count=count, microbatches=self.trainer.microbatches, **at)
+
+    def eval_batches(self, split, **options):
+        """This process's shard of an evaluation split (the whole split in one process)."""
+        shard = {} if jax.process_count() == 1 else {"shard_index": jax.process_index(),
+                                                      "shard_count": jax.process_count()}
+        return self.dataset.eval_batches(split, self.config["eval_batch_size"], **options, **shard)
+
+    def evaluate(self, split, **options):
+        """Every stage's loss and accuracy on ``split``; over several processes each evaluates its
+        own shard and the totals are summed."""
+        return self.trainer.evaluate_batches(self.eval_batches(split, **options), local=True)
 
 
 def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: bool = True,
@@ -167,8 +184,10 @@ def _run_locked(run: Run, workdir: str, say, progress, started, writer):
     if writer:
         os.makedirs(files.path(workdir, files.CHECKPOINTS), exist_ok=True)
     multihost.sync("lpjax_workdir_created")
+    multihost.check_shared_filesystem(files.path(workdir, files.CHECKPOINTS))
     checkpointer = Checkpointer(files.path(workdir, files.CHECKPOINTS), trainer.num_stages,
-                                keep=cfg["checkpoint"]["keep"], asynchronous=cfg["checkpoint"]["asynchronous"])
+                                keep=cfg["checkpoint"]["keep"], asynchronous=cfg["checkpoint"]["asynchronous"],
+                                sharded=jax.process_count() > 1)
     try:
         start_step, batches = _resume(run, checkpointer, say)
         if writer:
@@ -184,7 +203,7 @@ def _run_locked(run: Run, workdir: str, say, progress, started, writer):
         checkpointer.close()  # waits for a save in flight, also when the loop stopped on an error
 
     sample = _train_sample_size(data)
-    train = trainer.evaluate_batches(data.eval_batches("train", cfg["eval_batch_size"], max_examples=sample))
+    train = run.evaluate("train", max_examples=sample)
     results = _results(run, train, test, train_time, time.perf_counter() - started)
     results["train_eval_examples"] = sample
     results["resumed_from_step"] = start_step
@@ -211,12 +230,15 @@ def _resume(run, checkpointer, say):
     """``(start_step, batches)``: the newest intact checkpoint loaded into the trainer (or step 0),
     and the training stream positioned right after the last batch that checkpoint had seen."""
     batches = run.batches()
-    restored = checkpointer.restore_latest(_saved_states(run.trainer))
+    restored = checkpointer.restore_latest(_restore_target(run.trainer))
     if restored is None:
         return 0, batches
     states, meta = restored
     run.trainer.load_states(states, steps=meta["step"])
-    batches.set_state(meta["data_state"])
+    if meta.get("data_shard", [0, 1]) == list(run.trainer.data_shard):
+        batches.set_state(meta["data_state"])
+    else:  # written by another process layout: the stream's position counts other rows; batch step
+        batches = run.batches(start_step=meta["step"])  # is a pure function of (seed, step)
     if meta["step"] >= run.num_steps:
         say(f"already finished at step {meta['step']} (the checkpoint there is the run's last); "
             f"raise the step count to train further", flush=True)
@@ -242,7 +264,7 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
                 if bar is None:
                     say("compiling: the first step traces and compiles every stage's programs...", flush=True)
                 x, y = next(batches)
-                pending.append(trainer.step(x, y))
+                pending.append(trainer.step(x, y, local=True))
                 if bar is None:
                     jax.block_until_ready(pending[-1])
                     say(f"first step done in {time.perf_counter() - loop_start:.1f}s (compilation included); "
@@ -270,10 +292,11 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
                     log.write(step, time.perf_counter() - loop_start, "alignment", [],
                               alignment=gradient_alignment(trainer, x, y))
                 if (eval_every and step % eval_every == 0) or step == num_steps:
-                    test = trainer.evaluate_batches(data.eval_batches("test", cfg["eval_batch_size"]))
+                    test = run.evaluate("test")
                     log.write(step, time.perf_counter() - loop_start, "test", test)
                 if save:
-                    checkpointer.save(step, _saved_states(trainer), {"data_state": batches.get_state(), "config": cfg})
+                    checkpointer.save(step, _saved_states(trainer), {"data_state": batches.get_state(), "config": cfg,
+                                                                     "data_shard": list(trainer.data_shard)})
                     saved = step
                 if preempted:
                     raise Preempted(step, stops.signum)  # after the checkpoint: the caller's finally waits for it
@@ -281,14 +304,22 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
             if bar is not None:
                 bar.close()
     if test is None:  # nothing left to train: the checkpoint already held the last step
-        test = trainer.evaluate_batches(data.eval_batches("test", cfg["eval_batch_size"]))
+        test = run.evaluate("test")
     return time.perf_counter() - loop_start, test
 
 
 def _saved_states(trainer):
-    """What a checkpoint holds: the live stage states, or, over several processes, every stage
-    gathered to the host (a collective; see lpjax/checkpoint.py)."""
-    return trainer.stage_states if jax.process_count() == 1 else trainer.host_states()
+    """What a checkpoint holds: the live stage states, or, over several processes, the SPMD
+    executor's state buffers where they live (a sharded checkpoint; see lpjax/checkpoint.py)."""
+    return trainer.stage_states if jax.process_count() == 1 else trainer.executor.sharded_states()
+
+
+def _restore_target(trainer):
+    """What a checkpoint is read onto: the SPMD executor's sharded buffers (which also take a
+    per-stage checkpoint, through the host), else the live stage states."""
+    if hasattr(trainer.executor, "sharded_target"):
+        return trainer.executor.sharded_target()
+    return trainer.stage_states
 
 
 class NullLog:

@@ -74,10 +74,34 @@ class Trainer:
         ``export()`` and ``predict()`` drain first."""
         return self.executor.states
 
+    @property
+    def data_shard(self):
+        """``(shard_index, shard_count)``: which rows of each microbatch this process feeds, as the
+        data sources' ``shard_index`` / ``shard_count`` with ``microbatches=self.microbatches``
+        (lpjax/data/dataset.py). ``(0, 1)``, every row, in one process; over several processes whose
+        count divides the layout's ``data`` axis, each holds a block of data columns of every stage
+        and feeds only their rows."""
+        return getattr(self.executor, "data_shard", (0, 1))
+
     # -- training ----------------------------------------------------------------------------
-    def split_batch(self, x, y):
+    def own_rows(self, x, y):
+        """This process's rows (``data_shard``) of a global batch ``(x, y)``."""
+        index, count = self.data_shard
+        if count == 1:
+            return x, y
+        self.split_batch(x, y)  # the global batch must split into microbatches and data slices
+
+        def own(a):
+            parts = np.split(np.asarray(a), self.microbatches)
+            return np.concatenate([p[len(p) * index // count:len(p) * (index + 1) // count] for p in parts])
+
+        return own(x), own(y)
+
+    def split_batch(self, x, y, *, local=False):
+        """``local``: ``(x, y)`` are this process's rows of the batch (``data_shard``)."""
         batch = len(x)
-        parts = self.microbatches * self.executor.placement.num_data
+        count = self.data_shard[1] if local else 1
+        parts = self.microbatches * self.executor.placement.num_data // count
         if len(y) != batch:
             raise ConfigError(f"batch has {batch} inputs but {len(y)} labels")
         if batch % parts:
@@ -88,12 +112,17 @@ class Trainer:
         m = self.microbatches
         return np.split(np.asarray(x), m), np.split(np.asarray(y), m)
 
-    def step(self, x, y):
-        """One optimizer step per stage on the batch ``(x, y)``; returns per-stage metrics."""
-        xs, ys = self.split_batch(x, y)
+    def step(self, x, y, *, local=False):
+        """One optimizer step per stage on the batch ``(x, y)``; returns per-stage metrics.
+
+        In a multi-process run every process passes the same global batch, or, with ``local=True``,
+        only its own rows of it (``data_shard``; what ``lpjax train`` reads on each host)."""
+        if not local:
+            x, y = self.own_rows(x, y)
+        xs, ys = self.split_batch(x, y, local=True)
         if not self._checked_shapes:
             self.check_shapes(xs[0], ys[0])
-        self._microbatch_rows = len(xs[0])
+        self._microbatch_rows = len(xs[0]) * self.data_shard[1]  # the whole microbatch's rows
         if self.method.shared is not None and self.method.shared.refreshes_before(self.steps):
             # a flushing schedule leaves every stage at the step boundary: no task is in flight
             self.executor.refresh_shared()
@@ -123,10 +152,16 @@ class Trainer:
         return self.executor.host_states()
 
     def load_states(self, states, steps: int | None = None):
-        """Continue from restored stage states (``StageState`` pytrees, one per stage). ``steps``:
-        the optimizer steps those states have taken, which a method's refresh rule counts from
-        (a shared readout's copy); the step counter is left as it is when omitted."""
-        self.executor.load_states(states)
+        """Continue from restored stage states (``StageState`` pytrees, one per stage, or the
+        SPMD executor's ``ShardedStates`` from a sharded checkpoint). ``steps``: the optimizer
+        steps those states have taken, which a method's refresh rule counts from (a shared
+        readout's copy); the step counter is left as it is when omitted."""
+        from .checkpoint import ShardedStates
+
+        if isinstance(states, ShardedStates):
+            self.executor.load_sharded(states.tree)
+        else:
+            self.executor.load_states(states)
         if steps is not None:
             self.steps = steps
 
@@ -194,16 +229,18 @@ class Trainer:
         """Loss and accuracy of every stage's head on held-out arrays (anytime prediction)."""
         return self.evaluate_batches((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(x), batch_size))
 
-    def evaluate_batches(self, batches):
+    def evaluate_batches(self, batches, *, local=False):
         """Like ``evaluate``, over an iterable of ``(x, y)`` batches (a data source's eval stream).
 
-        In a multi-process run every process must call it with the same batches: each evaluates
-        every ``process_count``-th batch (its own share) with all stages on one of its devices, and
-        the totals are summed across processes."""
+        In a multi-process run every process must call it: with the same batches, of which each
+        evaluates every ``process_count``-th, or with ``local=True`` with its own shard of the split
+        (``eval_batches(..., shard_index=jax.process_index(), shard_count=jax.process_count())``,
+        what ``lpjax train`` does), all of which it evaluates. Each uses all stages on one of its
+        devices, and the totals and counts are summed across processes."""
         self.drain()
         totals, count = np.zeros((self.num_stages, 2)), 0
         if jax.process_count() > 1:
-            return self._evaluate_across_processes(batches)
+            return self._evaluate_across_processes(batches, local)
         place = self.executor.placement
         for xb, yb in batches:
             h = xb
@@ -214,7 +251,7 @@ class Trainer:
             count += np.size(yb)
         return self._eval_figures(totals, count)
 
-    def _evaluate_across_processes(self, batches):
+    def _evaluate_across_processes(self, batches, local):
         from jax.experimental import multihost_utils
 
         device = jax.local_devices()[0]
@@ -222,19 +259,20 @@ class Trainer:
         totals, count = np.zeros((self.num_stages, 2)), 0
         me, processes = jax.process_index(), jax.process_count()
         for i, (xb, yb) in enumerate(batches):
-            count += np.size(yb)
-            if i % processes != me:
+            if not local and i % processes != me:
                 continue
+            count += np.size(yb)
             h = jax.device_put(xb, device)
             for k in range(self.num_stages):
                 h, loss_sum, correct = self._predict_fn(k)(states[k], h, jax.device_put(yb, device))
                 totals[k] += (float(loss_sum), float(correct))
-        # float64 sums travel as two float32 words (JAX arrays are 32-bit by default): no precision lost
+        # float64 sums travel as two float32 words (JAX arrays are 32-bit by default): no precision
+        # lost; the example count goes along as an exact integer column
         high = totals.astype(np.float32)
         parts = np.stack([high, (totals - high).astype(np.float32)])
         gathered = np.asarray(multihost_utils.process_allgather(parts)).astype(np.float64)
-        totals = gathered.sum((0, 1))
-        return self._eval_figures(totals, count)
+        counts = np.asarray(multihost_utils.process_allgather(np.array([count], np.int32)))
+        return self._eval_figures(gathered.sum((0, 1)), int(counts.sum()))
 
     def _eval_figures(self, totals, count):
         if count == 0:

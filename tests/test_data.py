@@ -242,6 +242,20 @@ def test_shards_partition_the_global_batch(ids, drop_remainder):
         assert np.array_equal(np.concatenate([p[1] for p in pieces]), global_y)
 
 
+def test_microbatch_shards_take_their_slice_of_every_microbatch(ids):
+    """What a process holding data columns of every stage reads: its slice of each microbatch."""
+    x, y = ids
+    microbatches, shard_count, batch_size = 3, 2, 12
+    global_batches = _take(batch_iterator(x, y, batch_size, seed=5), 8)
+    shards = [_take(batch_iterator(x, y, batch_size, seed=5, shard_index=i, shard_count=shard_count,
+                                   microbatches=microbatches), 8) for i in range(shard_count)]
+    for step, (global_x, global_y) in enumerate(global_batches):
+        for m, (mx, my) in enumerate(zip(np.split(global_x, microbatches), np.split(global_y, microbatches))):
+            pieces = [np.split(shard[step][0], microbatches)[m] for shard in shards]
+            assert np.array_equal(np.concatenate(pieces), mx)
+            assert np.array_equal(np.concatenate([np.split(s[step][1], microbatches)[m] for s in shards]), my)
+
+
 def test_sharded_resume_matches(ids):
     x, y = ids
     fresh = _take(batch_iterator(x, y, 12, seed=1, shard_index=2, shard_count=3), 9)[6:]
@@ -261,6 +275,7 @@ def test_batch_iterator_on_a_real_dataset(digits):
     (dict(batch_size=NUM_EXAMPLES + 1), "batch_size"),
     (dict(batch_size=10, shard_count=3), "divisible"),
     (dict(batch_size=12, shard_index=3, shard_count=3), "shard_index"),
+    (dict(batch_size=12, shard_count=2, microbatches=4), "divisible"),
     (dict(batch_size=10, start_step=-1), "start_step"),
 ])
 def test_batch_iterator_rejects_bad_arguments(ids, kwargs, match):

@@ -58,9 +58,19 @@ def records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def params(workdir, step, stage):
-    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / f"stage{stage}")
-    return jax.tree.leaves(restored["params"])
+def restored_params(config, workdir, step):
+    """Every stage's parameters in the workdir's newest checkpoint (which must be ``step``), restored
+    by lpjax in this one process onto 4 of its devices, whichever process count wrote it."""
+    from lpjax.checkpoint import Checkpointer
+    from lpjax.config import build_experiment
+    from lpjax.recipe_file import load_recipe
+
+    trainer = build_experiment(load_recipe(str(config))[0]).trainer
+    states, meta = Checkpointer(str(workdir / "checkpoints"), trainer.num_stages).restore_latest(
+        trainer.executor.sharded_target())
+    assert meta["step"] == step
+    trainer.load_states(states)
+    return [jax.tree.leaves(jax.device_get(s.params)) for s in trainer.stage_states]
 
 
 def test_two_processes_equal_one_process_on_four_devices(config, tmp_path):
@@ -79,8 +89,10 @@ def test_two_processes_equal_one_process_on_four_devices(config, tmp_path):
             if key in ra:
                 np.testing.assert_allclose(np.array(ra[key], dtype=float), np.array(rb[key], dtype=float),
                                            atol=1e-6, rtol=0, err_msg=f"{key} at {ra['step']} {ra['split']}")
-    for stage in range(4):
-        for x, y in zip(params(one, 6, stage), params(two, 6, stage), strict=True):
+    assert (one / "checkpoints" / "6" / "stage0").is_dir()  # one process: per-stage items
+    assert (two / "checkpoints" / "6" / "state").is_dir()  # several: one sharded item
+    for mine, theirs in zip(restored_params(config, one, 6), restored_params(config, two, 6), strict=True):
+        for x, y in zip(mine, theirs, strict=True):
             np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
     results = json.loads((two / "results.json").read_text())
     expected = json.loads((one / "results.json").read_text())

@@ -206,6 +206,19 @@ def test_shards_of_the_training_stream_make_up_the_global_batch(mocked_dataset):
         np.testing.assert_array_equal(np.concatenate([s[step][1] for s in shards]), y)
 
 
+def test_microbatch_shards_of_the_training_stream_take_their_slice_of_every_microbatch(mocked_dataset):
+    ds = mocked_dataset
+    global_batches = take(ds.train_batches(8, seed=2, start_step=1), 3)
+    shards = [take(ds.train_batches(8, seed=2, start_step=1, shard_index=i, shard_count=2, microbatches=2), 3)
+              for i in range(2)]
+    for step, (x, y) in enumerate(global_batches):
+        # microbatch m of the global batch = shard 0's slice of it, then shard 1's (2 rows each)
+        rows = np.concatenate([s[step][0][m * 2:(m + 1) * 2] for m in range(2) for s in shards])
+        labels = np.concatenate([s[step][1][m * 2:(m + 1) * 2] for m in range(2) for s in shards])
+        np.testing.assert_array_equal(rows, x)
+        np.testing.assert_array_equal(labels, y)
+
+
 def test_shard_state_restores_exactly(tmp_path):
     with mocked():
         ds = load("lm1b", tmp_path)

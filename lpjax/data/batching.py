@@ -23,7 +23,7 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = T
     return full + (1 if remainder and not drop_remainder else 0)
 
 
-def _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count):
+def _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count, microbatches=1):
     num_examples = len(x)
     if len(y) != num_examples:
         raise ValueError(f"x has {num_examples} rows but y has {len(y)}; pass matching arrays")
@@ -35,10 +35,10 @@ def _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_coun
         raise ValueError(
             f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
             "pass jax.process_index() and jax.process_count()")
-    if batch_size % shard_count:
+    if microbatches < 1 or batch_size % (shard_count * microbatches):
         raise ValueError(
-            f"global batch_size={batch_size} is not divisible by shard_count={shard_count}; "
-            "choose a batch size that is a multiple of the number of shards")
+            f"global batch_size={batch_size} is not divisible by shard_count={shard_count} x "
+            f"microbatches={microbatches}; choose a batch size that is a multiple of {shard_count * max(microbatches, 1)}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32) for grain's shuffle")
     if start_step < 0:
@@ -57,9 +57,12 @@ def global_batch_indices(
     )
 
 
-def _take_shard(indices: np.ndarray, shard_index: int, shard_count: int) -> np.ndarray:
+def _take_shard(indices: np.ndarray, shard_index: int, shard_count: int, microbatches: int = 1) -> np.ndarray:
     # Proportional bounds give equal slices for full batches and still partition
     # a short final batch (drop_remainder=False) as evenly as possible.
+    if microbatches > 1:  # this shard's slice of every microbatch, in microbatch order
+        return np.concatenate([_take_shard(part, shard_index, shard_count)
+                               for part in np.array_split(indices, microbatches)])
     start = len(indices) * shard_index // shard_count
     stop = len(indices) * (shard_index + 1) // shard_count
     return indices[start:stop]
@@ -79,19 +82,24 @@ def batch_iterator(
     start_step: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
+    microbatches: int = 1,
 ) -> grain.DatasetIterator:
     """Endless (x_batch, y_batch) numpy pairs, reshuffled every epoch.
 
     `batch_size` is the global batch; this shard receives its
     `batch_size // shard_count` rows, and the shards' outputs concatenated in
-    shard order equal the global batch. The first item yielded is global step
-    `start_step`. With `drop_remainder=False` the last batch of each epoch is
+    shard order equal the global batch. With `microbatches=M` the global batch
+    is M equal microbatches and the shard takes its slice of each (rows
+    [i*b/n, (i+1)*b/n) of every microbatch of b rows, in microbatch order): the
+    rows a process feeds when it holds part of every stage's data axis. The
+    first item yielded is global step `start_step`. With `drop_remainder=False` the last batch of each epoch is
     shorter and shards may differ by one row on that step.
     """
-    _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count)
+    _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count, microbatches)
     batches = (
         global_batch_indices(len(x), batch_size, seed=seed, drop_remainder=drop_remainder)
-        .map(functools.partial(_take_shard, shard_index=shard_index, shard_count=shard_count))
+        .map(functools.partial(_take_shard, shard_index=shard_index, shard_count=shard_count,
+                               microbatches=microbatches))
         .map(functools.partial(_gather, x=x, y=y))
     )
     return iter(batches[start_step:].to_iter_dataset(_IN_MEMORY_READ_OPTIONS))

@@ -5,13 +5,15 @@ and the streaming TFDS sources (array_record + grain) both do:
 
     name, num_classes, input_shape, task        what a model needs to know to fit the data
     num_train, num_test                         examples per split (one epoch of training)
-    train_batches(batch_size, *, seed, start_step=0, shard_index=0, shard_count=1)
+    train_batches(batch_size, *, seed, start_step=0, shard_index=0, shard_count=1, microbatches=1)
                                                 the endless, seeded, augmented training stream of
                                                 (x, y) numpy batches; a grain iterator, so its
                                                 position can be saved with get_state() and restored
                                                 with set_state(); batch ``step`` is a pure function
                                                 of (seed, step), and shard i of n gets rows
-                                                [i*B/n, (i+1)*B/n) of the global batch
+                                                [i*B/n, (i+1)*B/n) of the global batch; with
+                                                microbatches=M, rows [i*b/n, (i+1)*b/n) of each
+                                                of the M microbatches of b = B/M rows
     eval_batches(split, batch_size, *, max_examples=None, shard_index=0, shard_count=1)
                                                 "test" or "train" without augmentation, each example
                                                 once, in a fixed order; "train" with max_examples is a
@@ -78,9 +80,9 @@ class Dataset:
     def num_test(self) -> int:
         return len(self.test_x)
 
-    def train_batches(self, batch_size, *, seed, start_step=0, shard_index=0, shard_count=1):
+    def train_batches(self, batch_size, *, seed, start_step=0, shard_index=0, shard_count=1, microbatches=1):
         return batch_iterator(self.train_x, self.train_y, batch_size, seed=seed, start_step=start_step,
-                              shard_index=shard_index, shard_count=shard_count)
+                              shard_index=shard_index, shard_count=shard_count, microbatches=microbatches)
 
     def eval_batches(self, split, batch_size, *, max_examples=None, shard_index=0, shard_count=1):
         check_split(split)

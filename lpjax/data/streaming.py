@@ -6,7 +6,8 @@ Training stream. Epoch ``e`` visits the examples in the order of grain's ``shuff
 of an epoch is dropped, so no batch straddles two epochs). Row ``p`` of global batch ``step`` is
 transformed with a generator seeded by ``(seed, step, p)``, so every batch, augmentation included, is
 a pure function of ``(seed, step)`` and independent of how many hosts share it: shard ``i`` of ``n``
-reads and transforms only rows ``[i*B/n, (i+1)*B/n)``. Starting at ``start_step`` is an offset, not a
+reads and transforms only rows ``[i*B/n, (i+1)*B/n)`` (with ``microbatches=M``: its slice
+``[i*b/n, (i+1)*b/n)`` of each microbatch of ``b = B/M`` rows). Starting at ``start_step`` is an offset, not a
 replay. Examples are read and transformed by grain's thread pool (``read_threads``; 0: in the
 caller's thread), then batched; the returned grain iterator's ``get_state()`` / ``set_state()`` save
 and restore its position exactly.
@@ -109,12 +110,15 @@ class _Locate:
     num_examples: int
     batch_size: int
     rows: int  # rows per shard
-    first_row: int
+    shard_index: int
     start_step: int
+    microbatches: int = 1  # the shard takes its slice of each of this many microbatches
 
     def __call__(self, j):
         step = self.start_step + j // self.rows
-        row = self.first_row + j % self.rows
+        per = self.rows // self.microbatches  # the shard's rows of one microbatch
+        r = j % self.rows
+        row = (r // per) * (self.batch_size // self.microbatches) + self.shard_index * per + r % per
         epoch, step_in_epoch = divmod(step, self.num_examples // self.batch_size)
         return step, row, self.order[epoch * self.num_examples + step_in_epoch * self.batch_size + row]
 
@@ -184,11 +188,11 @@ class StreamingDataset:
         return grain.ReadOptions(num_threads=self.read_threads,
                                  prefetch_buffer_size=max(self.read_threads, self.prefetch_batches * rows))
 
-    def train_batches(self, batch_size, *, seed, start_step=0, shard_index=0, shard_count=1):
-        _check_train_arguments(self.num_train, batch_size, seed, start_step, shard_index, shard_count)
+    def train_batches(self, batch_size, *, seed, start_step=0, shard_index=0, shard_count=1, microbatches=1):
+        _check_train_arguments(self.num_train, batch_size, seed, start_step, shard_index, shard_count, microbatches)
         rows = batch_size // shard_count
         order = grain.MapDataset.range(self.num_train).shuffle(seed=seed).repeat()
-        locate = _Locate(order, self.num_train, batch_size, rows, shard_index * rows, start_step)
+        locate = _Locate(order, self.num_train, batch_size, rows, shard_index, start_step, microbatches)
         stream = (grain.MapDataset.range(_ENDLESS)
                   .map(locate)
                   .map(_TrainElement(self.train, self.train_transform, seed)))
@@ -216,16 +220,17 @@ class StreamingDataset:
             batches.close()
 
 
-def _check_train_arguments(num_examples, batch_size, seed, start_step, shard_index, shard_count):
+def _check_train_arguments(num_examples, batch_size, seed, start_step, shard_index, shard_count, microbatches=1):
     if not 0 < batch_size <= num_examples:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the {num_examples} training examples; "
                          "lower batch_size or use more data")
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
                          "pass jax.process_index() and jax.process_count()")
-    if batch_size % shard_count:
-        raise ValueError(f"global batch_size={batch_size} is not divisible by shard_count={shard_count}; "
-                         "choose a batch size that is a multiple of the number of shards")
+    if microbatches < 1 or batch_size % (shard_count * microbatches):
+        raise ValueError(f"global batch_size={batch_size} is not divisible by shard_count={shard_count} x "
+                         f"microbatches={microbatches}; choose a batch size that is a multiple of "
+                         f"{shard_count * max(microbatches, 1)}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32) for grain's shuffle")
     if start_step < 0:

@@ -62,5 +62,46 @@ def make_stage_mesh(stages: int, data: int = 1, devices=None) -> Mesh:
         )
     # Auto axes: the stage axis is manual inside shard_map anyway, and the data axis is left to the
     # compiler's sharding propagation, which handles reshapes and reductions of a split batch.
-    return jax.make_mesh((stages, data), ("stage", "data"), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=devices[:needed])
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    grid = _columns_per_process(devices[:needed], stages, data)
+    if grid is not None:
+        return Mesh(grid, ("stage", "data"), axis_types=axis_types)
+    return jax.make_mesh((stages, data), ("stage", "data"), axis_types=axis_types, devices=devices[:needed])
+
+
+def _columns_per_process(devices, stages: int, data: int):
+    """Over several processes whose count divides the ``data`` axis: a grid where process p holds
+    data columns ``[p*D/P, (p+1)*D/P)`` of every stage, so that each process needs only its own rows
+    of each microbatch (``data_shard``) and stages pass activations within a process; the data
+    axis's gradient averages cross processes. None where that does not apply (one process, or a
+    pipeline that spans processes: then each process holds whole stages and all of their rows)."""
+    processes = sorted({d.process_index for d in devices})
+    count = len(processes)
+    if count == 1 or data % count:
+        return None
+    own = {p: [d for d in devices if d.process_index == p] for p in processes}
+    per = data // count  # columns per process
+    if any(len(own[p]) != stages * per for p in processes):
+        return None
+    grid = np.empty((stages, data), dtype=object)
+    for i, p in enumerate(processes):
+        grid[:, i * per:(i + 1) * per] = np.array(own[p], dtype=object).reshape(stages, per)
+    return grid
+
+
+def data_shard(mesh: Mesh) -> tuple:
+    """``(shard_index, shard_count)``: the part of each microbatch's rows that this process's devices
+    take, as a block of the ``data`` axis; ``(0, 1)`` (every row) in one process, or when the
+    process holds whole stages (their every row)."""
+    grid = np.asarray(mesh.devices).reshape(mesh.shape["stage"], -1)
+    me = jax.process_index()
+    columns = sorted({d for s in range(grid.shape[0]) for d in range(grid.shape[1])
+                      if grid[s, d].process_index == me})
+    width, data = len(columns), grid.shape[1]
+    if not columns or width == data or data % width or columns[0] % width or columns != list(
+            range(columns[0], columns[0] + width)):
+        return 0, 1
+    # only a block of columns that is every stage's (the process feeds its rows to all its stages)
+    if any(grid[s, d].process_index != me for s in range(grid.shape[0]) for d in columns):
+        return 0, 1
+    return columns[0] // width, data // width

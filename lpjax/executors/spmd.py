@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..schedules import Flow
 from .lowering import FORWARD_OP, Lowering, count_capacities
 from .packing import TreePacker, common_lengths, zeros
-from .placement import PerStageMeshes
+from .placement import PerStageMeshes, data_shard
 
 P = jax.P
 
@@ -75,6 +75,10 @@ class SpmdExecutor:
         self.num_stages = K = len(kernels)
         self.placement = PerStageMeshes(mesh)
         self.num_data = self.placement.num_data
+        # the rows of each microbatch this process feeds: a block of the data axis when it holds
+        # those columns of every stage (several processes), else all of them
+        self.data_shard = data_shard(mesh)
+        self.local_slices = self.num_data // self.data_shard[1]  # data slices this process feeds
         self.bubble_fill = bubble_fill
         self.flow = Flow(tuple(tuple(kern.sources) for kern in kernels))
         self.one_tree = kernels[0].one_tree
@@ -96,8 +100,9 @@ class SpmdExecutor:
 
     # -- shapes ------------------------------------------------------------------------------
     def _prepare(self, x, y):
-        """Trace each stage once to learn its activation and residual shapes (per data slice)."""
-        D = self.num_data
+        """Trace each stage once to learn its activation and residual shapes (per data slice);
+        ``x, y``: one microbatch's rows that this process feeds."""
+        D = self.local_slices
         x, y = x[: len(x) // D], y[: len(y) // D]
         h = jax.ShapeDtypeStruct(x.shape, x.dtype)
         y_abs = jax.ShapeDtypeStruct(y.shape, y.dtype)
@@ -152,6 +157,7 @@ class SpmdExecutor:
 
     # -- public ------------------------------------------------------------------------------
     def feed(self, microbatch_inputs, microbatch_labels):
+        """``microbatch_inputs/labels``: this process's rows of each microbatch (``data_shard``)."""
         xs, ys = np.stack(microbatch_inputs), np.stack(microbatch_labels)
         if not self._ready:
             self._prepare(xs[0], ys[0])
@@ -217,8 +223,61 @@ class SpmdExecutor:
         stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
         self.buffers["state"] = _global(stacked, NamedSharding(self.mesh, P("stage")))
 
-    def _full(self, local_shape):
-        return (local_shape[0] * self.num_data, *local_shape[1:])
+    # -- sharded checkpoints -----------------------------------------------------------------
+    def sharded_states(self):
+        """The stacked state buffers as they live on the mesh (each device holds its stage's row),
+        with each stage's ``(fingerprint, finite)``, computed where the stage lives: what a sharded
+        checkpoint saves, without gathering anything to a host."""
+        from ..checkpoint import ShardedStates
+
+        return ShardedStates(dict(self.buffers["state"]), self.summaries(self.buffers["state"]))
+
+    def sharded_target(self):
+        """What a sharded checkpoint restores onto: the buffers' shapes and shardings on this mesh
+        (any process count or ``data`` size), how to fingerprint them, and host copies of the stage
+        states for reading a per-stage checkpoint instead."""
+        from ..checkpoint import ShardedTarget
+
+        abstract = {g: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=b.sharding)
+                    for g, b in self.buffers["state"].items()}
+        # every stage's live state, in every process (a collective over several): only read when a
+        # per-stage checkpoint is restored
+        like = (lambda: self.states) if jax.process_count() == 1 else self.host_states
+        return ShardedTarget(abstract, self.summaries, like)
+
+    def load_sharded(self, tree):
+        """Continue from restored state buffers (a sharded checkpoint), already on this mesh."""
+        self.flush()
+        self.buffers["state"] = dict(tree)
+
+    def summaries(self, state_buffers):
+        """Per stage ``(fingerprint, finite)`` of its saved state (lpjax.checkpoint's summary of the
+        unpacked ``StageState``, so equal to a per-stage checkpoint's), as Python values; a
+        collective over the mesh."""
+        if "summaries" not in self._programs:
+            from ..checkpoint import stage_summary_on_device
+
+            K = self.num_stages
+            branches = [functools.partial(lambda k, buf: stage_summary_on_device(self.state_packers[k].unpack(buf)), k)
+                        for k in range(K)]
+
+            def local(buffers):
+                fingerprint, finite = lax.switch(lax.axis_index("stage"), branches,
+                                                 {g: b[0] for g, b in buffers.items()})
+                return lax.all_gather(fingerprint, "stage"), lax.all_gather(finite, "stage")
+
+            spec = {g: P("stage") for g in self.state_lengths}
+            self._programs["summaries"] = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(spec,),
+                                                                out_specs=(P(), P()), check_vma=False))
+        fingerprints, finite = jax.device_get(self._programs["summaries"](state_buffers))
+        return [(int(f), bool(ok)) for f, ok in zip(fingerprints, finite)]
+
+    def _full(self, slice_shape):
+        return (slice_shape[0] * self.num_data, *slice_shape[1:])
+
+    def _fed(self, slice_shape):
+        """The rows of one microbatch this process feeds."""
+        return (slice_shape[0] * self.local_slices, *slice_shape[1:])
 
     def take_metrics(self):
         """Per-stage mean metrics over the tasks run since the last call."""
@@ -268,8 +327,8 @@ class SpmdExecutor:
         K = self.num_stages
         control = self.lowering.lower(clocks)
         self._grow(self.lowering.capacities())
-        stream_x = np.zeros((len(clocks), *self._full(self.x_spec[0])), self.x_spec[1])
-        stream_y = np.zeros((len(clocks), K, *self._full(self.y_spec[0])), self.y_spec[1])
+        stream_x = np.zeros((len(clocks), *self._fed(self.x_spec[0])), self.x_spec[1])
+        stream_y = np.zeros((len(clocks), K, *self._fed(self.y_spec[0])), self.y_spec[1])
         together = False
         for t, clock in enumerate(clocks):
             for task in clock:
@@ -291,11 +350,20 @@ class SpmdExecutor:
         if self.one_tree:
             control["update"][:] = 0  # every stage steps together after the scan instead
         mask = control["op"] == FORWARD_OP
-        streams = (_global(stream_x, NamedSharding(self.mesh, P(None, "data"))),
-                   _global(stream_y, NamedSharding(self.mesh, P(None, "stage", "data"))),
+        streams = (self._rows(stream_x, P(None, "data"), (len(clocks), *self._full(self.x_spec[0]))),
+                   self._rows(stream_y, P(None, "stage", "data"), (len(clocks), K, *self._full(self.y_spec[0]))),
                    self._control_on_device(control))
         self.buffers, metrics = self._program(together)(self.buffers, *streams)
         self._metrics.append((metrics, mask))
+
+    def _rows(self, local, spec, global_shape):
+        """The global stream array from this process's rows: every row (one process, or whole
+        stages per process), or its block of the data axis, placed with
+        ``jax.make_array_from_process_local_data``."""
+        sharding = NamedSharding(self.mesh, spec)
+        if self.data_shard[1] == 1:
+            return _global(local, sharding)
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
     def _control_on_device(self, control):
         """The lowered arrays as device arrays; a steady pipeline lowers every step to the same

@@ -5,7 +5,9 @@ lpjax <command...>`` with ``LPJAX_COORDINATOR=127.0.0.1:<free port>``, ``LPJAX_N
 ``LPJAX_PROCESS_ID=i`` set, which ``lpjax.distributed`` reads; ``--cpu-devices D`` also sets
 ``JAX_PLATFORMS=cpu`` and ``JAX_NUM_CPU_DEVICES=D`` (simulated devices; CPU collectives use gloo,
 see ``lpjax.distributed.initialize``). Without it the children see the machine's accelerators; on
-one host with several GPUs give each child its own with ``--gpus-per-process``.
+one host with several GPUs give each child its own with ``--gpus-per-process``. ``--cores-per-process
+C`` pins child i to CPU cores ``[i*C, (i+1)*C)`` of the launcher's own (before it starts, so XLA
+sizes its thread pools to them): one simulated host per core, as the benchmarks use.
 
 Every line a child prints comes out tagged ``[pI] `` on the launcher's stdout or stderr (where the
 child printed it). SIGINT and SIGTERM go to every child. The launcher exits with the code of the
@@ -23,7 +25,8 @@ import threading
 import time
 
 PROG = "lpjax launch"
-USAGE = f"usage: {PROG} -n N [--cpu-devices D] [--gpus-per-process G] [--port P] -- COMMAND [ARGS...]"
+USAGE = (f"usage: {PROG} -n N [--cpu-devices D] [--gpus-per-process G] [--cores-per-process C] [--port P] "
+         f"-- COMMAND [ARGS...]")
 STOP_GRACE_S = 10  # after the first failure, how long the others get to exit on SIGTERM before SIGKILL
 
 
@@ -52,6 +55,7 @@ def parse(args):
     parser.add_argument("-n", "--num-processes", type=int, required=True)
     parser.add_argument("--cpu-devices", type=int, default=None)
     parser.add_argument("--gpus-per-process", type=int, default=None)
+    parser.add_argument("--cores-per-process", type=int, default=None)
     parser.add_argument("--port", type=int, default=None)
     try:
         options, unknown = parser.parse_known_args(ours)
@@ -61,10 +65,16 @@ def parse(args):
         raise LaunchUsageError(f"unknown launch option {' '.join(unknown)}; {USAGE}")
     if not 1 <= options.num_processes <= 256:
         raise LaunchUsageError(f"-n must be from 1 to 256, got {options.num_processes}")
-    for name in ("cpu_devices", "gpus_per_process"):
+    for name in ("cpu_devices", "gpus_per_process", "cores_per_process"):
         value = getattr(options, name)
         if value is not None and value < 1:
             raise LaunchUsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if options.cores_per_process is not None:
+        have = len(os.sched_getaffinity(0))
+        if options.num_processes * options.cores_per_process > have:
+            raise LaunchUsageError(f"--cores-per-process {options.cores_per_process} x -n {options.num_processes} needs "
+                                   f"{options.num_processes * options.cores_per_process} CPU cores but this process may "
+                                   f"use {have}; lower either")
     if not command:
         raise LaunchUsageError(f"no command after '--'; {USAGE}")
     if command[0] == "launch":
@@ -83,6 +93,15 @@ def child_env(options, process_id: int, port: int, base=None) -> dict:
         first = process_id * options.gpus_per_process
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(options.gpus_per_process))
     return env
+
+
+def child_cores(options, process_id: int):
+    """The CPU cores child ``process_id`` is pinned to, or None (not pinned)."""
+    if getattr(options, "cores_per_process", None) is None:
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    first = process_id * options.cores_per_process
+    return set(mine[first:first + options.cores_per_process])
 
 
 def _pump(stream, tag, out, lock):
@@ -105,9 +124,12 @@ def run(options, command, program=None) -> int:
     lock = threading.Lock()
     procs, pumps = [], []
     for i in range(options.num_processes):
+        cores = child_cores(options, i)
+        pin = None if cores is None else (lambda cores=cores: os.sched_setaffinity(0, cores))
         proc = subprocess.Popen([*program, *command], env=child_env(options, i, port),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                start_new_session=True)  # a terminal's Ctrl-C reaches the children through us only
+                                start_new_session=True,  # a terminal's Ctrl-C reaches the children through us only
+                                preexec_fn=pin)
         procs.append(proc)
         for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
             pumps.append(threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out, lock), daemon=True))

@@ -343,7 +343,9 @@ def _train_record(run, step, pending, seconds, examples_before) -> list:
     rate of this step's update."""
     trainer = run.trainer
     states = trainer.stage_states if run.learning_rates is None else None
-    injected = None if states is None else [injected_learning_rate(s.opt_state) for s in states]
+    # over several processes a stage held elsewhere is None here: its learning rate goes unlogged
+    injected = None if states is None else [None if s is None else injected_learning_rate(s.opt_state)
+                                            for s in states]
     # the record's one wait on the device
     pending, health, injected = jax.device_get((pending, trainer.health(), injected))
     means = mean_per_stage(pending, trainer.num_stages)

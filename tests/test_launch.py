@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent("""
     print(f"id={pid} of={os.environ['LPJAX_NUM_PROCESSES']} at={os.environ['LPJAX_COORDINATOR']} "
           f"devices={os.environ.get('JAX_NUM_CPU_DEVICES')} platforms={os.environ.get('JAX_PLATFORMS')}", flush=True)
     print(f"to stderr {pid}", file=sys.stderr, flush=True)
+    print(f"cores {pid} {sorted(os.sched_getaffinity(0))}", flush=True)
     mode = sys.argv[1]
     if mode == "fail" and pid == 1:
         time.sleep(0.5)
@@ -46,6 +47,17 @@ def test_children_get_the_environment_and_tagged_lines(capfd):
         assert f"[p{pid}] to stderr {pid}" in err.splitlines()
     ports = {line.split("at=")[1].split()[0] for line in out.splitlines() if "at=" in line}
     assert len(ports) == 1  # one coordinator address for all
+
+
+def test_cores_per_process_pins_each_child_to_its_own_cores(capfd):
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 2:
+        pytest.skip("needs 2 usable CPU cores")
+    pinned = SimpleNamespace(num_processes=2, cpu_devices=None, gpus_per_process=None, port=None, cores_per_process=1)
+    assert launch.run(pinned, ["ok"], program=[sys.executable, "-c", SCRIPT]) == 0
+    out = capfd.readouterr().out
+    for pid in range(2):
+        assert f"[p{pid}] cores {pid} [{mine[pid]}]" in out.splitlines(), out
 
 
 def test_first_failure_sets_the_exit_code_and_stops_the_others(capfd):
@@ -81,6 +93,7 @@ def test_sigterm_reaches_every_child(tmp_path):
     (["--", "train"], "-n"),
     (["-n", "2", "--cpu-devices", "0", "--", "train"], "--cpu-devices"),
     (["-n", "2", "--bogus", "--", "train"], "unknown launch option"),
+    (["-n", "2", "--cores-per-process", "4096", "--", "train"], "CPU cores"),
 ])
 def test_bad_launch_lines_exit_2_with_one_line(capsys, args, words):
     assert launch.main(args) == 2

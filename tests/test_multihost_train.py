@@ -82,13 +82,7 @@ def test_two_processes_equal_one_process_on_four_devices(config, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "[p0] final head" in launched.stdout and "[p1] final head" not in launched.stdout  # process 0 prints
-    a, b = records(one), records(two)
-    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "accuracy", "grad_norm", "skipped"):
-            if key in ra:
-                np.testing.assert_allclose(np.array(ra[key], dtype=float), np.array(rb[key], dtype=float),
-                                           atol=1e-6, rtol=0, err_msg=f"{key} at {ra['step']} {ra['split']}")
+    assert_same_metrics(one, two)
     assert (one / "checkpoints" / "6" / "stage0").is_dir()  # one process: per-stage items
     assert (two / "checkpoints" / "6" / "state").is_dir()  # several: one sharded item
     for mine, theirs in zip(restored_params(config, one, 6), restored_params(config, two, 6), strict=True):
@@ -99,6 +93,80 @@ def test_two_processes_equal_one_process_on_four_devices(config, tmp_path):
     for s, t in zip(results["stages"], expected["stages"]):
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert abs(s[key] - t[key]) <= 1e-6, (key, s, t)
+    assert_each_process_wrote_its_own_stages(two / "checkpoints" / "6" / "state")
+
+    # the 2-process checkpoint resumes in 1 process on 4 devices exactly as the 1-process one does
+    more = ["--config.num_steps=9"]
+    continued, unbroken = both(
+        (lpjax, ["train", "--config", str(config), "--workdir", str(two), *more], {"devices": 4}),
+        (lpjax, ["train", "--config", str(config), "--workdir", str(one), *more], {"devices": 4}))
+    for result in (continued, unbroken):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from the checkpoint at step 6" in result.stdout
+    for mine, theirs in zip(restored_params(config, two, 9), restored_params(config, one, 9), strict=True):
+        for x, y in zip(mine, theirs, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def assert_same_metrics(one, two):
+    a, b = records(one), records(two)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "accuracy", "grad_norm", "skipped"):
+            if key in ra:
+                np.testing.assert_allclose(np.array(ra[key], dtype=float), np.array(rb[key], dtype=float),
+                                           atol=1e-6, rtol=0, err_msg=f"{key} at {ra['step']} {ra['split']}")
+
+
+# Tiny settings of the issue's two further cases, 4 steps each, a checkpoint every 2 steps.
+RECIPES = {
+    # byte-level Transformer LM, overlapping (window 2), streaming; stages 2 x data 2: each process
+    # holds one data column of both stages and reads only its rows
+    "transformer": dict(dataset__name="text_bytes", dataset__seq_len=16, dataset__max_train=256,
+                        model__name="transformer_lm", model__dim=16, model__depth=2, model__heads=2,
+                        stages=2, method__name="overlapping", method__window=2, layout__data=2,
+                        optimizer__name="adamw", optimizer__learning_rate=1e-3, batch_size=8),
+    # MNIST ResNet with BatchNorm, heterogeneous stages (stem, then blocks at 7x7, 4x4, 2x2), greedy;
+    # stages 4 x data 1: each process holds two whole stages
+    "resnet": dict(dataset__name="mnist5k", dataset__test_size=100, dataset__max_train=128,
+                   model__name="mnist_resnet", model__blocks_per_stage=(0, 1, 1, 1), model__width=4,
+                   stages=4, method__name="greedy",
+                   optimizer__name="adam", optimizer__learning_rate=2e-3, batch_size=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_launch_equals_one_process_for_the_transformer_and_the_batchnorm_resnet(name, tmp_path):
+    settings = dict(RECIPES[name], schedule__name="streaming", schedule__microbatches=2, layout__executor="spmd",
+                    num_steps=4, log_every=2, eval_every=0, checkpoint__every_steps=2)
+    lines = [f"    config.{key.replace('__', '.')} = {value!r}" for key, value in settings.items()]
+    config = tmp_path / f"{name}.py"
+    config.write_text("\n".join(["from lpjax.config import base_config", "", "", "def get_config():",
+                                 "    config = base_config()", *lines, "    return config", ""]))
+    one, two = tmp_path / "one", tmp_path / "two"
+    single, launched = both(
+        (lpjax, ["train", "--config", str(config), "--workdir", str(one)], {"devices": 4}),
+        (lpjax, ["launch", "-n", "2", "--cpu-devices", "2", "--", "train", "--config", str(config),
+                 "--workdir", str(two)], {}))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert_same_metrics(one, two)
+    for mine, theirs in zip(restored_params(config, one, 4), restored_params(config, two, 4), strict=True):
+        for x, y in zip(mine, theirs, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+
+
+def assert_each_process_wrote_its_own_stages(item):
+    """Orbax (OCDBT) writes each process's chunks into its own ``ocdbt.process_<i>`` database; the
+    state buffers are chunked per stage row (``<dtype>/<row>.0``). Process 0 holds stages 0 and 1
+    on its two devices, process 1 stages 2 and 3: each database must hold exactly its rows."""
+    import tensorstore as ts
+
+    for pid, rows in ((0, {0, 1}), (1, {2, 3})):
+        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/ocdbt.process_{pid}/"}).result()
+        chunks = [key.decode() for key in store.list().result() if not key.endswith(b".zarray")]
+        assert chunks, pid
+        assert {int(key.split("/")[1].split(".")[0]) for key in chunks} == rows, (pid, chunks)
 
 
 def free_port():
@@ -124,20 +192,30 @@ def test_bad_multiprocess_setups_exit_2_with_one_line(config, tmp_path):
         env = {"LPJAX_COORDINATOR": f"127.0.0.1:{port}", "LPJAX_NUM_PROCESSES": "2", "LPJAX_PROCESS_ID": str(pid)}
         return lpjax(*train, "--workdir", str(tmp_path / "mismatch"), *extra, devices=2, env=env)
 
+    def apart(pid):  # two processes whose workdirs are different directories: no shared filesystem
+        env = {"LPJAX_COORDINATOR": f"127.0.0.1:{apart_port}", "LPJAX_NUM_PROCESSES": "2",
+               "LPJAX_PROCESS_ID": str(pid)}
+        return lpjax(*train, "--workdir", str(tmp_path / f"apart{pid}"), devices=2, env=env)
+
+    apart_port = free_port()
     launch = ["launch", "-n", "2", "--cpu-devices", "2", "--"]
-    mismatch0, mismatch1, mpmd, layout, unreachable = both(
+    mismatch0, mismatch1, mpmd, layout, unreachable, apart0, apart1 = both(
         (process, [0], {}),
         (process, [1, "--config.seed=1"], {}),
         (lpjax, [*launch, *train, "--workdir", str(tmp_path / "mpmd"), "--config.layout.executor=mpmd"], {}),
         (lpjax, [*launch, *train, "--workdir", str(tmp_path / "layout"), "--config.stages=2"], {}),
         (lpjax, [*train, "--workdir", str(tmp_path / "alone"), "--config.distributed.init_timeout_s=5",
                  f"--config.distributed.coordinator=127.0.0.1:{free_port()}", "--config.distributed.num_processes=2",
-                 "--config.distributed.process_id=1"], {"devices": 2}))
+                 "--config.distributed.process_id=1"], {"devices": 2}),
+        (apart, [0], {}),
+        (apart, [1], {}))
     one_line_exit_2(mismatch0, "process(es) 1 hold a different config")
     one_line_exit_2(mismatch1, "process(es) 1 hold a different config")
     one_line_exit_2(mpmd, "needs the spmd executor")
     one_line_exit_2(layout, "uses 2 devices", "4")
     one_line_exit_2(unreachable, "could not join the coordinator", "init_timeout_s")
+    one_line_exit_2(apart0, "process(es) 1 do not see the files", "one filesystem")
+    one_line_exit_2(apart1, "process(es) 1 do not see the files", "one filesystem")
     for name in ("mismatch", "mpmd", "layout", "alone"):
         assert not (tmp_path / name).exists(), name  # nothing written
 

@@ -241,3 +241,48 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_with_a_checkpo
     step = int(line.split()[4].rstrip(";"))
     assert line == f"[p0] preempted at step {step}; run the same command to resume"
     assert 4 <= step < 2000 and (workdir / "checkpoints" / str(step)).is_dir()
+
+
+def test_sigkill_of_one_process_stops_the_other_and_the_rerun_ends_bit_identical(config, tmp_path):
+    import signal
+    import time
+
+    killed, unbroken = tmp_path / "killed", tmp_path / "unbroken"
+    more = ["--config.num_steps=40", "--config.checkpoint.every_steps=10", "--config.log_every=5",
+            "--config.eval_every=0"]
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", LPJAX_PEER_TIMEOUT="10",
+               LPJAX_COORDINATOR=f"127.0.0.1:{port}", LPJAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "lpjax", "train", "--config", str(config), "--workdir",
+                               str(killed), *more], cwd=REPO, env=dict(env, LPJAX_PROCESS_ID=str(pid)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    reference = concurrent.futures.ThreadPoolExecutor(1).submit(
+        lpjax, "launch", "-n", "2", "--cpu-devices", "2", "--", "train", "--config", str(config), "--workdir",
+        str(unbroken), *more)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (killed / "checkpoints" / "10").is_dir():  # a first checkpoint is committed
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, procs[0].stderr.read()[-2000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, err = procs[0].communicate(timeout=TIMEOUT_S)
+        took = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, err[-2000:]
+    assert took < 10 + 60, took  # the peer timeout, plus room for a busy machine
+    errors = [line for line in err.splitlines() if line.startswith("lpjax: error:")]
+    assert len(errors) == 1 and "process 1 of 2 stopped responding" in errors[0], err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+
+    rerun = lpjax("launch", "-n", "2", "--cpu-devices", "2", "--", "train", "--config", str(config), "--workdir",
+                  str(killed), *more)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[p0] resumed from the checkpoint at step" in rerun.stdout
+    finished = reference.result()
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for mine, theirs in zip(restored_params(config, killed, 40), restored_params(config, unbroken, 40), strict=True):
+        for x, y in zip(mine, theirs, strict=True):
+            np.testing.assert_array_equal(x, y)

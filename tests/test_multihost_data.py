@@ -39,7 +39,7 @@ def test_each_process_decodes_only_its_rows_and_training_equals_one_process(tmp_
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=400)[0])
+            outputs.append(proc.communicate(timeout=900)[0])  # cold start-ups on a busy 2-core machine
     finally:
         for proc in procs:
             proc.kill()

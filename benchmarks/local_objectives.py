@@ -17,7 +17,7 @@ layer per stage, which the LM's 5 layers at K = 4 do not allow, so the LM's loca
 The last lines give the fraction of the gap between the private-head local method and backprop
 that the shared readout closes on each problem (SOLO's ablation: about 57 % of the perplexity gap).
 
-    python benchmarks/local_objectives.py                       # the whole table (CPU, ~15 min)
+    python benchmarks/local_objectives.py                       # the whole table (CPU; see below)
     python benchmarks/local_objectives.py --problems lm --lm-steps 1000
 
 Prints what it measured, whatever it is; exit status 0.
@@ -46,8 +46,9 @@ def recipe(name):
     return module
 
 
-# Sized so that the whole table runs in about 15 min on 2 CPU cores shared with other work (load ~14
-# measured: ~50 s of compilation per variant, then ~0.17 s per LM step and ~0.12 s per MNIST step).
+# Sized for about 15 min on 2 CPU cores: the whole table took 6.6 CPU-minutes (27.5 min wall at a load
+# of 16-46 on 2 shared cores), ~50 s of it compilation per variant, then ~0.17 s per LM step and
+# ~0.12 s per MNIST step.
 STEPS = {"lm": 200, "mnist": 150}
 # The recipes' models, shrunk so that the table is CPU-feasible (printed in the header): the LM at width 64
 # on 32-byte windows, test on the first 200 windows of the held-out text.

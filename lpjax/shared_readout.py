@@ -76,7 +76,7 @@ def share_readout(model) -> tuple:
     kernel = owner.kernel[...]
     bias = None if owner.bias is None else owner.bias[...]
     paths = []
-    for k in range(K - 1):
+    for k in range(K - 1):  # check every head before changing any: a refused model stays as it was
         head = model[k].head
         own_path = readout_path(head)
         if own_path is None:
@@ -89,12 +89,13 @@ def share_readout(model) -> tuple:
                 f"it cannot share it; give the auxiliary heads a private layer of width {kernel.shape[0]} before "
                 f"the readout (e.g. model.head_depth=1, model.head_width={kernel.shape[0]}) or drop "
                 f"method.shared_readout")
+        paths.append(own_path)
+    for k, own_path in enumerate(paths):
         copy = ReadOnlyReadout(kernel, bias)
         if own_path:
-            setattr(head, own_path[0], copy)
+            setattr(model[k].head, own_path[0], copy)
         else:
             model[k].head = copy
-        paths.append(own_path)
     return tuple(paths) + (path,)
 
 

@@ -12,6 +12,7 @@ training files), ``summary.json`` (best rates, headline ratios, alignment), ``re
 import datetime
 import json
 import os
+import resource
 import time
 
 import jax
@@ -20,7 +21,7 @@ from . import analysis, catalog, paper, plots
 from .costs import format_flops
 from .errors import ConfigError
 from .metrics_log import read_records, write_json
-from .sweep import RESULTS, check_sweep, load_config_file, plan_runs, run_sweep
+from .sweep import RESULTS, check_sweep, compilation_cache, load_config_file, plan_runs, run_sweep
 
 
 
@@ -49,7 +50,7 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
 
     ``train=False`` trains nothing: the report covers the runs already in ``workdir/results.jsonl``
     and lists the planned runs that are missing (an interrupted sweep's interim report)."""
-    started = time.perf_counter()
+    started, cpu_started, load_started = time.perf_counter(), _cpu_seconds(), _load()
     if not workdir:
         raise ConfigError("no workdir given; pass the directory that should receive the bench results")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -57,6 +58,8 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
     path = suite_path(suite)
     sweep = check_sweep(load_config_file(path))
     specs = plan_runs(sweep, path)  # loads every recipe before anything is trained, so a bad one fails fast
+    if verbose:
+        print(f"bench {suite}: started {_now()}, load average {_load_text(load_started)}", flush=True)
     if train:
         records = run_sweep(sweep, workdir, sweep_path=path, verbose=verbose)
     else:
@@ -98,18 +101,49 @@ def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = T
     if sweep.get("memory"):
         if verbose:
             print("memory per device: compiling the stage programs (nothing is trained)", flush=True)
+        memory_started = time.perf_counter()
         summary["memory"] = _memory(sweep["memory"], workdir)
+        summary["memory_s"] = round(time.perf_counter() - memory_started, 1)  # ~0 when memory.json had it
+        if verbose:
+            print(f"memory per device: {summary['memory_s']:.0f}s", flush=True)
     if sweep.get("findings") or sweep.get("memory"):
         summary["findings"] = paper.findings(summary, all_records, sweep)
     elapsed = time.perf_counter() - started
     summary["elapsed_s"] = round(elapsed, 1)
+    # the machine's load beside the times: on a shared machine wall time says little without it
+    summary["cpu_s"] = round(_cpu_seconds() - cpu_started, 1)
+    summary["load_average"] = {"start": load_started, "end": _load()}
     write_json(os.path.join(workdir, "summary.json"), summary)
     report = os.path.join(workdir, "report.md")
     with open(report, "w", encoding="utf-8") as f:
         f.write(render_report(summary, sweep, all_records))
     if verbose:
-        print(f"bench {suite}: {len(all_records)} runs, report in {report} ({elapsed:.0f}s)", flush=True)
+        print(f"bench {suite}: {len(all_records)} runs, report in {report} ({elapsed:.0f} s wall, "
+              f"{summary['cpu_s']:.0f} s CPU; ended {_now()}, load average {_load_text(summary['load_average']['end'])})",
+              flush=True)
     return {"report": report, "plots": figures, **summary}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _load() -> list | None:
+    """The 1, 5 and 15 minute load averages (as ``uptime`` prints them); None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _load_text(load) -> str:
+    return "unknown" if not load else ", ".join(f"{v:.2f}" for v in load)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC")
 
 
 def _memory(memory: dict, workdir: str) -> list:
@@ -122,7 +156,9 @@ def _memory(memory: dict, workdir: str) -> list:
             kept = json.load(f)
         if kept.get("spec") == spec:
             return [{**row, "local": {int(k): v for k, v in row["local"].items()}} for row in kept["rows"]]
-    rows = paper.memory_table(memory)
+    # identical stage programs (the LM's middle blocks at K = 4 and 8) compile once through the cache
+    with compilation_cache(os.path.join(workdir, "jax_cache")):
+        rows = paper.memory_table(memory)
     write_json(cache, {"spec": spec, "rows": rows})
     return rows
 
@@ -137,12 +173,45 @@ def _alignment_runs(best) -> list:
 
 
 # -- report ---------------------------------------------------------------------------------------------
+def time_lines(records: list, summary: dict) -> list:
+    """Wall seconds per problem (each run's compiling, training and evaluating), for budgeting a suite."""
+    per_problem = {}
+    for r in records:
+        if r.get("run_s") is not None:
+            n, total, longest = per_problem.get(r["problem"], (0, 0.0, 0.0))
+            per_problem[r["problem"]] = (n + 1, total + r["run_s"], max(longest, r["run_s"]))
+    if not per_problem:
+        return []
+    lines = ["## Where the time went", "",
+             "Wall seconds of each problem's runs as measured when they were trained (load average "
+             f"{_load_text(_loads(summary, 'start'))} when this call started); the rest of a call is the "
+             "cost analyses and, once, the memory table.", "",
+             "| problem | runs | wall s | longest run s |", "|---|---|---|---|"]
+    for problem, (n, total, longest) in per_problem.items():
+        lines.append(f"| {problem} | {n} | {total:.0f} | {longest:.0f} |")
+    lines.append("")
+    return lines
+
+
+def _loads(summary, when):
+    return (summary.get("load_average") or {}).get(when)
+
+
 def _num(value, fmt=".3g"):
     return "-" if value is None else format(value, fmt)
 
 
 def _ratio(value):
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _rates_text(problem: dict) -> str:
+    """``1e-3, 3e-3`` for one grid, ``batch 32: 1e-3; batch 2048: 3e-3, 1e-2`` for one per batch size."""
+    rates = problem["learning_rates"]
+    if isinstance(rates, (list, tuple)) and rates and isinstance(rates[0], (list, tuple)):
+        return "; ".join(f"batch {b}: " + ", ".join(f"{lr:g}" for lr in grid)
+                         for b, grid in zip(problem["batch_sizes"], rates))
+    return ", ".join(f"{lr:g}" for lr in (rates if isinstance(rates, (list, tuple)) else (rates,)))
 
 
 def render_report(summary: dict, sweep: dict, records: list) -> str:
@@ -155,7 +224,9 @@ def render_report(summary: dict, sweep: dict, records: list) -> str:
         "",
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}); {len(records)} runs; "
-        f"this call took {summary['elapsed_s']:.0f} s (runs trained by an earlier call are not counted).",
+        f"this call took {summary['elapsed_s']:.0f} s of wall time and {summary.get('cpu_s', 0):.0f} s of CPU time "
+        f"(runs trained by an earlier call are not counted); load average {_load_text(_loads(summary, 'start'))} "
+        f"at the start, {_load_text(_loads(summary, 'end'))} at the end.",
         "",
         "Ideal time: FLOPs on the critical path of one device per step with perfect data parallelism "
         "(backprop: one example through the whole network, forward + backward; local methods: the "
@@ -174,7 +245,7 @@ def render_report(summary: dict, sweep: dict, records: list) -> str:
         if p["measure"] != "time_to_target":
             continue  # reported in the findings section above
         lines += [f"## {problem}", "", f"Recipe `{p['recipe']}`, target training loss {p['target_loss']}, "
-                  f"learning rates {', '.join(f'{lr:g}' for lr in p['learning_rates'])}.", ""]
+                  f"learning rates {_rates_text(p)}.", ""]
         lines += ["| method | stages | FLOPs / example | ideal FLOPs / step | optimizer FLOPs / step "
                   "| peak memory / device |", "|---|---|---|---|---|---|"]
         for (prob, label), (stages, cost) in costs.items():
@@ -218,6 +289,7 @@ def render_report(summary: dict, sweep: dict, records: list) -> str:
         lines += [f"**Incomplete:** {len(summary['missing_runs'])} planned runs are not in results.jsonl yet "
                   f"(rerun the same command to train them): " + ", ".join(f"`{r}`" for r in summary["missing_runs"]),
                   ""]
+    lines += time_lines(records, summary)
     lines += ["## Figures", ""]
     for rel in summary["plots"]:
         if rel.endswith(".png"):

@@ -7,7 +7,9 @@ A sweep recipe (``recipes/sweeps/NAME.py``) has ``get_config()`` returning an ml
     problems.NAME.overrides       nested config keys set on top of the recipe (e.g. {"model": {"width": 64}})
     problems.NAME.methods         {method: stages}, stages an int or a tuple of ints to sweep
     problems.NAME.batch_sizes     tuple of batch sizes
-    problems.NAME.learning_rates  tuple of peak learning rates
+    problems.NAME.learning_rates  tuple of peak learning rates, tried at every batch size; or a tuple
+                                  with one tuple of rates per batch size (the best rate grows with
+                                  the batch, so each batch size can try its own grid)
     problems.NAME.num_steps       steps per run: an int, or a tuple with one entry per batch size
     problems.NAME.target_loss     training loss (last head, smoothed) that counts as reaching the target
     problems.NAME.split_points    optional: "balanced" / "balanced_memory" cuts every run's stages by
@@ -165,7 +167,8 @@ def _check_problem(name, problem) -> None:
     batches = _as_tuple(problem["batch_sizes"], f"{where}.batch_sizes")
     for b in batches:
         positive_int(b, f"{where}.batch_sizes", fix=IN_RECIPE)
-    for lr in _as_tuple(problem["learning_rates"], f"{where}.learning_rates"):
+    rates = _rates_per_batch(problem["learning_rates"], len(batches), f"{where}.learning_rates")
+    for lr in (lr for grid in rates for lr in grid):
         positive_number(lr, f"{where}.learning_rates", fix=IN_RECIPE)
     steps = _as_tuple(problem["num_steps"], f"{where}.num_steps")
     if len(steps) not in (1, len(batches)):
@@ -194,6 +197,18 @@ def _as_tuple(value, key) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (value,)
     raise ConfigError(f"{key} must be a number or a tuple of numbers, got {value!r}")
+
+
+def _rates_per_batch(value, num_batches: int, key: str) -> list:
+    """``learning_rates`` as one grid per batch size: a flat tuple is every batch size's grid."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        if len(value) != num_batches:
+            raise ConfigError(f"{key} has {len(value)} grids for {num_batches} batch sizes; give one tuple of "
+                              f"rates per batch size, or one flat tuple for all")
+        return [_as_tuple(grid, key) for grid in value]
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
+        raise ConfigError(f"{key} mixes rates and tuples of rates; give one flat tuple, or one tuple per batch size")
+    return [_as_tuple(value, key)] * num_batches
 
 
 def find_recipe(recipe: str, sweep_path: str | None) -> str:
@@ -226,15 +241,16 @@ def plan_runs(sweep, sweep_path: str | None = None) -> list:
         batches = _as_tuple(p["batch_sizes"], "batch_sizes")
         steps = _as_tuple(p["num_steps"], "num_steps")
         steps = steps * len(batches) if len(steps) == 1 else steps
+        rates = _rates_per_batch(p["learning_rates"], len(batches), "learning_rates")
         for method, stage_counts in p["methods"].items():
             stage_counts = _as_tuple(stage_counts, "stages")
             for k in stage_counts:
                 label = method if len(stage_counts) == 1 else f"{method}-{k}"
-                for batch, num_steps in zip(batches, steps):
+                for batch, num_steps, grid in zip(batches, steps, rates):
                     probe = num_steps if cfg["alignment"] and batch == max(batches) else 0
                     if p["measure"] == "final":
                         probe = 0
-                    for lr in _as_tuple(p["learning_rates"], "learning_rates"):
+                    for lr in grid:
                         for seed in _as_tuple(p["seeds"], "seeds") if "seeds" in p else (None,):
                             config = _run_config(base, method, k, batch, lr, num_steps, probe, p.get("split_points"))
                             if seed is not None:
@@ -311,6 +327,7 @@ def run_sweep(sweep, workdir: str, *, sweep_path: str | None = None, verbose: bo
             started = time.perf_counter()
             results = train_and_evaluate(spec.config, run_dir, progress=False, verbose=False)
             record = make_record(spec, read_curve(os.path.join(run_dir, "metrics.jsonl")), costs[arch], results)
+            record["run_s"] = round(time.perf_counter() - started, 1)  # the whole run: compiling, training, evaluating
             append_jsonl(results_path, record)
             done[spec.run_id] = record
             final = record["loss"][-1] if record["loss"] else None

@@ -144,13 +144,23 @@ def test_relative_recipe_paths_are_found_above_the_sweep_file(tmp_path):
     ({'"target_loss"': '"target"'}, "unknown key problems.digits.target"),
     ({RECIPE: "recipes/missing.py"}, "recipe 'recipes/missing.py' not found"),
     ({"sweep.cost_batch = 8": "sweep.cost_batch = 0"}, "cost_batch must be a positive integer"),
-], ids=["method", "steps", "key", "recipe", "cost_batch"])
+    ({'"learning_rates": (1e-2,)': '"learning_rates": ((1e-2,), (1e-2,), (1e-3,))'},
+     "learning_rates has 3 grids for 2 batch sizes"),
+    ({'"learning_rates": (1e-2,)': '"learning_rates": ((1e-2,), 1e-3)'}, "mixes rates and tuples of rates"),
+], ids=["method", "steps", "key", "recipe", "cost_batch", "rate_grids", "rate_mix"])
 def test_bad_sweeps_are_one_line_config_errors(tmp_path, change, message):
     path = write_sweep(str(tmp_path), **change)
     with pytest.raises(lpjax.ConfigError, match=message) as err:
         run_bench(path, str(tmp_path / "out"), verbose=False)
     assert "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "out" / "results.jsonl")
+
+
+def test_learning_rates_can_be_one_grid_per_batch_size(tmp_path):
+    path = write_sweep(str(tmp_path), **{'"learning_rates": (1e-2,)': '"learning_rates": ((1e-2,), (1e-2, 3e-2))'})
+    specs = plan_runs(load_config_file(path), path)
+    assert sorted({(s.batch_size, s.learning_rate) for s in specs}) == [(16, 1e-2), (32, 1e-2), (32, 3e-2)]
+    assert len(specs) == 2 * 3  # two methods
 
 
 def test_unknown_suite_names_the_choices(tmp_path):

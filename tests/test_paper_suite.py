@@ -48,8 +48,15 @@ def test_paper_suite_plan():
     by_problem = {}
     for s in specs:
         by_problem.setdefault(s.problem, []).append(s)
-    # F1: backprop, chunked 2/4, overlapping 4, greedy 8 at three batch sizes, all balanced by FLOPs
-    assert len(by_problem["f1_mlp"]) == 5 * 3 and len(by_problem["f1_transformer"]) == 5 * 3
+    # F1: backprop, chunked 2/4, overlapping 4, greedy 8, all balanced by FLOPs; the learning-rate grid
+    # is per batch size (1, 2 and 2 rates for the MLP; 1 and 2 for the Transformer)
+    assert len(by_problem["f1_mlp"]) == 5 * (1 + 2 + 2) and len(by_problem["f1_transformer"]) == 5 * (1 + 2)
+    rates = {(s.batch_size, s.learning_rate) for s in by_problem["f1_mlp"] if s.method == "greedy"}
+    assert rates == {(32, 1e-3), (256, 1e-3), (256, 3e-3), (2048, 3e-3), (2048, 1e-2)}
+    # the MLP is deep and uniform, its input pooled so the first layer is not the widest
+    model = by_problem["f1_mlp"][0].config["model"]
+    assert model["name"] == "deep_mlp" and model["depth"] >= 8 and (28 // model["pool"]) ** 2 <= model["width"]
+    assert by_problem["f1_transformer"][0].config["model"]["depth"] >= 7  # 8 layers with the embedding: K = 8
     assert {s.stages for s in by_problem["f1_mlp"]} == {1, 2, 4, 8}
     assert all(s.config["split_points"] == ("balanced" if s.stages > 1 else None) for s in by_problem["f1_mlp"])
     # F3: one run per method, shuffled labels, the same steps for every method

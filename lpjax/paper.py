@@ -53,9 +53,13 @@ def pareto_finding(summary: dict, records: list, problems) -> list:
     rows = []
     for problem in _as_list(problems):
         h = summary["headline"].get(problem)
-        if not h:
-            continue
         kind = _kind(problem)
+        if not h:  # no run of it yet (an interim report): a row that says so
+            rows.append({"problem": problem, "kind": kind, "batch_size": None, "critical_batch_size": None,
+                         "best_local": None, "ideal_time_ratio": None, "compute_ratio": None, "steps_ratio": None,
+                         "per_step_ratio": {}, "fastest": fastest_to_target([], problem),
+                         "goal": PARETO_GOALS[kind], "paper": PAPER_PARETO[kind], "reproduced": False})
+            continue
         local = h["best_local"]
         crit = summary["critical_batch_size"].get(f"{problem}/backprop")
         per_step = {}
@@ -276,7 +280,7 @@ def render(found: dict, memory_rows: list | None = None) -> list:
              "| finding | ours | paper | verdict |", "|---|---|---|---|"]
     for row in found["pareto"]:
         lines.append(f"| F1 Pareto crossover, {row['problem']} (best local / backprop ideal time to target, "
-                     f"batch {row['batch_size']}; goal <= {row['goal']}) | {_fmt(row['ideal_time_ratio'], '.2f', 'x')} "
+                     f"batch {row['batch_size'] or '-'}; goal <= {row['goal']}) | {_fmt(row['ideal_time_ratio'], '.2f', 'x')} "
                      f"({row['best_local'] or 'no local method reached the target'}; compute "
                      f"{_fmt(row['compute_ratio'], '.2f', 'x')}, steps {_fmt(row['steps_ratio'], '.2f', 'x')}); "
                      f"least over all batch sizes {_fastest_text(row['fastest'])} | {row['paper']} | "

@@ -16,10 +16,12 @@ def get_config():
     sweep = ml_collections.ConfigDict()
     sweep.smooth_window = 3
     sweep.cost_batch = 8
+    sweep.cost_compile = False  # lowered FLOPs, as the paper suite: one compile less per architecture
     sweep.problems = {
         "f1_mlp": {"recipe": "recipes/mnist_mlp.py",
                    "overrides": {"dataset": {"name": "digits"}, "model": {"name": "deep_mlp", "depth": 4, "width": 16},
-                                 "optimizer": {"decay": "constant"}, "eval_batch_size": 300},
+                                 "optimizer": {"decay": "constant"}, "eval_batch_size": 300,
+                                 "checkpoint": {"every_steps": 0}},
                    "split_points": "balanced",
                    "methods": {"backprop": 1, "overlapping": 4},
                    "batch_sizes": (16, 64), "learning_rates": (1e-2,), "num_steps": (12, 6), "target_loss": 2.2},
@@ -92,12 +94,27 @@ def test_paper_report_sections_on_a_tiny_suite(tmp_path):
     assert 0 < memory["local"][2]["largest"] < memory["backprop_bytes"]
     report = open(out["report"]).read()
     for text in ("## Paper findings", "F1 Pareto crossover, f1_mlp", "F2 alignment", "F3 random-label",
-                 "F4 ranking, f4_digits", "Memory per device", "| tiny_mlp | 8 |", paper.COMMAND):
+                 "F4 ranking, f4_digits", "Memory per device", "| tiny_mlp | 8 |", paper.COMMAND,
+                 "least over all batch sizes", "## Where the time went", "load average"):
         assert text in report, text
     assert "reproduced**" in report
     assert "## f3_random_labels" not in report  # final-measure problems have no Pareto section
     records = [r for r in out["best"] if r["problem"] == "f1_mlp"]
     assert records
+
+
+def test_fastest_to_target_is_each_methods_least_ideal_time_over_batch_sizes():
+    """The frontier reading of F1: backprop's least time is at batch 256 here, the best local method's
+    at 64, and methods or batches that never reached the target do not count."""
+    def entry(label, batch, ideal_time, reached=True):
+        return {"problem": "p", "label": label, "batch_size": batch, "reached": reached,
+                "ideal_time": ideal_time if reached else None}
+    best = [entry("backprop", 64, 10.0), entry("backprop", 256, 8.0), entry("greedy", 64, 2.0),
+            entry("greedy", 256, None, reached=False), entry("chunked", 256, 3.0),
+            {**entry("backprop", 512, 1.0), "problem": "q"}]  # another problem's backprop does not count
+    out = paper.fastest_to_target(best, "p")
+    assert out == {"label": "greedy", "batch_size": 64, "backprop_batch_size": 256, "ratio": 2.0 / 8.0}
+    assert paper.fastest_to_target([entry("greedy", 64, 2.0)], "p")["ratio"] is None  # no backprop
 
 
 def test_memory_benchmark_tiny(tmp_path, capsys):

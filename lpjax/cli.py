@@ -70,6 +70,15 @@ class UsageError(Exception):
 
 
 def main(argv=None) -> int:
+    code = _run(argv)
+    if argv is None:  # the command line itself, not a call from Python: see watchdog.leave_process
+        from .watchdog import leave_process
+
+        leave_process(code)
+    return code
+
+
+def _run(argv) -> int:
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ["launch"]:  # its own options; everything after '--' belongs to the children
         from .launch import main as launch

@@ -248,6 +248,24 @@ class _PeerWatch:
             self.peers_gone.wait(self.timeout_s + 10)
 
 
+def leave_process(code):
+    """End a command-line process that joined a multi-process run with exit status ``code``;
+    return at once otherwise.
+
+    It does what the interpreter would do at exit (wait for non-daemon threads, run the exit
+    handlers: the end-of-run barrier, JAX's shutdown) and then skips finalization. Finalization
+    kills daemon threads, and the watchdog thread may still be inside a jaxlib call then; killing it
+    there aborts the process ("FATAL: exception not rethrown", status -6) after a clean exit."""
+    if _active is None:
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    _flush_streams()
+    os._exit(code)
+
+
 def _flush_streams():
     for stream in (sys.stdout, sys.stderr):
         try:

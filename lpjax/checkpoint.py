@@ -387,10 +387,22 @@ class _OrbaxErrorFilter(logging.Filter):
     lines for one full disk) before raising it; lpjax reports the raised error in one line instead."""
 
     def filter(self, record) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
         orbax = f"{os.sep}orbax{os.sep}"
-        # asyncio logs "Task exception was never retrieved" for an abandoned orbax write task; the
-        # record comes from asyncio's own file, so the task's orbax coroutine is named in the text
-        return not (record.levelno >= logging.ERROR and (orbax in record.pathname or orbax in record.getMessage()))
+        # asyncio logs "Task exception was never retrieved" for an abandoned orbax write task from its
+        # own file, and the task's repr does not always name the coroutine's file; the exception's
+        # traceback does
+        return not (orbax in record.pathname or orbax in record.getMessage() or _raised_in(record.exc_info, orbax))
+
+
+def _raised_in(exc_info, path_part: str) -> bool:
+    tb = exc_info[2] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+    while tb is not None:
+        if path_part in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _quiet_orbax_errors() -> None:

@@ -51,10 +51,11 @@ def test_paper_suite_plan():
     for s in specs:
         by_problem.setdefault(s.problem, []).append(s)
     # F1: backprop, chunked 2/4, overlapping 4, greedy 8, all balanced by FLOPs; the learning-rate grid
-    # is per batch size (1, 2 and 2 rates for the MLP; 1 and 2 for the Transformer)
-    assert len(by_problem["f1_mlp"]) == 5 * (1 + 2 + 2) and len(by_problem["f1_transformer"]) == 5 * (1 + 2)
+    # is per batch size (1, 2 and 4 rates for the MLP, wide at the largest batch so that backprop's best
+    # rate lies inside it; 1 and 2 for the Transformer)
+    assert len(by_problem["f1_mlp"]) == 5 * (1 + 2 + 4) and len(by_problem["f1_transformer"]) == 5 * (1 + 2)
     rates = {(s.batch_size, s.learning_rate) for s in by_problem["f1_mlp"] if s.method == "greedy"}
-    assert rates == {(32, 1e-3), (256, 1e-3), (256, 3e-3), (2048, 3e-3), (2048, 1e-2)}
+    assert rates == {(32, 1e-3), (256, 1e-3), (256, 3e-3), (2048, 1e-3), (2048, 3e-3), (2048, 1e-2), (2048, 3e-2)}
     # the MLP is deep and uniform, its input pooled so the first layer is not the widest
     model = by_problem["f1_mlp"][0].config["model"]
     assert model["name"] == "deep_mlp" and model["depth"] >= 8 and (28 // model["pool"]) ** 2 <= model["width"]

@@ -90,6 +90,10 @@ def _run(argv) -> int:
             print(command_help(command) if command else _help_text())
             return 0
         command, options = parse(_with_recipe_paths(argv))
+        if options.get("workdir"):
+            from .workdir import check_local
+
+            check_local(options["workdir"])  # gs://... : one line naming the fix, for every command
         if command == "train":
             if options["print_config"]:
                 from .config import build_experiment

@@ -307,6 +307,9 @@ def run_sweep(sweep, workdir: str, *, sweep_path: str | None = None, verbose: bo
     """Run every planned run not yet in ``workdir/results.jsonl``; returns all the sweep's run records."""
     from .train import train_and_evaluate  # the train loop imports the whole stack; keep this module light
 
+    from .workdir import check_local
+
+    check_local(workdir)
     cfg = check_sweep(sweep)
     specs = plan_runs(sweep, sweep_path)
     os.makedirs(workdir, exist_ok=True)

@@ -77,6 +77,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
     ``dry_run``: build and check everything (data, model, trainer, workdir), print the run header
     and stop before anything is compiled or written; returns None."""
     given = resolve(config)
+    files.check_local(workdir)  # before joining other hosts: every one of them would refuse it
     multihost.start(given["distributed"])  # several hosts: joins them before JAX touches a device
     multihost.check_same_config(given)
     multihost.check_config(given)

@@ -54,6 +54,7 @@ class Trainer:
         self._done_seen, self._microbatch_rows = [0] * len(model), 0
         self._checked_shapes = False
         self._predict, self._logits = {}, {}
+        self._mesh_evaluator = None  # multi-process evaluation's programs (lpjax/executors/mesh_eval.py)
 
     @property
     def num_stages(self):
@@ -147,8 +148,9 @@ class Trainer:
         return self.executor.take_metrics()
 
     def host_states(self):
-        """Every stage's state as numpy arrays, in every process (a collective in multi-process runs):
-        what a multi-process checkpoint saves."""
+        """Every stage's state as numpy arrays, in every process (a collective in multi-process runs,
+        after which each host holds the whole model): what the Python API's per-stage checkpoints
+        save over several processes; ``lpjax train`` writes sharded ones instead."""
         return self.executor.host_states()
 
     def load_states(self, states, steps: int | None = None):
@@ -166,10 +168,21 @@ class Trainer:
             self.steps = steps
 
     def health(self):
-        """Per stage, device scalars: the gradient norm at its last update and the updates skipped
-        so far because a loss or gradient was not finite."""
-        states = self.stage_states if jax.process_count() == 1 else self.host_states()  # all stages, every process
-        return [{"grad_norm": s.grad_norm, "skipped": s.skipped} for s in states]
+        """Per stage, the gradient norm at its last update and the updates skipped so far because a
+        loss or gradient was not finite: device scalars in one process; over several, numpy
+        scalars read where each stage lives and gathered as two numbers per stage (a collective:
+        every process calls it), never the stage states."""
+        if jax.process_count() == 1:
+            return [{"grad_norm": s.grad_norm, "skipped": s.skipped} for s in self.stage_states]
+        norms, skipped = self._on_mesh("health()").stage_scalars()
+        return [{"grad_norm": n, "skipped": s} for n, s in zip(norms, skipped)]
+
+    def _on_mesh(self, what):
+        """The executor, which must run on a mesh (the spmd executor) in a multi-process run."""
+        if not hasattr(self.executor, "stage_scalars"):
+            raise ConfigError(f"{what} over several processes needs the spmd executor; "
+                              f"build the trainer with lpjax.Layout(..., executor='spmd')")
+        return self.executor
 
     def _count_examples(self):
         for k, done in enumerate(self.executor.done):
@@ -197,7 +210,9 @@ class Trainer:
         Drains first (finishing in-flight microbatches, which does not change training: see
         docs/semantics.md). The arrays written into the model are copies on the default device, so
         further training does not touch them; call ``export()`` again for newer parameters. In a
-        multi-process run every process must call it (stages are gathered to every host).
+        multi-process run every process must call it, and it gathers every stage's state to every
+        host (``host_states()``, a collective): the whole model must then fit in this host's memory.
+        ``evaluate`` and ``health`` gather nothing of the kind.
         """
         self.drain()
         device = jax.devices()[0]
@@ -214,7 +229,11 @@ class Trainer:
 
         Works at any point, also in the middle of streaming training: it drains first, which finishes
         the in-flight microbatches and does not change the training result (docs/semantics.md). Equal
-        to ``self.export()(x)`` without touching the user's model."""
+        to ``self.export()(x)`` without touching the user's model. One process only: over several,
+        a process holds some stages only (use ``evaluate``, or ``export``, which gathers them)."""
+        if jax.process_count() > 1:
+            raise ConfigError("predict() runs in one process; in a multi-process run use evaluate() (on the mesh) "
+                              "or export(), which gathers every stage to this host")
         self.drain()
         place, outputs, h = self.executor.placement, [], x
         for k in range(self.num_stages):
@@ -233,14 +252,16 @@ class Trainer:
         """Like ``evaluate``, over an iterable of ``(x, y)`` batches (a data source's eval stream).
 
         In a multi-process run every process must call it: with the same batches, of which each
-        evaluates every ``process_count``-th, or with ``local=True`` with its own shard of the split
+        contributes its block of rows, or with ``local=True`` with its own shard of the split
         (``eval_batches(..., shard_index=jax.process_index(), shard_count=jax.process_count())``,
-        what ``lpjax train`` does), all of which it evaluates. Each uses all stages on one of its
-        devices, and the totals and counts are summed across processes."""
+        what ``lpjax train`` does), all of which it contributes; shards may differ in length. The
+        batches then run through one forward pipeline on the executor's mesh, each stage on its
+        own devices (lpjax/executors/mesh_eval.py): no host gathers another stage's parameters.
+        The totals are summed over all processes and every process gets them."""
         self.drain()
-        totals, count = np.zeros((self.num_stages, 2)), 0
         if jax.process_count() > 1:
-            return self._evaluate_across_processes(batches, local)
+            return self._evaluate_on_mesh(batches, local)
+        totals, count = np.zeros((self.num_stages, 2)), 0
         place = self.executor.placement
         for xb, yb in batches:
             h = xb
@@ -251,28 +272,17 @@ class Trainer:
             count += np.size(yb)
         return self._eval_figures(totals, count)
 
-    def _evaluate_across_processes(self, batches, local):
-        from jax.experimental import multihost_utils
+    def _evaluate_on_mesh(self, batches, local):
+        from .executors.mesh_eval import MeshEvaluator
 
-        device = jax.local_devices()[0]
-        states = jax.device_put(self.host_states(), device)  # a collective: the stages this process lacks
-        totals, count = np.zeros((self.num_stages, 2)), 0
-        me, processes = jax.process_index(), jax.process_count()
-        for i, (xb, yb) in enumerate(batches):
-            if not local and i % processes != me:
-                continue
-            count += np.size(yb)
-            h = jax.device_put(xb, device)
-            for k in range(self.num_stages):
-                h, loss_sum, correct = self._predict_fn(k)(states[k], h, jax.device_put(yb, device))
-                totals[k] += (float(loss_sum), float(correct))
-        # float64 sums travel as two float32 words (JAX arrays are 32-bit by default): no precision
-        # lost; the example count goes along as an exact integer column
-        high = totals.astype(np.float32)
-        parts = np.stack([high, (totals - high).astype(np.float32)])
-        gathered = np.asarray(multihost_utils.process_allgather(parts)).astype(np.float64)
-        counts = np.asarray(multihost_utils.process_allgather(np.array([count], np.int32)))
-        return self._eval_figures(gathered.sum((0, 1)), int(counts.sum()))
+        executor = self._on_mesh("evaluation")
+        if self._mesh_evaluator is None:
+            self._mesh_evaluator = MeshEvaluator(executor, self.loss_fn)
+        if not local:  # the same batches everywhere: each process contributes its block of rows
+            me, processes = jax.process_index(), jax.process_count()
+            batches = ((x[len(x) * me // processes:len(x) * (me + 1) // processes],
+                        y[len(y) * me // processes:len(y) * (me + 1) // processes]) for x, y in batches)
+        return self._eval_figures(*self._mesh_evaluator.totals(batches))
 
     def _eval_figures(self, totals, count):
         if count == 0:

@@ -45,6 +45,7 @@ def check_writable(workdir) -> None:
     """Refuse a missing, too long, file-like or unwritable workdir before anything is built or written."""
     if not workdir:
         raise ConfigError("no workdir given; pass the directory that should receive the run's files")
+    check_local(workdir)
     check_path_length(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"workdir {workdir!r} exists and is not a directory; choose another --workdir")
@@ -52,6 +53,17 @@ def check_writable(workdir) -> None:
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"workdir {workdir!r} is not writable ({existing} does not let this user write); "
                           f"choose another --workdir or fix its permissions")
+
+
+def check_local(workdir) -> None:
+    """Refuse a URL (``gs://bucket/run``, any ``scheme://``): the lock, logs, metrics and TensorBoard
+    files go through the local filesystem, which would take ``gs:`` for a directory name and write
+    the run on this host's disk."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(workdir))
+    if scheme:
+        raise ConfigError(f"workdir {workdir!r} is a {scheme.group(1)}:// URL, but a workdir must be a path; "
+                          f"mount the bucket (for gs://, with gcsfuse) or use a shared filesystem (NFS), and pass "
+                          f"the mounted path as --workdir")
 
 
 def _existing_ancestor(workdir) -> str:

@@ -473,3 +473,30 @@ def test_an_abandoned_orbax_task_is_silenced_whatever_its_repr_names(capfd):
         assert "never retrieved" in capfd.readouterr().err  # every other error still prints
     finally:
         logging.getLogger("asyncio").removeHandler(handler)
+
+
+@pytest.mark.parametrize("command", [["train", f"--config={REPO / 'recipes' / 'mnist_mlp.py'}"], ["bench", "--suite=small"],
+                                     ["plot"]],
+                         ids=["train", "bench", "plot"])
+def test_a_bucket_url_as_workdir_is_one_line_exit_2_naming_the_mount(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the local filesystem would have made ./gs:/bucket/run here
+    code = cli.main(["lpjax", *command, "--workdir=gs://bucket/run"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("lpjax: error: "), err
+    assert "gs:// URL" in err and "gcsfuse" in err and "--workdir" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_refuses_a_bucket_url_before_writing(tmp_path, monkeypatch):
+    import optax
+
+    import lpjax
+    from tiny import tiny_batch, tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    x, y = tiny_batch(16)
+    trainer = lpjax.Trainer(tiny_model(2), method=lpjax.Greedy(), optimizer=optax.sgd(0.1))
+    with pytest.raises(ConfigError, match="s3:// URL.*mount the bucket"):
+        lpjax.fit(trainer, (x, y, x, y), workdir="s3://bucket/run", steps=1, batch_size=8)
+    assert list(tmp_path.iterdir()) == []

@@ -272,6 +272,26 @@ class SpmdExecutor:
         fingerprints, finite = jax.device_get(self._programs["summaries"](state_buffers))
         return [(int(f), bool(ok)) for f, ok in zip(fingerprints, finite)]
 
+    def stage_scalars(self):
+        """Per stage, its gradient norm at the last update and its count of skipped updates, read
+        where the stage lives and all-gathered over ``stage`` (two numbers per stage, not the
+        states), as numpy arrays ``[K]``; a collective over the mesh."""
+        if "scalars" not in self._programs:
+            def read(k, buffer):
+                state = self.state_packers[k].unpack(buffer)
+                return state.grad_norm.astype(jnp.float32), state.skipped.astype(jnp.int32)
+
+            branches = [functools.partial(read, k) for k in range(self.num_stages)]
+
+            def local(buffers):
+                norm, skipped = lax.switch(lax.axis_index("stage"), branches, {g: b[0] for g, b in buffers.items()})
+                return lax.all_gather(norm, "stage"), lax.all_gather(skipped, "stage")
+
+            spec = {g: P("stage") for g in self.state_lengths}
+            self._programs["scalars"] = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(spec,),
+                                                              out_specs=(P(), P()), check_vma=False))
+        return jax.device_get(self._programs["scalars"](self.buffers["state"]))
+
     def _full(self, slice_shape):
         return (slice_shape[0] * self.num_data, *slice_shape[1:])
 
@@ -291,7 +311,10 @@ class SpmdExecutor:
 
     def host_states(self):
         """Every stage's state as numpy arrays, in every process. The stacked state buffers are
-        gathered across processes first, so every process must call this at the same point."""
+        gathered across processes first, so every process must call this at the same point, and
+        each host then holds the whole model: what ``Trainer.export()`` and the Python API's
+        per-stage checkpoints ask for. Evaluation (``mesh_eval.py``) and ``stage_scalars`` do not
+        use it."""
         from jax.experimental import multihost_utils
 
         stacked = multihost_utils.process_allgather(self.buffers["state"], tiled=True)

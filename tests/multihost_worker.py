@@ -56,6 +56,10 @@ figures = {"same_batches": trainer.evaluate(x, y, batch_size=EVAL_BATCH),
            "own_shards": trainer.evaluate_batches(local_eval_batches(pid, count), local=True),
            "health": [[float(h["grad_norm"]), int(h["skipped"])] for h in trainer.health()],
            "data_shard": list(trainer.data_shard)}
+try:
+    trainer.predict(x)
+except lpjax.ConfigError as err:  # a process holds some stages only
+    figures["predict"] = str(err)
 with open(out + ".json", "w") as f:
     json.dump(figures, f)
 print(f"process {jax.process_index()} evaluated", figures["own_shards"][-1])

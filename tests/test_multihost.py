@@ -74,6 +74,7 @@ def test_two_processes_match_one(tmp_path):
             seen.add(int(k))
     assert seen == {0, 1, 2, 3}, outputs
     figures = assert_same_evaluation_and_health(tmp_path, reference)
+    assert figures["predict"].startswith("predict() runs in one process")
     assert figures["data_shard"] == [0, 1]  # each process holds whole stages: the eval rows are gathered
 
 

@@ -63,14 +63,17 @@ class MeshEvaluator:
             batch = next(batches, None)
             if batch is not None:
                 x, y = (np.asarray(a, jax.dtypes.canonicalize_dtype(np.asarray(a).dtype)) for a in batch)
-                if len(x) != len(y):
-                    raise ConfigError(f"an evaluation batch has {len(x)} inputs but {len(y)} labels")
                 self.spec = (x.shape[1:], x.dtype, y.shape[1:], y.dtype)
-            agreed = self._agree(-1 if batch is None else len(x))
+            agreed = self._agree(-1 if batch is None else len(x), batch is not None and len(x) != len(y))
+            # every process sees the same agreement, so all of them stop, or raise, together
             if (agreed[:, 0] < 0).all():
                 break
+            uneven = [p for p, bad in enumerate(agreed[:, 2]) if bad]
+            if uneven:
+                raise ConfigError(f"process(es) {', '.join(map(str, uneven))} gave an evaluation batch whose "
+                                  f"inputs and labels differ in number; pass (x, y) with one label row per input")
             lacking = [p for p, known in enumerate(agreed[:, 1]) if not known]
-            if lacking:  # every process sees the same agreement, so all raise together
+            if lacking:
                 raise ConfigError(f"process(es) {', '.join(map(str, lacking))} have no evaluation rows and "
                                   f"no earlier batch to take their shape from; give every process a non-empty "
                                   f"shard of the evaluation split")
@@ -86,14 +89,15 @@ class MeshEvaluator:
             totals[:, 1] += np.asarray(correct, np.int64).reshape(K, -1).sum(1)
         return totals, count
 
-    def _agree(self, rows):
-        """Every process's ``[rows (-1: no batch left), knows the batch shape]``, ``[processes, 2]``."""
+    def _agree(self, rows, uneven):
+        """Every process's ``[rows (-1: no batch left), knows the batch shape, inputs and labels
+        differ in number]``, ``[processes, 3]``."""
         from jax.experimental import multihost_utils
 
-        mine = np.array([[rows, self.spec is not None]], np.int32)
+        mine = np.array([[rows, self.spec is not None, uneven]], np.int32)
         if jax.process_count() == 1:
             return mine
-        return np.asarray(multihost_utils.process_allgather(mine, tiled=True)).reshape(-1, 2)
+        return np.asarray(multihost_utils.process_allgather(mine, tiled=True)).reshape(-1, 3)
 
     def _padded(self, x, y):
         """This process's rows padded to ``capacity`` with copies of its last row (zeros when it has

@@ -65,8 +65,9 @@ class Run:
         return self.dataset.eval_batches(split, self.config["eval_batch_size"], **options, **shard)
 
     def evaluate(self, split, **options):
-        """Every stage's loss and accuracy on ``split``; over several processes each evaluates its
-        own shard and the totals are summed."""
+        """Every stage's loss and accuracy on ``split``; over several processes each feeds its own
+        shard into one evaluation on the mesh (lpjax/executors/mesh_eval.py) and every process
+        gets the summed totals."""
         return self.trainer.evaluate_batches(self.eval_batches(split, **options), local=True)
 
 

@@ -9,8 +9,11 @@ are written after every task of the clock, so a slot freed by a read may be reus
 
 Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
 
-- ``op``: 0 idle, 1 forward (``FORWARD`` or ``LOCAL``: forward, then the consumed cotangents),
-  2 backward (the consumed cotangents only); ``first``, ``update``: the task's flags;
+- ``op``: 0 idle, 1 forward only (a task that consumes nothing), 2 backward (the consumed
+  cotangents only), 3 forward then the consumed cotangents (``LOCAL`` with messages to apply);
+  ``first``, ``update``: the task's flags. Forward-only and forward-then-consume are distinct
+  opcodes because the scan runs one static branch per opcode: a forward branch that also
+  traced the backward would compute (then discard) a VJP at every 1F1B/GPipe forward;
 - ``input``: the activation slot a forward reads (stages > 0);
 - ``store``: the residual slot a forward writes (stages with sources);
 - ``consume_cot``, ``consume_res`` ``[.., S]``: per source ``i`` of the stage (``Method.sources``
@@ -22,7 +25,8 @@ Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
 
 import numpy as np
 
-IDLE, FORWARD_OP, BACKWARD_OP = 0, 1, 2  # the opcodes
+IDLE, FORWARD_OP, BACKWARD_OP, LOCAL_OP = 0, 1, 2, 3  # the opcodes
+RUNS_FORWARD = (FORWARD_OP, LOCAL_OP)
 
 
 class SlotPool:
@@ -71,7 +75,8 @@ class Lowering:
             tasks = [task for task in clock if task is not None]
             for task in tasks:  # reads: free what this clock consumes
                 k, m = task.stage, task.microbatch
-                out["op"][t, k] = FORWARD_OP if task.runs_forward else BACKWARD_OP
+                out["op"][t, k] = (BACKWARD_OP if not task.runs_forward else LOCAL_OP if task.consumes
+                                   else FORWARD_OP)
                 out["first"][t, k], out["update"][t, k] = task.first, task.update
                 if task.runs_forward and k > 0:
                     out["input"][t, k] = slot = self.act_at.pop((k, m))

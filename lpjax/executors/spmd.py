@@ -5,11 +5,12 @@ slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule 
 
     for t in clocks:                                    # lax.scan over the lowered arrays
       k = axis_index("stage")                           # lax.switch(k): stage k's own kernels
-      if op[t,k] != IDLE:                               # lax.switch(op): idle | forward | backward
+      if op[t,k] != IDLE:                               # lax.switch(op): idle|forward|backward|local
         x = stream_x[t] if k == 0 else acts[k][input[t,k]]
-        if op[t,k] == FORWARD: state, h, own_dx, res[k][store[t,k]] = forward(state, x, y[t,k], first[t,k])
-        for i, j in enumerate(sources[k]):             # cotangents this task consumes
-          if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, res[k][consume_res[t,k,i]], cots[k][consume_cot[t,k,i]])
+        if op[t,k] in (FORWARD, LOCAL): state, h, own_dx, res[k][store[t,k]] = forward(state, x, y[t,k], first[t,k])
+        if op[t,k] in (BACKWARD, LOCAL):
+          for i, j in enumerate(sources[k]):           # cotangents this task consumes
+            if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, res[k][consume_res[t,k,i]], cots[k][consume_cot[t,k,i]])
       state = pmean(state, "data"); if update[t,k]: state = optimizer_step(state)
       h, (own_dx, dx) = ppermute(h, +1), ppermute((own_dx, dx), -1)
       acts[k][receive_act[t,k]] = h; cots[k][receive_cot[t,k,o]] = message o   # slots >= 0 only
@@ -39,7 +40,7 @@ from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
 from ..schedules import Flow
-from .lowering import FORWARD_OP, Lowering, count_capacities
+from .lowering import RUNS_FORWARD, Lowering, count_capacities
 from .packing import TreePacker, common_lengths, zeros
 from .placement import PerStageMeshes, data_shard
 
@@ -372,7 +373,7 @@ class SpmdExecutor:
             raise AssertionError("a one-tree optimizer step must end its host call (a flushed step)")
         if self.one_tree:
             control["update"][:] = 0  # every stage steps together after the scan instead
-        mask = control["op"] == FORWARD_OP
+        mask = np.isin(control["op"], RUNS_FORWARD)
         streams = (self._rows(stream_x, P(None, "data"), (len(clocks), *self._full(self.x_spec[0]))),
                    self._rows(stream_y, P(None, "stage", "data"), (len(clocks), K, *self._full(self.y_spec[0]))),
                    self._control_on_device(control))
@@ -461,8 +462,12 @@ class SpmdExecutor:
 
     # -- one stage, one clock ----------------------------------------------------------------
     def _stage_clock(self, k, carry, x0, y, ctrl):
-        branches = [functools.partial(self._idle, k), functools.partial(self._task, k, True),
-                    functools.partial(self._task, k, False)]
+        # one branch per opcode (lowering.py); a stage without sources never gets LOCAL_OP (it has
+        # nothing to consume), so it is not traced a third time
+        branches = [functools.partial(self._idle, k), functools.partial(self._task, k, True, False),
+                    functools.partial(self._task, k, False, True)]
+        if self.kernels[k].sources:
+            branches.append(functools.partial(self._task, k, True, True))
         return lax.switch(ctrl["op"], branches, carry, x0, y, ctrl)
 
     def _bubbles(self):
@@ -472,14 +477,14 @@ class SpmdExecutor:
         act_out, cot_out = self._bubbles()
         return carry, act_out, cot_out, self._nan_metrics()
 
-    def _task(self, k, forward, carry, x0, y, ctrl):
+    def _task(self, k, forward, consume, carry, x0, y, ctrl):
         kern = self.kernels[k]
         carry = dict(carry)
         state = unpacked = self.state_packers[k].unpack(carry["state"])
         act_out, cot_out = self._bubbles()
         # reads first: a slot this task frees may be the one its residual is written to
         consumed = []
-        for i, j in enumerate(kern.sources):
+        for i, j in enumerate(kern.sources if consume else ()):
             res = self._rebuild_residual(k, self.res_packers[k].unpack(_row(carry["res"], ctrl["consume_res"][i])),
                                          state)
             cot = self.act_packers[k].unpack(_row(carry["cots"], ctrl["consume_cot"][i]))

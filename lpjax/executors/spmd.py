@@ -4,13 +4,14 @@ The host lowers the schedule's clocks to static per-clock arrays (``lowering.py`
 slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule is on the device::
 
     for t in clocks:                                    # lax.scan over the lowered arrays
-      k = axis_index("stage")                           # lax.switch(k): stage k's own kernels
-      if op[t,k] != IDLE:                               # lax.switch(op): idle|forward|backward|local
+      k, op = axis_index("stage"), op[t,k]              # ONE lax.switch: idle is branch 0, then
+      if op != IDLE:                                    # stage k's forward | backward | local
         x = stream_x[t] if k == 0 else acts[k][input[t,k]]
-        if op[t,k] in (FORWARD, LOCAL): state, h, own_dx, res[k][store[t,k]] = forward(state, x, y[t,k], first[t,k])
-        if op[t,k] in (BACKWARD, LOCAL):
+        if op in (FORWARD, LOCAL): state, h, own_dx, res_row = forward(state, x, y[t,k], first[t,k])
+        if op in (BACKWARD, LOCAL):
           for i, j in enumerate(sources[k]):           # cotangents this task consumes
             if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, res[k][consume_res[t,k,i]], cots[k][consume_cot[t,k,i]])
+      res[k][store[t,k]] = res_row                      # mailboxes are read-only inside the switch
       state = pmean(state, "data"); if update[t,k]: state = optimizer_step(state)
       h, (own_dx, dx) = ppermute(h, +1), ppermute((own_dx, dx), -1)
       acts[k][receive_act[t,k]] = h; cots[k][receive_cot[t,k,o]] = message o   # slots >= 0 only
@@ -40,7 +41,7 @@ from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
 from ..schedules import Flow
-from .lowering import RUNS_FORWARD, Lowering, count_capacities
+from .lowering import IDLE, RUNS_FORWARD, Lowering, count_capacities
 from .packing import TreePacker, common_lengths, zeros
 from .placement import PerStageMeshes, data_shard
 
@@ -420,18 +421,34 @@ class SpmdExecutor:
         control = {name: a[:, 0] for name, a in control.items()}
         k = lax.axis_index("stage")
         K = self.num_stages
-        tasks = [functools.partial(self._stage_clock, s) for s in range(K)]
-        updates = [functools.partial(self._maybe_update, s) for s in range(K)]
+        # XLA (jaxlib < 0.11.1, openxla/xla#46314) elides the copy of an operand that a conditional
+        # passes through unchanged only in branch 0, and copies it in every other branch. So each
+        # clock is ONE switch with idle as branch 0 (not a switch over stages nesting one over
+        # opcodes), the mailboxes go in read-only (a task's only mailbox write, its residual, is
+        # done after the switch), and the optimizer step is a switch whose branch 0 skips it. The
+        # nested form copied the whole carry, state and every mailbox, at most clocks.
+        branches, offsets = [self._idle], []
+        for s in range(K):
+            offsets.append(len(branches) - 1)
+            branches += self._task_branches(s)
+        offsets = jnp.asarray(offsets, jnp.int32)
+        updates = [lambda buffer: buffer] + [functools.partial(self._update, s) for s in range(K)]
 
         def tick(carry, inputs):
             x0, y, ctrl = inputs
-            carry, act_out, cot_out, metrics = lax.switch(k, tasks, carry, x0, y, ctrl)
+            carry = dict(carry)
+            mail = {name: carry[name] for name in self.PER_SLICE}
+            branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
+            carry["state"], act_out, cot_out, stored, metrics = lax.switch(branch, branches, carry["state"], mail,
+                                                                           x0, y, ctrl)
+            if self.res_lengths:
+                carry["res"] = _put(carry["res"], ctrl["store"], stored)
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
                 carry["state"] = {g: lax.pmean(b, "data") if jnp.issubdtype(g, jnp.floating) else b
                                   for g, b in carry["state"].items()}
                 metrics = lax.pmean(metrics, "data")
             if not self.one_tree:
-                carry["state"] = lax.switch(k, updates, carry["state"], ctrl["update"] != 0)
+                carry["state"] = lax.switch(jnp.where(ctrl["update"] != 0, 1 + k, 0), updates, carry["state"])
             if K > 1:
                 act_in = lax.ppermute(act_out, "stage", [(i, i + 1) for i in range(K - 1)])
                 carry["acts"] = _put(carry["acts"], ctrl["receive_act"], act_in)
@@ -450,9 +467,6 @@ class SpmdExecutor:
                  for name, tree in local.items()}
         return local, jax.tree.map(lambda a: a[:, None], metrics)
 
-    def _maybe_update(self, k, state_buffer, due):
-        return lax.cond(due, functools.partial(self._update, k), lambda buffer: buffer, state_buffer)
-
     def _update(self, k, state_buffer, total_sq=None):
         before = self.state_packers[k].unpack(state_buffer)
         return self.state_packers[k].repack(state_buffer, self.kernels[k].update(before, total_sq), before)
@@ -461,43 +475,43 @@ class SpmdExecutor:
         return self.kernels[k].grad_sq_norm(self.state_packers[k].unpack(state_buffer))
 
     # -- one stage, one clock ----------------------------------------------------------------
-    def _stage_clock(self, k, carry, x0, y, ctrl):
-        # one branch per opcode (lowering.py); a stage without sources never gets LOCAL_OP (it has
-        # nothing to consume), so it is not traced a third time
-        branches = [functools.partial(self._idle, k), functools.partial(self._task, k, True, False),
-                    functools.partial(self._task, k, False, True)]
+    def _task_branches(self, k):
+        """Stage k's branches for opcodes 1, 2 (and 3): forward only, backward, forward then
+        consume (lowering.py). A stage without sources never gets LOCAL_OP (it has nothing to
+        consume), so its forward is not traced a third time."""
+        branches = [functools.partial(self._task, k, True, False), functools.partial(self._task, k, False, True)]
         if self.kernels[k].sources:
             branches.append(functools.partial(self._task, k, True, True))
-        return lax.switch(ctrl["op"], branches, carry, x0, y, ctrl)
+        return branches
 
     def _bubbles(self):
         return _fill(self.act_lengths, (), self.bubble_fill), _fill(self.act_lengths, (1 + self.S,), self.bubble_fill)
 
-    def _idle(self, k, carry, x0, y, ctrl):
+    def _idle(self, state_buffer, mail, x0, y, ctrl):
         act_out, cot_out = self._bubbles()
-        return carry, act_out, cot_out, self._nan_metrics()
+        return state_buffer, act_out, cot_out, zeros(self.res_lengths), self._nan_metrics()
 
-    def _task(self, k, forward, consume, carry, x0, y, ctrl):
+    def _task(self, k, forward, consume, state_buffer, mail, x0, y, ctrl):
+        """One task of stage k: returns the state buffer, the messages it sends and the residual
+        row it stores (written after the switch, to slot ``store``; zeros when it stores none)."""
         kern = self.kernels[k]
-        carry = dict(carry)
-        state = unpacked = self.state_packers[k].unpack(carry["state"])
+        state = unpacked = self.state_packers[k].unpack(state_buffer)
         act_out, cot_out = self._bubbles()
-        # reads first: a slot this task frees may be the one its residual is written to
+        stored = zeros(self.res_lengths)
         consumed = []
         for i, j in enumerate(kern.sources if consume else ()):
-            res = self._rebuild_residual(k, self.res_packers[k].unpack(_row(carry["res"], ctrl["consume_res"][i])),
+            res = self._rebuild_residual(k, self.res_packers[k].unpack(_row(mail["res"], ctrl["consume_res"][i])),
                                          state)
-            cot = self.act_packers[k].unpack(_row(carry["cots"], ctrl["consume_cot"][i]))
+            cot = self.act_packers[k].unpack(_row(mail["cots"], ctrl["consume_cot"][i]))
             consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
         metrics = self._nan_metrics()
         if forward:
-            x = x0 if k == 0 else self.act_packers[k - 1].unpack(_row(carry["acts"], ctrl["input"]))
+            x = x0 if k == 0 else self.act_packers[k - 1].unpack(_row(mail["acts"], ctrl["input"]))
             state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None,
                                                                ctrl["first"] != 0)
             metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
             if residual is not None:
-                kept = self._residual_to_store(k, unpacked, residual)
-                carry["res"] = _put(carry["res"], ctrl["store"], self.res_packers[k].pack(kept, self.res_lengths))
+                stored = self.res_packers[k].pack(self._residual_to_store(k, unpacked, residual), self.res_lengths)
             if k + 1 < self.num_stages:
                 act_out = self.act_packers[k].pack(h, self.act_lengths)
             if own_dx is not None:
@@ -508,8 +522,7 @@ class SpmdExecutor:
             state = dataclasses.replace(state, grad_sum=_where(present, new_state.grad_sum, state.grad_sum))
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
-        carry["state"] = self.state_packers[k].repack(carry["state"], state, unpacked)
-        return carry, act_out, cot_out, metrics
+        return self.state_packers[k].repack(state_buffer, state, unpacked), act_out, cot_out, stored, metrics
 
     # -- residuals -----------------------------------------------------------------------------
     # A body's VJP residual holds its weights. Flushed schedules never update a stage between a

@@ -40,6 +40,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
+from ..kernels import StageState
 from ..schedules import Flow
 from .lowering import IDLE, RUNS_FORWARD, Lowering, count_capacities
 from .packing import TreePacker, common_lengths, zeros
@@ -62,11 +63,11 @@ def _row(box, slot):
 
 
 def _put(box, slot, value):
-    """Write ``value`` into ``box[slot]`` when ``slot >= 0``."""
-    index = jnp.maximum(slot, 0)
-    return {g: lax.dynamic_update_index_in_dim(
-        b, jnp.where(slot >= 0, value[g], lax.dynamic_index_in_dim(b, index, 0, keepdims=False)), index, 0)
-        for g, b in box.items()}
+    """Write ``value`` into ``box[slot]``; ``slot < 0`` (nothing to keep) writes it into the box's
+    last row, a scratch slot no task reads. Writing unconditionally is an in-place row write;
+    keeping the old row instead (a select) read and rewrote the row at every clock."""
+    return {g: lax.dynamic_update_index_in_dim(b, value[g], jnp.where(slot >= 0, slot, b.shape[0] - 1), 0)
+            for g, b in box.items()}
 
 
 class SpmdExecutor:
@@ -90,6 +91,12 @@ class SpmdExecutor:
         initial = [kern.init_state() for kern in kernels]
         self.state_packers = [TreePacker(s) for s in initial]
         self.state_lengths = common_lengths(self.state_packers)
+        # inside a host call's scan the state lives as two buffers (see _scan): what tasks write
+        # and what only the optimizer step writes
+        self.task_packers = [TreePacker(_part(s, TASK_FIELDS)) for s in initial]
+        self.fixed_packers = [TreePacker(_part(s, FIXED_FIELDS)) for s in initial]
+        self.task_lengths = common_lengths(self.task_packers)
+        self.fixed_lengths = common_lengths(self.fixed_packers)
         packed = [jax.device_get(p.pack(s, self.state_lengths)) for p, s in zip(self.state_packers, initial)]
         stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
         self.buffers = {"state": _global(stacked, NamedSharding(mesh, P("stage")))}
@@ -146,14 +153,15 @@ class SpmdExecutor:
         if wanted == self.capacity:
             return
         K, D = self.num_stages, self.num_data
-        fresh = {"acts": zeros(self.act_lengths, (K, D, wanted[0])),
-                 "cots": zeros(self.act_lengths, (K, D, wanted[1])),
-                 "res": zeros(self.res_lengths, (K, D, wanted[2]))}
+        # one more row than slots: the scratch row that messages nobody keeps are written to (_put)
+        fresh = {"acts": zeros(self.act_lengths, (K, D, wanted[0] + 1)),
+                 "cots": zeros(self.act_lengths, (K, D, wanted[1] + 1)),
+                 "res": zeros(self.res_lengths, (K, D, wanted[2] + 1))}
         fresh = jax.device_get(fresh)
         if self.capacity != (0, 0, 0):
             for name, old in zip(self.PER_SLICE, self.capacity):
                 for g, buf in jax.device_get(self.buffers[name]).items():
-                    fresh[name][g][:, :, :old] = buf
+                    fresh[name][g][:, :, :old] = buf[:, :, :old]
         self.buffers.update(_global(fresh, NamedSharding(self.mesh, P("stage", "data"))))
         self.capacity = wanted
 
@@ -422,33 +430,37 @@ class SpmdExecutor:
         k = lax.axis_index("stage")
         K = self.num_stages
         # XLA (jaxlib < 0.11.1, openxla/xla#46314) elides the copy of an operand that a conditional
-        # passes through unchanged only in branch 0, and copies it in every other branch. So each
-        # clock is ONE switch with idle as branch 0 (not a switch over stages nesting one over
-        # opcodes), the mailboxes go in read-only (a task's only mailbox write, its residual, is
-        # done after the switch), and the optimizer step is a switch whose branch 0 skips it. The
-        # nested form copied the whole carry, state and every mailbox, at most clocks.
+        # passes through unchanged only in branch 0; a buffer a branch updates in place is copied
+        # too. So each clock is ONE switch with idle as branch 0 (not a switch over stages nesting
+        # one over opcodes); the mailboxes go in read-only (a task's only mailbox write, its
+        # residual, is done after the switch); and the state is split, once per host call, into
+        # the part tasks write (gradient sum, statistics), which a task returns freshly packed,
+        # and the part only the optimizer step writes (parameters, optimizer state), read-only to
+        # tasks. The optimizer step is a switch whose branch 0 skips it. The nested form with one
+        # state buffer copied the whole state and every mailbox at most clocks.
         branches, offsets = [self._idle], []
         for s in range(K):
             offsets.append(len(branches) - 1)
             branches += self._task_branches(s)
         offsets = jnp.asarray(offsets, jnp.int32)
-        updates = [lambda buffer: buffer] + [functools.partial(self._update, s) for s in range(K)]
+        updates = [lambda fixed, written: fixed] + [functools.partial(self._update_fixed, s) for s in range(K)]
 
         def tick(carry, inputs):
             x0, y, ctrl = inputs
             carry = dict(carry)
             mail = {name: carry[name] for name in self.PER_SLICE}
             branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
-            carry["state"], act_out, cot_out, stored, metrics = lax.switch(branch, branches, carry["state"], mail,
-                                                                           x0, y, ctrl)
+            carry["written"], act_out, cot_out, stored, metrics = lax.switch(
+                branch, branches, carry["written"], carry["fixed"], mail, x0, y, ctrl)
             if self.res_lengths:
                 carry["res"] = _put(carry["res"], ctrl["store"], stored)
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
-                carry["state"] = {g: lax.pmean(b, "data") if jnp.issubdtype(g, jnp.floating) else b
-                                  for g, b in carry["state"].items()}
+                carry["written"] = {g: lax.pmean(b, "data") if jnp.issubdtype(g, jnp.floating) else b
+                                    for g, b in carry["written"].items()}
                 metrics = lax.pmean(metrics, "data")
             if not self.one_tree:
-                carry["state"] = lax.switch(jnp.where(ctrl["update"] != 0, 1 + k, 0), updates, carry["state"])
+                carry["fixed"] = lax.switch(jnp.where(ctrl["update"] != 0, 1 + k, 0), updates, carry["fixed"],
+                                            carry["written"])
             if K > 1:
                 act_in = lax.ppermute(act_out, "stage", [(i, i + 1) for i in range(K - 1)])
                 carry["acts"] = _put(carry["acts"], ctrl["receive_act"], act_in)
@@ -458,7 +470,11 @@ class SpmdExecutor:
                         carry["cots"] = _put(carry["cots"], ctrl["receive_cot"][o], {g: b[o] for g, b in cot_in.items()})
             return carry, metrics
 
+        local["written"], local["fixed"] = lax.switch(k, [functools.partial(self._split, s) for s in range(K)],
+                                                      local.pop("state"))
         local, metrics = lax.scan(tick, local, (xs, ys, control))
+        local["state"] = lax.switch(k, [functools.partial(self._join, s) for s in range(K)],
+                                    local.pop("written"), local.pop("fixed"))
         if together:
             sq = lax.switch(k, [functools.partial(self._sq_norm, s) for s in range(K)], local["state"])
             total = lax.psum(sq, "stage")
@@ -470,6 +486,25 @@ class SpmdExecutor:
     def _update(self, k, state_buffer, total_sq=None):
         before = self.state_packers[k].unpack(state_buffer)
         return self.state_packers[k].repack(state_buffer, self.kernels[k].update(before, total_sq), before)
+
+    # -- the state split in two inside a host call's scan ----------------------------------------
+    def _split(self, k, state_buffer):
+        state = self.state_packers[k].unpack(state_buffer)
+        return (self.task_packers[k].pack(_part(state, TASK_FIELDS), self.task_lengths),
+                self.fixed_packers[k].pack(_part(state, FIXED_FIELDS), self.fixed_lengths))
+
+    def _join(self, k, written, fixed):
+        return self.state_packers[k].pack(self._state(k, written, fixed), self.state_lengths)
+
+    def _state(self, k, written, fixed):
+        return StageState(**self.task_packers[k].unpack(written), **self.fixed_packers[k].unpack(fixed))
+
+    def _update_fixed(self, k, fixed, written):
+        """The optimizer step on the split state; returns the new read-only part."""
+        state = self._state(k, written, fixed)
+        after = self.kernels[k].update(state)
+        _check_unchanged(state, after, TASK_FIELDS, "an optimizer step")
+        return self.fixed_packers[k].pack(_part(after, FIXED_FIELDS), self.fixed_lengths)
 
     def _sq_norm(self, k, state_buffer):
         return self.kernels[k].grad_sq_norm(self.state_packers[k].unpack(state_buffer))
@@ -487,15 +522,15 @@ class SpmdExecutor:
     def _bubbles(self):
         return _fill(self.act_lengths, (), self.bubble_fill), _fill(self.act_lengths, (1 + self.S,), self.bubble_fill)
 
-    def _idle(self, state_buffer, mail, x0, y, ctrl):
+    def _idle(self, written, fixed, mail, x0, y, ctrl):
         act_out, cot_out = self._bubbles()
-        return state_buffer, act_out, cot_out, zeros(self.res_lengths), self._nan_metrics()
+        return written, act_out, cot_out, zeros(self.res_lengths), self._nan_metrics()
 
-    def _task(self, k, forward, consume, state_buffer, mail, x0, y, ctrl):
-        """One task of stage k: returns the state buffer, the messages it sends and the residual
-        row it stores (written after the switch, to slot ``store``; zeros when it stores none)."""
+    def _task(self, k, forward, consume, written, fixed, mail, x0, y, ctrl):
+        """One task of stage k: returns the state part tasks write, the messages it sends and the
+        residual row it stores (written after the switch, to slot ``store``; zeros when none)."""
         kern = self.kernels[k]
-        state = unpacked = self.state_packers[k].unpack(state_buffer)
+        state = unpacked = self._state(k, written, fixed)
         act_out, cot_out = self._bubbles()
         stored = zeros(self.res_lengths)
         consumed = []
@@ -522,7 +557,8 @@ class SpmdExecutor:
             state = dataclasses.replace(state, grad_sum=_where(present, new_state.grad_sum, state.grad_sum))
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
-        return self.state_packers[k].repack(state_buffer, state, unpacked), act_out, cot_out, stored, metrics
+        _check_unchanged(unpacked, state, FIXED_FIELDS, "a task")
+        return self.task_packers[k].pack(_part(state, TASK_FIELDS), self.task_lengths), act_out, cot_out, stored, metrics
 
     # -- residuals -----------------------------------------------------------------------------
     # A body's VJP residual holds its weights. Flushed schedules never update a stage between a
@@ -555,6 +591,24 @@ class SpmdExecutor:
     def _nan_metrics(self):
         nan = jnp.full((), jnp.nan, jnp.float32)
         return {"loss": nan, "accuracy": nan}
+
+
+# What forward and backward tasks write (StageKernels.forward/backward); the other fields only
+# change in the optimizer step. _check_unchanged enforces this at trace time.
+TASK_FIELDS = ("rest", "grad_sum", "grad_count")
+FIXED_FIELDS = tuple(f.name for f in dataclasses.fields(StageState) if f.name not in TASK_FIELDS)
+
+
+def _part(state, fields):
+    return {name: getattr(state, name) for name in fields}
+
+
+def _check_unchanged(before, after, fields, what):
+    """Fail at trace time if ``what`` changed a field it is assumed not to write: the split
+    state would silently drop that change."""
+    for name in fields:
+        if any(a is not b for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name)))):
+            raise AssertionError(f"{what} changed StageState.{name}, which the SPMD executor keeps read-only there")
 
 
 def _global(tree, sharding):

@@ -124,7 +124,6 @@ def main(argv=None):
         trainer = lpjax.Trainer(model(), method=method, optimizer=optax.sgd(0.01), schedule=schedule)
         log, clock = [], [0]
         executor = trainer.executor
-        executor.fuse = False  # count task by task: no call runs as one fused program
         plan, execute = executor.schedule.plan, executor._execute
 
         class Clocks(list):
@@ -156,7 +155,6 @@ def main(argv=None):
         trainer = lpjax.Trainer(model(), method=lpjax.Chunked(), optimizer=optax.sgd(0.01), schedule=Streaming(M),
                                 layout=lpjax.Layout(stages=K, executor="spmd"))
         executor = trainer.executor
-        executor.fuse = False  # count task by task: no call runs as one fused program
         seen = []
         take = executor.take_metrics
 

@@ -12,25 +12,14 @@ stored activations and residuals wait in dictionaries until the task that consum
 one-tree optimizer (backprop) updates: every stage's update task of the step marks it due, and
 once all are due the stages step together with the global gradient norm (``StageKernels.update``);
 a flushed step runs nothing on a stage after its update task, so this is the same step.
-
-On one device (the reference executor) a host call whose tasks are all different cells (a step of
-``Sequential(1)``, say) runs as ONE jitted program that inlines every task in table order: the
-same functions on the same values, but one dispatch instead of one per task, and XLA may overlap
-one stage's optimizer step with the next stage's forward. With repeated cells (M > 1) the per-task
-cells stay, since inlining each repetition would multiply compile time. The fused program is
-cached by the call's tasks and in-flight entries with microbatch numbers taken relative to the
-call's first, so a steady pipeline reuses it every step.
 """
 
-import dataclasses
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
 
 from ..schedules import BACKWARD, Flow
-from .placement import SingleDevice
 
 
 class DataflowExecutor:
@@ -48,8 +37,6 @@ class DataflowExecutor:
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
         self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_metrics()
         self._cells = {}
-        self._fused = {}  # (normalized tasks, in-flight structure) -> (jitted program, what it leaves)
-        self.fuse = isinstance(placement, SingleDevice)
         # A VJP residual is a pytree whose static part holds a jaxpr from the trace that made it;
         # passed into jit as is, every new trace would miss the cache of the cells that consume it.
         # So cells exchange residual leaves, and each stage has one canonical tree structure.
@@ -118,122 +105,56 @@ class DataflowExecutor:
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, drain):
         clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
-        tasks = [task for clock in clocks for task in clock if task is not None]
-        cells = [self._cell_key(task) for task in tasks]
-        if self.fuse and len(tasks) > 1 and len(set(cells)) == len(cells):
-            self._run_fused(tasks)
-        else:
-            for clock in clocks:
-                for task in clock:
-                    if task is not None:
-                        self._execute(task)
-        for task in tasks:
-            if task.runs_forward:
-                self.done[task.stage] = task.microbatch + 1
+        for clock in clocks:
+            for task in clock:
+                if task is not None:
+                    self._execute(task)
+                    if task.runs_forward:
+                        self.done[task.stage] = task.microbatch + 1
 
-    def _cell_key(self, task):
-        present = tuple(j for j, _ in task.consumes)
-        return task.stage, task.phase, present, task.update and not self.one_tree, task.first
-
-    def _execute(self, task, env=None, traced=False):
-        """Run one task on ``env`` (this executor's in-flight dictionaries and states, or their
-        stand-ins inside a fused program, where ``traced``: cells are called unjitted and values
-        need no placing)."""
-        env = self if env is None else env
-        put = (lambda k, a: a) if traced else self.placement.put_batch
+    def _execute(self, task):
         k, m = task.stage, task.microbatch
         kern = self.kernels[k]
-        missing = [(j, about) for j, about in task.consumes if (k, j, about) not in env.messages]
+        missing = [(j, about) for j, about in task.consumes if (k, j, about) not in self.messages]
         if missing:
             raise AssertionError(f"{task.label()} at stage {k} consumes {missing} before they were sent")
-        cotangents = {j: env.messages.pop((k, j, about)) for j, about in task.consumes}
-        residuals = {j: _take_residual(env.residuals, k, about) for j, about in task.consumes}
+        present = tuple(j for j, _ in task.consumes)
+        cotangents = {j: self.messages.pop((k, j, about)) for j, about in task.consumes}
+        residuals = {j: self._residual(k, j, about) for j, about in task.consumes}
         if task.runs_forward and kern.sources and k not in self._residual_trees:
-            self._residual_trees[k] = self._residual_tree(k, env.states[k], env.inputs[(k, m)],
-                                                          env.labels.get((k, m)))
-        cell = self._cell(*self._cell_key(task), traced=traced)
-        state = env.states[k]
+            self._residual_trees[k] = self._residual_tree(k, m)
+        update_here = task.update and not self.one_tree
+        cell = self._cell(k, task.phase, present, update_here, task.first)
+        state = self.states[k]
         if task.phase == BACKWARD:
             state, passed = cell(state, residuals, cotangents)
         else:
-            x = env.inputs.pop((k, m))
-            y = env.labels.pop((k, m), None)
+            x = self.inputs.pop((k, m))
+            y = self.labels.pop((k, m), None)
             state, h, own_dx, residual, passed, metrics = cell(state, x, y, residuals, cotangents)
             if k + 1 < self.num_stages:
-                env.inputs[(k + 1, m)] = put(k + 1, h)
+                self.inputs[(k + 1, m)] = self.placement.put_batch(k + 1, h)
             if own_dx is not None:
-                env.messages[(k - 1, k, m)] = put(k - 1, own_dx)
+                self.messages[(k - 1, k, m)] = self.placement.put_batch(k - 1, own_dx)
             if residual is not None:
-                env.residuals[(k, m)] = [residual, len(kern.sources)]
-            env.log.append((k, m, metrics))
+                self.residuals[(k, m)] = [residual, len(kern.sources)]
+            self.log.append((k, m, metrics))
         about = dict(task.consumes)
         for j, dx in passed.items():
-            env.messages[(k - 1, j, about[j])] = put(k - 1, dx)
-        env.states[k] = state
+            self.messages[(k - 1, j, about[j])] = self.placement.put_batch(k - 1, dx)
+        self.states[k] = state
         if task.update and self.one_tree:
-            env._due.add(k)
-            if len(env._due) == self.num_stages:
-                self._update_together(env, traced)
+            self._due.add(k)
+            if len(self._due) == self.num_stages:
+                self._update_together()
 
-    def _update_together(self, env, traced):
+    def _update_together(self):
         """One optax step of the whole model: each stage's update sees the global gradient norm."""
-        env._due.clear()
-        sq_norm = (lambda k: self.kernels[k].grad_sq_norm) if traced else self._sq_norm_cell
-        update = (lambda k: self.kernels[k].update) if traced else self._update_cell
-        put = (lambda k, a: a) if traced else self.placement.put_state
-        squares = [sq_norm(k)(state) for k, state in enumerate(env.states)]
+        self._due.clear()
+        squares = [self._sq_norm_cell(k)(state) for k, state in enumerate(self.states)]
         for k in range(self.num_stages):
-            total = functools.reduce(jnp.add, [put(k, sq) for sq in squares])
-            env.states[k] = update(k)(env.states[k], total)
-
-    # -- one program per host call (one device) ------------------------------------------------
-    def _run_fused(self, tasks):
-        """Run ``tasks`` (one host call's, in table order) as one jitted program. Everything in
-        flight goes in, whatever is still in flight afterwards comes out; microbatch numbers are
-        relative to ``base`` inside, so the program is the same for every steady step."""
-        base = tasks[0].microbatch
-        shift = lambda key, d: (*key[:-1], key[-1] + d)  # every in-flight key ends with its microbatch
-        local = tuple(dataclasses.replace(task, microbatch=task.microbatch - base,
-                                          consumes=tuple((j, about - base) for j, about in task.consumes))
-                      for task in tasks)
-        inflight = {"inputs": {shift(key, -base): v for key, v in self.inputs.items()},
-                    "labels": {shift(key, -base): v for key, v in self.labels.items()},
-                    "messages": {shift(key, -base): v for key, v in self.messages.items()},
-                    "residuals": {shift(key, -base): leaves for key, (leaves, _) in self.residuals.items()}}
-        uses = tuple(sorted((shift(key, -base), n) for key, (_, n) in self.residuals.items()))
-        key = (local, tuple((name, tuple(sorted(tree))) for name, tree in inflight.items()), uses,
-               tuple(sorted(self._due)))
-        if key not in self._fused:
-            self._fused[key] = self._fused_program(local, dict(uses), set(self._due))
-        program, after = self._fused[key]
-        states, left, metrics = program(self.states, inflight)
-        self.states = list(states)
-        self.inputs = {shift(key, base): v for key, v in left["inputs"].items()}
-        self.labels = {shift(key, base): v for key, v in left["labels"].items()}
-        self.messages = {shift(key, base): v for key, v in left["messages"].items()}
-        self.residuals = {shift(key, base): [leaves, after["uses"][key]] for key, leaves in left["residuals"].items()}
-        self.log += [(k, m + base, values) for (k, m), values in zip(after["log"], metrics)]
-        self._due = set(after["due"])
-
-    def _fused_program(self, tasks, uses, due):
-        after = {}  # filled while tracing: what the host keeps besides arrays
-
-        def program(states, inflight):
-            env = types.SimpleNamespace(
-                states=list(states), inputs=dict(inflight["inputs"]), labels=dict(inflight["labels"]),
-                messages=dict(inflight["messages"]),
-                residuals={key: [leaves, uses[key]] for key, leaves in inflight["residuals"].items()},
-                log=[], _due=set(due))
-            for task in tasks:
-                self._execute(task, env, traced=True)
-            after.update(uses={key: n for key, (_, n) in env.residuals.items()},
-                         log=[(k, m) for k, m, _ in env.log], due=set(env._due))
-            left = {"inputs": env.inputs, "labels": env.labels, "messages": env.messages,
-                    "residuals": {key: leaves for key, (leaves, _) in env.residuals.items()}}
-            return env.states, left, [metrics for _, _, metrics in env.log]
-
-        # the stage states are replaced by the program's output, so XLA may reuse their buffers
-        return jax.jit(program, donate_argnums=(0,)), after
+            total = functools.reduce(jnp.add, [self.placement.put_state(k, sq) for sq in squares])
+            self.states[k] = self._update_cell(k)(self.states[k], total)
 
     def _sq_norm_cell(self, k):
         if ("sq", k) not in self._cells:
@@ -245,25 +166,28 @@ class DataflowExecutor:
             self._cells[("update", k)] = jax.jit(self.kernels[k].update, donate_argnums=(0,))
         return self._cells[("update", k)]
 
-    def _residual_tree(self, k, state, x, y):
-        # abstract values: inside a fused program these are tracers
-        abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-        residual = jax.eval_shape(self.kernels[k].forward, abstract(state), abstract(x), abstract(y))[3]
+    def _residual_tree(self, k, m):
+        x, y = self.inputs[(k, m)], self.labels.get((k, m))
+        residual = jax.eval_shape(self.kernels[k].forward, self.states[k], x, y)[3]
         return jax.tree.structure(residual)
 
+    def _residual(self, k, j, m):
+        entry = self.residuals[(k, m)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.residuals[(k, m)]
+        return entry[0]
+
     # -- compiled cells ----------------------------------------------------------------------
-    def _cell(self, k, phase, present, update, fresh, traced=False):
-        """The task's function; jitted and cached, or as is for tracing into a fused program."""
+    def _cell(self, k, phase, present, update, fresh):
         key = (k, phase, present, update, fresh)
-        if traced or key not in self._cells:
+        if key not in self._cells:
             kern = self.kernels[k]
             tree = self._residual_trees.get(k)
             if phase == BACKWARD:
                 fn = functools.partial(_backward_cell, kern, update, tree)
             else:
                 fn = functools.partial(_forward_cell, kern, update, fresh, tree)
-            if traced:
-                return fn
             # the stage state is replaced by the cell's output, so XLA may reuse its buffers
             self._cells[key] = jax.jit(fn, donate_argnums=(0,))
         return self._cells[key]
@@ -282,15 +206,6 @@ def _backward_cell(kern, update, tree, state, residuals, cotangents):
     if update:
         state = kern.update(state)
     return state, passed
-
-
-def _take_residual(residuals, k, m):
-    """The residual leaves stored at ``(k, m)``; dropped after the last of its uses."""
-    entry = residuals[(k, m)]
-    entry[1] -= 1
-    if entry[1] == 0:
-        del residuals[(k, m)]
-    return entry[0]
 
 
 def _rebuild(tree, residual_leaves):

@@ -11,7 +11,8 @@ Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
 
 - ``op``: 0 idle, 1 forward only (a task that consumes nothing), 2 backward (the consumed
   cotangents only), 3 forward then the consumed cotangents (``LOCAL`` with messages to apply);
-  ``first``, ``update``: the task's flags. Forward-only and forward-then-consume are distinct
+  ``first``, ``update``: the task's flags (a backward task that consumes nothing is lowered to
+  idle: only its ``update`` flag acts). Forward-only and forward-then-consume are distinct
   opcodes because the scan runs one static branch per opcode: a forward branch that also
   traced the backward would compute (then discard) a VJP at every 1F1B/GPipe forward;
 - ``input``: the activation slot a forward reads (stages > 0);
@@ -75,8 +76,10 @@ class Lowering:
             tasks = [task for task in clock if task is not None]
             for task in tasks:  # reads: free what this clock consumes
                 k, m = task.stage, task.microbatch
-                out["op"][t, k] = (BACKWARD_OP if not task.runs_forward else LOCAL_OP if task.consumes
-                                   else FORWARD_OP)
+                # a backward that consumes nothing (1F1B's last stage: its forward applied its own
+                # loss) runs nothing; its update flag still acts, outside the opcode's branch
+                out["op"][t, k] = (LOCAL_OP if task.consumes else FORWARD_OP) if task.runs_forward else \
+                    BACKWARD_OP if task.consumes else IDLE
                 out["first"][t, k], out["update"][t, k] = task.first, task.update
                 if task.runs_forward and k > 0:
                     out["input"][t, k] = slot = self.act_at.pop((k, m))

@@ -20,6 +20,9 @@ The mailboxes (activations, cotangents, residuals; one set per stage, one copy p
 row, holding a slice of each microbatch) persist between host calls, so whatever a ``drain`` or an
 evaluation leaves in flight waits for the task that consumes it, as in the dataflow executor.
 Stages of different shapes share the buffers after flattening and padding (``packing.py``).
+Inside a host call the state is two buffers, what tasks write (gradient sum, statistics) and what
+only the optimizer step writes (parameters, optimizer state), split and joined once per call: XLA
+copies a buffer that a ``lax.switch`` branch updates or passes through (see ``_scan``).
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
 global gradient norm from a ``psum`` over ``stage`` (``StageKernels.update``). With a ``data`` axis

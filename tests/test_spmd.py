@@ -132,3 +132,48 @@ def test_lowering_refuses_a_cotangent_that_was_never_sent():
     lowering = _lowering(Flow(((1,), ())))
     with pytest.raises(AssertionError, match="before it was sent"):
         lowering.lower([(Task(0, 0, BACKWARD, consumes=((1, 0),)), None)])
+
+
+def test_lowering_gives_each_task_the_opcode_of_what_it_runs():
+    """A forward that consumes nothing must not run the backward branch (it computed, then threw
+    away, a VJP per forward); a backward with nothing to consume runs nothing but keeps its update."""
+    from lpjax.executors.lowering import BACKWARD_OP, FORWARD_OP, IDLE, LOCAL_OP
+
+    flow = Flow(((1,), ()))  # backprop, 2 stages
+    table = OneFOneB(4).table(2, 1, flow=flow)
+    ops = _lowering(flow).lower(table.clocks)
+    for t, clock in enumerate(table.clocks):
+        for k, task in enumerate(clock):
+            want = (IDLE if task is None else FORWARD_OP if task.runs_forward else
+                    BACKWARD_OP if task.consumes else IDLE)
+            assert ops["op"][t, k] == want, (t, k, task)
+            assert ops["update"][t, k] == (task is not None and task.update)
+    # the last stage's final backward consumes nothing and carries the update: idle, update kept
+    assert any(task is not None and not task.runs_forward and task.update for clock in table.clocks for task in clock[1:])
+
+    window3 = Flow(((1, 2), (2,), ()))
+    stream = Streaming(2).table(3, 3, flow=window3)
+    lowered = _lowering(window3).lower(stream.clocks)
+    for t, clock in enumerate(stream.clocks):
+        for k, task in enumerate(clock):
+            if task is not None:
+                assert lowered["op"][t, k] == (LOCAL_OP if task.consumes else FORWARD_OP)
+    assert (lowered["op"] == LOCAL_OP).any() and (lowered["op"] == FORWARD_OP).any()
+
+
+def test_split_state_refuses_a_write_to_the_other_part():
+    """Inside the scan a task's writes to parameters (or an optimizer step's to the gradient sum)
+    would be dropped silently; the trace-time check turns that into an error."""
+    import dataclasses
+
+    from lpjax.executors.spmd import FIXED_FIELDS, TASK_FIELDS, _check_unchanged
+
+    state = lpjax.Trainer(tiny_model(2), method=lpjax.Greedy(), optimizer=optax.sgd(0.1)).stage_states[0]
+    _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
+                     FIXED_FIELDS, "a task")
+    with pytest.raises(AssertionError, match="StageState.params"):
+        _check_unchanged(state, dataclasses.replace(state, params=jax.tree.map(lambda p: p * 2, state.params)),
+                         FIXED_FIELDS, "a task")
+    with pytest.raises(AssertionError, match="StageState.grad_sum"):
+        _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
+                         TASK_FIELDS, "an optimizer step")

@@ -122,26 +122,35 @@ def run(options, command, program=None) -> int:
     program = list(program or [sys.executable, "-m", "lpjax"])
     port = options.port or free_port()
     lock = threading.Lock()
-    procs, pumps = [], []
-    for i in range(options.num_processes):
-        cores = child_cores(options, i)
-        pin = None if cores is None else (lambda cores=cores: os.sched_setaffinity(0, cores))
-        proc = subprocess.Popen([*program, *command], env=child_env(options, i, port),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                start_new_session=True,  # a terminal's Ctrl-C reaches the children through us only
-                                preexec_fn=pin)
-        procs.append(proc)
-        for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-            pumps.append(threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out, lock), daemon=True))
-            pumps[-1].start()
+    procs, pumps, early, starting = [], [], [], [True]
 
     def forward(signum, _frame):
+        if starting[0]:
+            early.append((signum, len(procs)))  # the children started after it need it too
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
+    # installed before the first child starts: a signal that arrives while the others are still being
+    # started would otherwise kill the launcher and leave its children running
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for i in range(options.num_processes):
+            cores = child_cores(options, i)
+            pin = None if cores is None else (lambda cores=cores: os.sched_setaffinity(0, cores))
+            proc = subprocess.Popen([*program, *command], env=child_env(options, i, port),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                    start_new_session=True,  # a terminal's Ctrl-C reaches the children through us only
+                                    preexec_fn=pin)
+            procs.append(proc)
+            for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+                pumps.append(threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out, lock), daemon=True))
+                pumps[-1].start()
+
+        starting[0] = False
+        for signum, started in early:
+            for proc in procs[started:]:
+                proc.send_signal(signum)
         first_failure = None
         while [p.poll() for p in procs].count(None):  # poll every child (any() would stop at the first)
             failed = [p for p in procs if p.returncode not in (None, 0)]
@@ -151,6 +160,9 @@ def run(options, command, program=None) -> int:
             time.sleep(0.05)
         if first_failure is None:
             first_failure = next((_code(p.returncode) for p in procs if p.returncode), 0)
+    except BaseException:  # e.g. a child that cannot be started: leave none of the others behind
+        _stop(procs)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

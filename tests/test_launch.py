@@ -87,6 +87,24 @@ def test_sigterm_reaches_every_child(tmp_path):
     assert "[p0] got 15" in out and "[p1] got 15" in out
 
 
+def test_a_signal_while_children_are_still_starting_reaches_every_child():
+    """SIGTERM that reaches the launcher between starting one child and the next (here: sent by the
+    launcher to itself just before the second starts) still stops both, and the launcher lives to
+    report it instead of dying and leaving its children running."""
+    driver = ("import os, signal, sys; from types import SimpleNamespace; from lpjax import launch; "
+              "env = launch.child_env; "
+              "launch.child_env = lambda options, i, port: "
+              "(i == 1 and os.kill(os.getpid(), signal.SIGTERM), env(options, i, port))[1]; "
+              f"sys.exit(launch.run(SimpleNamespace(num_processes=2, cpu_devices=None, gpus_per_process=None, "
+              f"port=None), ['signal'], program=[sys.executable, '-c', {SCRIPT!r}]))")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=110)
+    # a child stopped before its handler was installed counts as killed by SIGTERM: 128 + 15
+    assert result.returncode in (0, 143), (result.returncode, result.stderr)
+    assert time.monotonic() - started < 100  # neither child slept out its 120 s
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("args, words", [
     (["-n", "2", "train"], "after '--'"),
     (["-n", "0", "--", "train"], "-n must be"),

@@ -12,6 +12,12 @@ stored activations and residuals wait in dictionaries until the task that consum
 one-tree optimizer (backprop) updates: every stage's update task of the step marks it due, and
 once all are due the stages step together with the global gradient norm (``StageKernels.update``);
 a flushed step runs nothing on a stage after its update task, so this is the same step.
+
+Each stage's state is kept as its flat list of arrays, and the compiled cells take and return that
+list: a ``StageState`` holds Flax ``Variable`` nodes, whose Python flatten and unflatten cost more
+host time per cell call than the rest of the dispatch (about 2 of the 2.3 ms a step spent on the
+host by the 4-stage greedy overhead benchmark, ``benchmarks/greedy_overhead.py``). ``states``
+rebuilds the ``StageState`` pytrees when asked.
 """
 
 import functools
@@ -41,6 +47,37 @@ class DataflowExecutor:
         # passed into jit as is, every new trace would miss the cache of the cells that consume it.
         # So cells exchange residual leaves, and each stage has one canonical tree structure.
         self._residual_trees = {}
+
+    # -- the stage states, kept flat ---------------------------------------------------------
+    @property
+    def states(self):
+        """Each stage's ``StageState``, rebuilt from its flat arrays (a new list on every access)."""
+        return [self._state(k) for k in range(self.num_stages)]
+
+    @states.setter
+    def states(self, states):
+        flat = [jax.tree.flatten(state) for state in states]
+        treedefs = [treedef for _, treedef in flat]
+        if treedefs != getattr(self, "_treedefs", None):
+            self._cells = {}  # compiled for the old structure
+        self._leaves, self._treedefs = [leaves for leaves, _ in flat], treedefs
+
+    def _state(self, k):
+        return jax.tree.unflatten(self._treedefs[k], self._leaves[k])
+
+    def _flat(self, k, fn, **jit_options):
+        """``fn(state, *args) -> state | (state, *rest)`` compiled on stage k's flat state leaves."""
+        treedef = self._treedefs[k]
+
+        def flat(leaves, *args):
+            out = fn(jax.tree.unflatten(treedef, leaves), *args)
+            state, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+            leaves, out_def = jax.tree.flatten(state)
+            if out_def != treedef:
+                raise AssertionError(f"stage {k}'s state changed structure in a cell: {treedef} -> {out_def}")
+            return leaves if rest is None else (leaves, *rest)
+
+        return jax.jit(flat, **jit_options)
 
     # -- public ------------------------------------------------------------------------------
     def feed(self, microbatch_inputs, microbatch_labels):
@@ -77,15 +114,15 @@ class DataflowExecutor:
         trainer at a step boundary of a flushing schedule, where no task is in flight."""
         self.drain()  # a flushing schedule has nothing left to run here; this only makes it certain
         owner = self.num_stages - 1
-        readout = self._shared_cell("readout", owner)(self.states[owner])
+        readout = self._shared_cell("readout", owner)(self._state(owner))
         for k in range(owner):
-            self.states[k] = self._shared_cell("write", k)(self.states[k], self.placement.put_state(k, readout))
+            self._leaves[k] = self._shared_cell("write", k)(self._leaves[k], self.placement.put_state(k, readout))
 
     def _shared_cell(self, kind, k):
         if (kind, k) not in self._cells:
             kern = self.kernels[k]
-            fn = kern.readout if kind == "readout" else kern.with_readout
-            self._cells[(kind, k)] = jax.jit(fn, donate_argnums=() if kind == "readout" else (0,))
+            self._cells[(kind, k)] = (jax.jit(kern.readout) if kind == "readout" else
+                                      self._flat(k, kern.with_readout, donate_argnums=(0,)))
         return self._cells[(kind, k)]
 
     def host_states(self):
@@ -125,7 +162,7 @@ class DataflowExecutor:
             self._residual_trees[k] = self._residual_tree(k, m)
         update_here = task.update and not self.one_tree
         cell = self._cell(k, task.phase, present, update_here, task.first)
-        state = self.states[k]
+        state = self._leaves[k]
         if task.phase == BACKWARD:
             state, passed = cell(state, residuals, cotangents)
         else:
@@ -142,7 +179,7 @@ class DataflowExecutor:
         about = dict(task.consumes)
         for j, dx in passed.items():
             self.messages[(k - 1, j, about[j])] = self.placement.put_batch(k - 1, dx)
-        self.states[k] = state
+        self._leaves[k] = state
         if task.update and self.one_tree:
             self._due.add(k)
             if len(self._due) == self.num_stages:
@@ -151,24 +188,25 @@ class DataflowExecutor:
     def _update_together(self):
         """One optax step of the whole model: each stage's update sees the global gradient norm."""
         self._due.clear()
-        squares = [self._sq_norm_cell(k)(state) for k, state in enumerate(self.states)]
+        squares = [self._sq_norm_cell(k)(self._leaves[k]) for k in range(self.num_stages)]
         for k in range(self.num_stages):
             total = functools.reduce(jnp.add, [self.placement.put_state(k, sq) for sq in squares])
-            self.states[k] = self._update_cell(k)(self.states[k], total)
+            self._leaves[k] = self._update_cell(k)(self._leaves[k], total)
 
     def _sq_norm_cell(self, k):
         if ("sq", k) not in self._cells:
-            self._cells[("sq", k)] = jax.jit(self.kernels[k].grad_sq_norm)
+            kern, treedef = self.kernels[k], self._treedefs[k]
+            self._cells[("sq", k)] = jax.jit(lambda leaves: kern.grad_sq_norm(jax.tree.unflatten(treedef, leaves)))
         return self._cells[("sq", k)]
 
     def _update_cell(self, k):
         if ("update", k) not in self._cells:
-            self._cells[("update", k)] = jax.jit(self.kernels[k].update, donate_argnums=(0,))
+            self._cells[("update", k)] = self._flat(k, self.kernels[k].update, donate_argnums=(0,))
         return self._cells[("update", k)]
 
     def _residual_tree(self, k, m):
         x, y = self.inputs[(k, m)], self.labels.get((k, m))
-        residual = jax.eval_shape(self.kernels[k].forward, self.states[k], x, y)[3]
+        residual = jax.eval_shape(self.kernels[k].forward, self._state(k), x, y)[3]
         return jax.tree.structure(residual)
 
     def _residual(self, k, j, m):
@@ -189,7 +227,7 @@ class DataflowExecutor:
             else:
                 fn = functools.partial(_forward_cell, kern, update, fresh, tree)
             # the stage state is replaced by the cell's output, so XLA may reuse its buffers
-            self._cells[key] = jax.jit(fn, donate_argnums=(0,))
+            self._cells[key] = self._flat(k, fn, donate_argnums=(0,))
         return self._cells[key]
 
 
@@ -221,3 +259,4 @@ def summarize(log, num_stages):
     return [None if not entries else entries[0] if len(entries) == 1 else
             {name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]}
             for entries in per_stage]
+

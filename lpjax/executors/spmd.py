@@ -319,8 +319,7 @@ class SpmdExecutor:
             return [None] * self.num_stages
         mask = np.concatenate([mask for _, mask in entries])
         means = _masked_means([metrics for metrics, _ in entries], mask, NamedSharding(self.mesh, P()))
-        return [{name: value[k] for name, value in means.items()} if mask[:, k].any() else None
-                for k in range(self.num_stages)]
+        return [means[k] if mask[:, k].any() else None for k in range(self.num_stages)]
 
     def host_states(self):
         """Every stage's state as numpy arrays, in every process. The stacked state buffers are
@@ -621,9 +620,12 @@ def _global(tree, sharding):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _masked_means(metrics, mask, replicated):
-    """Per-stage mean over the clocks where the stage ran a task; metrics are ``[clocks, stages]``.
-    The result is replicated so every process can read every stage's figure."""
+    """Per stage, ``{name: mean}`` over the clocks where the stage ran a task; metrics are
+    ``[clocks, stages]``. The figures are replicated so every process can read every stage's, and
+    split per stage here: indexing a global array on the host is one more dispatch per figure
+    (about 1 ms each over two processes, benchmarks/pipeline_processes.py)."""
     stacked = {name: jnp.concatenate([m[name] for m in metrics]) for name in metrics[0]}
     count = jnp.maximum(mask.sum(0), 1)
     means = {name: jnp.where(mask, value, 0.0).sum(0) / count for name, value in stacked.items()}
-    return jax.lax.with_sharding_constraint(means, replicated)
+    per_stage = [{name: value[k] for name, value in means.items()} for k in range(mask.shape[1])]
+    return jax.lax.with_sharding_constraint(per_stage, replicated)

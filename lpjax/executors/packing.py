@@ -2,7 +2,10 @@
 
 The SPMD executor keeps every stage's state, activations and residuals in arrays with a leading
 ``stage`` axis; stages of a heterogeneous model (a ResNet's stages change shape) fit that mould only
-after flattening and padding to the longest stage.
+after flattening and padding to the longest stage. Packing is a concatenation (a full copy) and
+unpacking a slice per leaf (a copy of each leaf XLA cannot fuse into its consumer), so what a task
+reads and writes at every clock uses ``SharedLayout`` instead: when the stages' leaves have the same
+shapes (stages of a repeated block), each leaf keeps its own array, and nothing is copied.
 """
 
 import dataclasses
@@ -103,3 +106,87 @@ def common_lengths(packers):
 
 def zeros(lengths, lead=()):
     return {group: jnp.zeros((*lead, length), group) for group, length in lengths.items()}
+
+
+class SlotLayout:
+    """Stages' trees in shared per-leaf arrays ("slots"): leaf i of stage k lives in slot
+    ``slots[k][i]``, an array of the leaf's own shape and dtype, so packing and unpacking copy
+    nothing. Stages whose leaves have the same shapes share every slot; a leaf no earlier stage has
+    a free slot for gets a new one, which the other stages fill with zeros."""
+
+    def __init__(self, examples):
+        self.specs, self.slots, self.treedefs, self.keys = [], [], [], []
+        for tree in examples:
+            leaves, treedef = jax.tree.flatten(tree)
+            used, mine, keys = set(), [], []
+            for leaf in leaves:
+                key_impl = None
+                if _is_key(leaf.dtype):
+                    key_impl = jax.random.key_impl(leaf) if isinstance(leaf, jax.Array) else leaf.dtype._impl
+                    leaf = jax.eval_shape(jax.random.key_data, leaf)
+                spec = (tuple(leaf.shape), jnp.dtype(leaf.dtype))
+                slot = next((i for i, s in enumerate(self.specs) if s == spec and i not in used), None)
+                if slot is None:
+                    slot = len(self.specs)
+                    self.specs.append(spec)
+                used.add(slot)
+                mine.append(slot)
+                keys.append(key_impl)
+            self.slots.append(mine)
+            self.treedefs.append(treedef)
+            self.keys.append(keys)
+
+    @property
+    def bytes(self):
+        return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in self.specs)
+
+    def pack(self, k, tree):
+        out = [None] * len(self.specs)
+        for slot, key_impl, leaf in zip(self.slots[k], self.keys[k], jax.tree.leaves(tree)):
+            out[slot] = jax.random.key_data(leaf) if key_impl is not None else leaf
+        return tuple(jnp.zeros(shape, dtype) if leaf is None else leaf
+                     for leaf, (shape, dtype) in zip(out, self.specs))
+
+    @property
+    def empty(self):
+        return not self.specs
+
+    def zeros(self, lead=()):
+        return tuple(jnp.zeros((*lead, *shape), dtype) for shape, dtype in self.specs)
+
+    def unpack(self, k, buffers):
+        leaves = [buffers[slot] if key_impl is None else jax.random.wrap_key_data(buffers[slot], impl=key_impl)
+                  for slot, key_impl in zip(self.slots[k], self.keys[k])]
+        return jax.tree.unflatten(self.treedefs[k], leaves)
+
+
+class FlatLayout:
+    """Stages' trees packed into one flat buffer per dtype (``TreePacker``), padded to the longest."""
+
+    def __init__(self, examples):
+        self.packers = [TreePacker(tree) for tree in examples]
+        self.lengths = common_lengths(self.packers)
+
+    @property
+    def bytes(self):
+        return sum(n * jnp.dtype(g).itemsize for g, n in self.lengths.items())
+
+    @property
+    def empty(self):
+        return not self.lengths
+
+    def zeros(self, lead=()):
+        return zeros(self.lengths, lead)
+
+    def pack(self, k, tree):
+        return self.packers[k].pack(tree, self.lengths)
+
+    def unpack(self, k, buffers):
+        return self.packers[k].unpack(buffers)
+
+
+def shared_layout(examples, slack=1.25):
+    """``SlotLayout`` for the stages' trees (``examples``, one per stage) unless its slots take more
+    than ``slack`` times the memory of flat packing (stages of different shapes), then ``FlatLayout``."""
+    slots, flat = SlotLayout(examples), FlatLayout(examples)
+    return slots if slots.bytes <= slack * flat.bytes else flat

@@ -46,7 +46,8 @@ from ..errors import ConfigError
 from ..kernels import StageState
 from ..schedules import Flow
 from .lowering import IDLE, RUNS_FORWARD, Lowering, count_capacities
-from .packing import TreePacker, common_lengths, zeros
+from .packing import TreePacker, common_lengths, shared_layout, zeros
+from .residuals import plan_residual
 from .placement import PerStageMeshes, data_shard
 
 P = jax.P
@@ -62,15 +63,15 @@ def _fill(lengths, lead, value):
 
 def _row(box, slot):
     index = jnp.maximum(slot, 0)
-    return {g: lax.dynamic_index_in_dim(b, index, 0, keepdims=False) for g, b in box.items()}
+    return jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, index, 0, keepdims=False), box)
 
 
 def _put(box, slot, value):
     """Write ``value`` into ``box[slot]``; ``slot < 0`` (nothing to keep) writes it into the box's
     last row, a scratch slot no task reads. Writing unconditionally is an in-place row write;
     keeping the old row instead (a select) read and rewrote the row at every clock."""
-    return {g: lax.dynamic_update_index_in_dim(b, value[g], jnp.where(slot >= 0, slot, b.shape[0] - 1), 0)
-            for g, b in box.items()}
+    return jax.tree.map(lambda b, v: lax.dynamic_update_index_in_dim(b, v, jnp.where(slot >= 0, slot, b.shape[0] - 1), 0),
+                        box, value)
 
 
 class SpmdExecutor:
@@ -96,10 +97,9 @@ class SpmdExecutor:
         self.state_lengths = common_lengths(self.state_packers)
         # inside a host call's scan the state lives as two buffers (see _scan): what tasks write
         # and what only the optimizer step writes
-        self.task_packers = [TreePacker(_part(s, TASK_FIELDS)) for s in initial]
-        self.fixed_packers = [TreePacker(_part(s, FIXED_FIELDS)) for s in initial]
-        self.task_lengths = common_lengths(self.task_packers)
-        self.fixed_lengths = common_lengths(self.fixed_packers)
+        # (per-leaf arrays when the stages' leaves have the same shapes: packing.shared_layout)
+        self.task_layout = shared_layout([_part(s, TASK_FIELDS) for s in initial])
+        self.fixed_layout = shared_layout([_part(s, FIXED_FIELDS) for s in initial])
         packed = [jax.device_get(p.pack(s, self.state_lengths)) for p, s in zip(self.state_packers, initial)]
         stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
         self.buffers = {"state": _global(stacked, NamedSharding(mesh, P("stage")))}
@@ -118,28 +118,16 @@ class SpmdExecutor:
         x, y = x[: len(x) // D], y[: len(y) // D]
         h = jax.ShapeDtypeStruct(x.shape, x.dtype)
         y_abs = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        self.act_packers, self.res_packers, self.res_trees, self.res_shared = [], [], [], []
+        self.act_packers, self.res_plans = [], []
         for k, (kern, packer) in enumerate(zip(self.kernels, self.state_packers)):
             state = jax.eval_shape(lambda: packer.unpack(zeros(self.state_lengths)))
-            found = {}
-
-            def probe(state, x, y):
-                out = kern.forward(state, x, y)
-                if out[3] is not None:
-                    found["shared"] = self._shared_leaves(state, out[3])
-                return out
-
-            _, h, _, residual, _ = jax.eval_shape(probe, state, h, y_abs if kern.trains_head else None)
+            h, plan = plan_residual(kern, state, h, y_abs if kern.trains_head else None, self.schedule.synchronous)
             self.act_packers.append(TreePacker(h))
-            if residual is None:
-                self.res_packers.append(None), self.res_trees.append(None), self.res_shared.append(None)
-                continue
-            leaves = jax.tree.leaves(residual)
-            self.res_shared.append(found["shared"])
-            self.res_trees.append(jax.tree.structure(residual))
-            self.res_packers.append(TreePacker([leaf for leaf, p in zip(leaves, found["shared"]) if p is None]))
+            self.res_plans.append(plan)
         self.act_lengths = common_lengths(self.act_packers[:-1])
-        self.res_lengths = common_lengths([p for p in self.res_packers if p is not None])
+        # what each stage stores of its residual (residuals.py), in per-leaf arrays when the stages'
+        # leaves have the same shapes (packing.shared_layout)
+        self.res_layout = shared_layout([[] if plan is None else plan.stored for plan in self.res_plans])
         for group in self.act_lengths:
             if not jnp.issubdtype(group, jnp.floating):
                 raise ConfigError(f"the spmd executor moves floating activations only, got {group}; use executor 'mpmd'")
@@ -159,12 +147,12 @@ class SpmdExecutor:
         # one more row than slots: the scratch row that messages nobody keeps are written to (_put)
         fresh = {"acts": zeros(self.act_lengths, (K, D, wanted[0] + 1)),
                  "cots": zeros(self.act_lengths, (K, D, wanted[1] + 1)),
-                 "res": zeros(self.res_lengths, (K, D, wanted[2] + 1))}
-        fresh = jax.device_get(fresh)
+                 "res": self.res_layout.zeros((K, D, wanted[2] + 1))}
+        fresh = jax.tree.map(np.array, jax.device_get(fresh))
         if self.capacity != (0, 0, 0):
             for name, old in zip(self.PER_SLICE, self.capacity):
-                for g, buf in jax.device_get(self.buffers[name]).items():
-                    fresh[name][g][:, :, :old] = buf[:, :, :old]
+                for new, buf in zip(jax.tree.leaves(fresh[name]), jax.tree.leaves(jax.device_get(self.buffers[name]))):
+                    new[:, :, :old] = buf[:, :, :old]
         self.buffers.update(_global(fresh, NamedSharding(self.mesh, P("stage", "data"))))
         self.capacity = wanted
 
@@ -454,11 +442,11 @@ class SpmdExecutor:
             branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
             carry["written"], act_out, cot_out, stored, metrics = lax.switch(
                 branch, branches, carry["written"], carry["fixed"], mail, x0, y, ctrl)
-            if self.res_lengths:
+            if not self.res_layout.empty:
                 carry["res"] = _put(carry["res"], ctrl["store"], stored)
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
-                carry["written"] = {g: lax.pmean(b, "data") if jnp.issubdtype(g, jnp.floating) else b
-                                    for g, b in carry["written"].items()}
+                carry["written"] = jax.tree.map(lambda b: lax.pmean(b, "data") if jnp.issubdtype(b.dtype, jnp.floating)
+                                                else b, carry["written"])
                 metrics = lax.pmean(metrics, "data")
             if not self.one_tree:
                 carry["fixed"] = lax.switch(jnp.where(ctrl["update"] != 0, 1 + k, 0), updates, carry["fixed"],
@@ -492,21 +480,20 @@ class SpmdExecutor:
     # -- the state split in two inside a host call's scan ----------------------------------------
     def _split(self, k, state_buffer):
         state = self.state_packers[k].unpack(state_buffer)
-        return (self.task_packers[k].pack(_part(state, TASK_FIELDS), self.task_lengths),
-                self.fixed_packers[k].pack(_part(state, FIXED_FIELDS), self.fixed_lengths))
+        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), self.fixed_layout.pack(k, _part(state, FIXED_FIELDS))
 
     def _join(self, k, written, fixed):
         return self.state_packers[k].pack(self._state(k, written, fixed), self.state_lengths)
 
     def _state(self, k, written, fixed):
-        return StageState(**self.task_packers[k].unpack(written), **self.fixed_packers[k].unpack(fixed))
+        return StageState(**self.task_layout.unpack(k, written), **self.fixed_layout.unpack(k, fixed))
 
     def _update_fixed(self, k, fixed, written):
         """The optimizer step on the split state; returns the new read-only part."""
         state = self._state(k, written, fixed)
         after = self.kernels[k].update(state)
         _check_unchanged(state, after, TASK_FIELDS, "an optimizer step")
-        return self.fixed_packers[k].pack(_part(after, FIXED_FIELDS), self.fixed_lengths)
+        return self.fixed_layout.pack(k, _part(after, FIXED_FIELDS))
 
     def _sq_norm(self, k, state_buffer):
         return self.kernels[k].grad_sq_norm(self.state_packers[k].unpack(state_buffer))
@@ -526,7 +513,7 @@ class SpmdExecutor:
 
     def _idle(self, written, fixed, mail, x0, y, ctrl):
         act_out, cot_out = self._bubbles()
-        return written, act_out, cot_out, zeros(self.res_lengths), self._nan_metrics()
+        return written, act_out, cot_out, self.res_layout.zeros(), self._nan_metrics()
 
     def _task(self, k, forward, consume, written, fixed, mail, x0, y, ctrl):
         """One task of stage k: returns the state part tasks write, the messages it sends and the
@@ -534,11 +521,10 @@ class SpmdExecutor:
         kern = self.kernels[k]
         state = unpacked = self._state(k, written, fixed)
         act_out, cot_out = self._bubbles()
-        stored = zeros(self.res_lengths)
+        stored = self.res_layout.zeros()
         consumed = []
         for i, j in enumerate(kern.sources if consume else ()):
-            res = self._rebuild_residual(k, self.res_packers[k].unpack(_row(mail["res"], ctrl["consume_res"][i])),
-                                         state)
+            res = self.res_plans[k].rebuild(self.res_layout.unpack(k, _row(mail["res"], ctrl["consume_res"][i])), state)
             cot = self.act_packers[k].unpack(_row(mail["cots"], ctrl["consume_cot"][i]))
             consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
         metrics = self._nan_metrics()
@@ -548,7 +534,7 @@ class SpmdExecutor:
                                                                ctrl["first"] != 0)
             metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
             if residual is not None:
-                stored = self.res_packers[k].pack(self._residual_to_store(k, unpacked, residual), self.res_lengths)
+                stored = self.res_layout.pack(k, self.res_plans[k].to_store(unpacked, residual, self.schedule.synchronous))
             if k + 1 < self.num_stages:
                 act_out = self.act_packers[k].pack(h, self.act_lengths)
             if own_dx is not None:
@@ -560,31 +546,7 @@ class SpmdExecutor:
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
         _check_unchanged(unpacked, state, FIXED_FIELDS, "a task")
-        return self.task_packers[k].pack(_part(state, TASK_FIELDS), self.task_lengths), act_out, cot_out, stored, metrics
-
-    # -- residuals -----------------------------------------------------------------------------
-    # A body's VJP residual holds its weights. Flushed schedules never update a stage between a
-    # microbatch's forward and its backward, so those leaves are taken from the stage's state when
-    # the backward runs instead of being copied into a residual slot per microbatch (a full copy
-    # of the weights per forward; GPipe would hold M of them). Streaming may update in between and
-    # needs the version that ran the forward, so it stores everything.
-    def _shared_leaves(self, state, residual):
-        """Per residual leaf, the index of the body parameter leaf it is, else None."""
-        if not self.schedule.synchronous:
-            return [None] * len(jax.tree.leaves(residual))
-        ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(state.params["body"]))}
-        return [ids.get(id(leaf)) for leaf in jax.tree.leaves(residual)]
-
-    def _residual_to_store(self, k, state, residual):
-        shared = self._shared_leaves(state, residual)
-        if shared != self.res_shared[k]:
-            raise AssertionError(f"stage {k}'s residual shares different leaves with its weights than when probed")
-        return [leaf for leaf, p in zip(jax.tree.leaves(residual), shared) if p is None]
-
-    def _rebuild_residual(self, k, kept, state):
-        params = jax.tree.leaves(state.params["body"])
-        kept = iter(kept)
-        return jax.tree.unflatten(self.res_trees[k], [next(kept) if p is None else params[p] for p in self.res_shared[k]])
+        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, stored, metrics
 
     @staticmethod
     def _message(out, o, packed, valid):

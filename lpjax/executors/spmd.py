@@ -66,6 +66,16 @@ def _row(box, slot):
     return jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, index, 0, keepdims=False), box)
 
 
+def _once(run, body, carry):
+    """``body(carry)`` if ``run`` else ``carry``, as a while loop of 0 or 1 trips: unlike a
+    conditional (see ``SpmdExecutor._scan``), it neither copies what it passes through nor what it
+    updates in place."""
+    def step(c):
+        return c[0] + 1, body(c[1])
+
+    return lax.while_loop(lambda c: c[0] < run.astype(jnp.int32), step, (jnp.int32(0), carry))[1]
+
+
 def _put(box, slot, value):
     """Write ``value`` into ``box[slot]``; ``slot < 0`` (nothing to keep) writes it into the box's
     last row, a scratch slot no task reads. Writing unconditionally is an in-place row write;
@@ -419,29 +429,31 @@ class SpmdExecutor:
         control = {name: a[:, 0] for name, a in control.items()}
         k = lax.axis_index("stage")
         K = self.num_stages
-        # XLA (jaxlib < 0.11.1, openxla/xla#46314) elides the copy of an operand that a conditional
-        # passes through unchanged only in branch 0; a buffer a branch updates in place is copied
-        # too. So each clock is ONE switch with idle as branch 0 (not a switch over stages nesting
-        # one over opcodes); the mailboxes go in read-only (a task's only mailbox write, its
-        # residual, is done after the switch); and the state is split, once per host call, into
-        # the part tasks write (gradient sum, statistics), which a task returns freshly packed,
-        # and the part only the optimizer step writes (parameters, optimizer state), read-only to
-        # tasks. The optimizer step is a switch whose branch 0 skips it. The nested form with one
-        # state buffer copied the whole state and every mailbox at most clocks.
+        # XLA (jaxlib < 0.11.1, openxla/xla#46314) copies a buffer that a conditional passes
+        # through or updates (outside branch 0, and into the loop's buffer after it), so a
+        # lax.switch here copied the state the clock's task writes, and the parameters, at every
+        # clock. A while loop updates its carry in place and passes it through for free: each task
+        # branch is a loop that runs once on the device whose stage and opcode it is and zero times
+        # elsewhere (``_once``), starting from what an idle clock returns; the optimizer step
+        # likewise. The mailboxes go in read-only (a task's only mailbox write, its residual, is
+        # done after), and the state is split, once per host call, into the part tasks write
+        # (gradient sum, statistics) and the part only the optimizer step writes (parameters,
+        # optimizer state), read-only to tasks.
         branches, offsets = [self._idle], []
         for s in range(K):
             offsets.append(len(branches) - 1)
             branches += self._task_branches(s)
         offsets = jnp.asarray(offsets, jnp.int32)
-        updates = [lambda fixed, written: fixed] + [functools.partial(self._update_fixed, s) for s in range(K)]
 
         def tick(carry, inputs):
             x0, y, ctrl = inputs
             carry = dict(carry)
             mail = {name: carry[name] for name in self.PER_SLICE}
             branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
-            carry["written"], act_out, cot_out, stored, metrics = lax.switch(
-                branch, branches, carry["written"], carry["fixed"], mail, x0, y, ctrl)
+            out = branches[0](carry["written"], carry["fixed"], mail, x0, y, ctrl)
+            for i, task in enumerate(branches[1:], 1):
+                out = _once(branch == i, lambda o, task=task: task(o[0], carry["fixed"], mail, x0, y, ctrl), out)
+            carry["written"], act_out, cot_out, stored, metrics = out
             if not self.res_layout.empty:
                 carry["res"] = _put(carry["res"], ctrl["store"], stored)
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
@@ -449,8 +461,10 @@ class SpmdExecutor:
                                                 else b, carry["written"])
                 metrics = lax.pmean(metrics, "data")
             if not self.one_tree:
-                carry["fixed"] = lax.switch(jnp.where(ctrl["update"] != 0, 1 + k, 0), updates, carry["fixed"],
-                                            carry["written"])
+                for s in range(K):
+                    carry["fixed"] = _once((ctrl["update"] != 0) & (k == s),
+                                           functools.partial(self._update_fixed, s, written=carry["written"]),
+                                           carry["fixed"])
             if K > 1:
                 act_in = lax.ppermute(act_out, "stage", [(i, i + 1) for i in range(K - 1)])
                 carry["acts"] = _put(carry["acts"], ctrl["receive_act"], act_in)

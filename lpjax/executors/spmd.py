@@ -66,12 +66,14 @@ def _row(box, slot):
     return jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, index, 0, keepdims=False), box)
 
 
-def _once(run, body, carry):
-    """``body(carry)`` if ``run`` else ``carry``, as a while loop of 0 or 1 trips: unlike a
-    conditional (see ``SpmdExecutor._scan``), it neither copies what it passes through nor what it
-    updates in place."""
+def _once(run, body, carry, operands):
+    """``body(carry, operands)`` if ``run`` else ``carry``, as a while loop of 0 or 1 trips: unlike
+    a conditional (see ``SpmdExecutor._scan``), it neither copies what it passes through nor what it
+    updates in place. The barrier ties the (loop-invariant) operands to the trip counter, or XLA
+    would hoist everything the body computes from them out of the loop and run it every time."""
     def step(c):
-        return c[0] + 1, body(c[1])
+        trip, ops = lax.optimization_barrier((c[0], operands))
+        return trip + 1, body(c[1], ops)
 
     return lax.while_loop(lambda c: c[0] < run.astype(jnp.int32), step, (jnp.int32(0), carry))[1]
 
@@ -102,6 +104,11 @@ class SpmdExecutor:
         self.lowering = Lowering(self.flow, [kern.sends_own_gradient for kern in kernels],
                                  [kern.passes_on for kern in kernels])
         self.S = self.lowering.S
+        # the cotangent messages (lowering.py: 0 a stage's own, 1 + i its source i's passed on) that
+        # some stage sends; only those take room in the messages every clock moves
+        self.messages = [o for o in range(1 + self.S) if any(
+            kern.sends_own_gradient if o == 0 else o <= len(kern.sources) and kern.passes_on[kern.sources[o - 1]]
+            for kern in kernels)]
         initial = [kern.init_state() for kern in kernels]
         self.state_packers = [TreePacker(s) for s in initial]
         self.state_lengths = common_lengths(self.state_packers)
@@ -435,43 +442,41 @@ class SpmdExecutor:
         # clock. A while loop updates its carry in place and passes it through for free: each task
         # branch is a loop that runs once on the device whose stage and opcode it is and zero times
         # elsewhere (``_once``), starting from what an idle clock returns; the optimizer step
-        # likewise. The mailboxes go in read-only (a task's only mailbox write, its residual, is
-        # done after), and the state is split, once per host call, into the part tasks write
-        # (gradient sum, statistics) and the part only the optimizer step writes (parameters,
-        # optimizer state), read-only to tasks.
-        branches, offsets = [self._idle], []
+        # likewise. A forward writes its residual into its mailbox slot in place; the other
+        # mailboxes go in read-only. The state is split, once per host call, into the part tasks
+        # write (gradient sum, statistics) and the part only the optimizer step writes
+        # (parameters, optimizer state), read-only to tasks.
+        branches, offsets = [], []
         for s in range(K):
-            offsets.append(len(branches) - 1)
+            offsets.append(len(branches))
             branches += self._task_branches(s)
         offsets = jnp.asarray(offsets, jnp.int32)
 
         def tick(carry, inputs):
             x0, y, ctrl = inputs
             carry = dict(carry)
-            mail = {name: carry[name] for name in self.PER_SLICE}
+            mail = {"acts": carry["acts"], "cots": carry["cots"]}
             branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
-            out = branches[0](carry["written"], carry["fixed"], mail, x0, y, ctrl)
-            for i, task in enumerate(branches[1:], 1):
-                out = _once(branch == i, lambda o, task=task: task(o[0], carry["fixed"], mail, x0, y, ctrl), out)
-            carry["written"], act_out, cot_out, stored, metrics = out
-            if not self.res_layout.empty:
-                carry["res"] = _put(carry["res"], ctrl["store"], stored)
+            out = self._idle(carry["written"], carry["res"])
+            for i, task in enumerate(branches, 1):
+                out = _once(branch == i, lambda o, ops, task=task: task(o[0], o[3], *ops), out,
+                            (carry["fixed"], mail, x0, y, ctrl))
+            carry["written"], act_out, cot_out, carry["res"], metrics = out
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
                 carry["written"] = jax.tree.map(lambda b: lax.pmean(b, "data") if jnp.issubdtype(b.dtype, jnp.floating)
                                                 else b, carry["written"])
                 metrics = lax.pmean(metrics, "data")
             if not self.one_tree:
                 for s in range(K):
-                    carry["fixed"] = _once((ctrl["update"] != 0) & (k == s),
-                                           functools.partial(self._update_fixed, s, written=carry["written"]),
-                                           carry["fixed"])
+                    carry["fixed"] = _once((ctrl["update"] != 0) & (k == s), functools.partial(self._update_fixed, s),
+                                           carry["fixed"], carry["written"])
             if K > 1:
                 act_in = lax.ppermute(act_out, "stage", [(i, i + 1) for i in range(K - 1)])
                 carry["acts"] = _put(carry["acts"], ctrl["receive_act"], act_in)
-                if self.flow.backward:
+                if self.messages:
                     cot_in = lax.ppermute(cot_out, "stage", [(i, i - 1) for i in range(1, K)])
-                    for o in range(1 + self.S):
-                        carry["cots"] = _put(carry["cots"], ctrl["receive_cot"][o], {g: b[o] for g, b in cot_in.items()})
+                    for row, o in enumerate(self.messages):
+                        carry["cots"] = _put(carry["cots"], ctrl["receive_cot"][o], {g: b[row] for g, b in cot_in.items()})
             return carry, metrics
 
         local["written"], local["fixed"] = lax.switch(k, [functools.partial(self._split, s) for s in range(K)],
@@ -523,22 +528,21 @@ class SpmdExecutor:
         return branches
 
     def _bubbles(self):
-        return _fill(self.act_lengths, (), self.bubble_fill), _fill(self.act_lengths, (1 + self.S,), self.bubble_fill)
+        return _fill(self.act_lengths, (), self.bubble_fill), _fill(self.act_lengths, (len(self.messages),), self.bubble_fill)
 
-    def _idle(self, written, fixed, mail, x0, y, ctrl):
+    def _idle(self, written, res_box):
         act_out, cot_out = self._bubbles()
-        return written, act_out, cot_out, self.res_layout.zeros(), self._nan_metrics()
+        return written, act_out, cot_out, res_box, self._nan_metrics()
 
-    def _task(self, k, forward, consume, written, fixed, mail, x0, y, ctrl):
-        """One task of stage k: returns the state part tasks write, the messages it sends and the
-        residual row it stores (written after the switch, to slot ``store``; zeros when none)."""
+    def _task(self, k, forward, consume, written, res_box, fixed, mail, x0, y, ctrl):
+        """One task of stage k: returns the state part tasks write, the messages it sends, and its
+        residual mailbox with the residual it stores written to slot ``store``."""
         kern = self.kernels[k]
         state = unpacked = self._state(k, written, fixed)
         act_out, cot_out = self._bubbles()
-        stored = self.res_layout.zeros()
         consumed = []
         for i, j in enumerate(kern.sources if consume else ()):
-            res = self.res_plans[k].rebuild(self.res_layout.unpack(k, _row(mail["res"], ctrl["consume_res"][i])), state)
+            res = self.res_plans[k].rebuild(self.res_layout.unpack(k, _row(res_box, ctrl["consume_res"][i])), state)
             cot = self.act_packers[k].unpack(_row(mail["cots"], ctrl["consume_cot"][i]))
             consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
         metrics = self._nan_metrics()
@@ -549,6 +553,7 @@ class SpmdExecutor:
             metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
             if residual is not None:
                 stored = self.res_layout.pack(k, self.res_plans[k].to_store(unpacked, residual, self.schedule.synchronous))
+                res_box = _put(res_box, ctrl["store"], stored)  # after this task's reads of it
             if k + 1 < self.num_stages:
                 act_out = self.act_packers[k].pack(h, self.act_lengths)
             if own_dx is not None:
@@ -560,11 +565,11 @@ class SpmdExecutor:
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
         _check_unchanged(unpacked, state, FIXED_FIELDS, "a task")
-        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, stored, metrics
+        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, res_box, metrics
 
-    @staticmethod
-    def _message(out, o, packed, valid):
-        return {g: b.at[o].set(jnp.where(valid, packed[g], b[o])) for g, b in out.items()}
+    def _message(self, out, o, packed, valid):
+        row = self.messages.index(o)
+        return {g: b.at[row].set(jnp.where(valid, packed[g], b[row])) for g, b in out.items()}
 
     def _nan_metrics(self):
         nan = jnp.full((), jnp.nan, jnp.float32)

@@ -4,25 +4,29 @@ The host lowers the schedule's clocks to static per-clock arrays (``lowering.py`
 slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule is on the device::
 
     for t in clocks:                                    # lax.scan over the lowered arrays
-      k, op = axis_index("stage"), op[t,k]              # ONE lax.switch: idle is branch 0, then
+      k, op = axis_index("stage"), op[t,k]              # one 0-or-1-trip loop per (stage, opcode):
+      h, own_dx, dx = bubbles                           # only stage k's op runs; idle runs none
       if op != IDLE:                                    # stage k's forward | backward | local
         x = stream_x[t] if k == 0 else acts[k][input[t,k]]
-        if op in (FORWARD, LOCAL): state, h, own_dx, res_row = forward(state, x, y[t,k], first[t,k])
+        r, c = res[k][consume_res[t,k,:]], cots[k][consume_cot[t,k,:]]   # read before res is written
+        if op in (FORWARD, LOCAL): state, h, own_dx, res[k][store[t,k]] = forward(state, x, y[t,k], first[t,k])
         if op in (BACKWARD, LOCAL):
           for i, j in enumerate(sources[k]):           # cotangents this task consumes
-            if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, res[k][consume_res[t,k,i]], cots[k][consume_cot[t,k,i]])
-      res[k][store[t,k]] = res_row                      # mailboxes are read-only inside the switch
+            if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, r[i], c[i])
       state = pmean(state, "data"); if update[t,k]: state = optimizer_step(state)
       h, (own_dx, dx) = ppermute(h, +1), ppermute((own_dx, dx), -1)
       acts[k][receive_act[t,k]] = h; cots[k][receive_cot[t,k,o]] = message o   # slots >= 0 only
 
-The mailboxes (activations, cotangents, residuals; one set per stage, one copy per device of its
-row, holding a slice of each microbatch) persist between host calls, so whatever a ``drain`` or an
-evaluation leaves in flight waits for the task that consumes it, as in the dataflow executor.
-Stages of different shapes share the buffers after flattening and padding (``packing.py``).
-Inside a host call the state is two buffers, what tasks write (gradient sum, statistics) and what
-only the optimizer step writes (parameters, optimizer state), split and joined once per call: XLA
-copies a buffer that a ``lax.switch`` branch updates or passes through (see ``_scan``).
+The mailboxes (activations, cotangents, residuals; one set per
+stage, one copy per device of its row, holding a slice of each microbatch) persist between host
+calls, so whatever a ``drain`` or an evaluation leaves in flight waits for the task that consumes
+it, as in the dataflow executor. Stages of different shapes share the state buffers after
+flattening and padding (``packing.py``). Inside a host call the state is two parts, what tasks
+write (gradient sum, statistics) and what only the optimizer step writes (parameters, optimizer
+state), split and joined once per call and kept as per-leaf arrays when the stages' leaves have the
+same shapes (``packing.shared_layout``); residual slots leave out weights and constants
+(``residuals.py``). Why loops and not a ``lax.switch``: XLA copies what a conditional passes through
+or updates (see ``_scan``).
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
 global gradient norm from a ``psum`` over ``stage`` (``StageKernels.update``). With a ``data`` axis

@@ -260,4 +260,3 @@ def summarize(log, num_stages):
     return [None if not entries else entries[0] if len(entries) == 1 else
             {name: jnp.mean(jnp.stack([e[name] for e in entries])) for name in entries[0]}
             for entries in per_stage]
-

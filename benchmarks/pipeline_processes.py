@@ -22,7 +22,12 @@ Every configuration trains the same model from the same weights on the same batc
 - ``backprop 2x1``: ``lpjax.Backprop()`` with ``OneFOneB(M)`` (1F1B, flush per step), SPMD, same 2
   processes: the pipelined-backprop baseline;
 - ``backprop 1x1``: backprop with 1F1B on the reference executor, 1 process, 1 core;
-- ``backprop spmd@1``: (diagnostic) the 1F1B backprop SPMD program with both devices on one core.
+- ``backprop spmd@1``: (diagnostic) the 1F1B backprop SPMD program with both devices on one core;
+- ``local 1x1 pair``: (diagnostic) two independent copies of ``local 1x1`` at once, one per core. Each
+  copy does exactly the lone 1x1's work, so 2 x (1x1 time / pair time) is the most two cores of this
+  machine give for this work when both are busy: the hardware ceiling for stage parallelism. On the
+  2-vCPU KVM machine here the same XLA kernels run slower while the other core is busy (shared cache
+  and memory bandwidth, or host cores the hypervisor shares), so the ceiling is below 2.0x.
 
 All worker processes start first and stay up (idle ones block on a pipe); the parent then runs one
 configuration at a time, in alternating order over ``--rounds`` rounds of ``--steps`` steps. The
@@ -43,7 +48,8 @@ On a shared machine other jobs take the cores we use, and a lock-step pipeline t
 suffers more from that than a run that needs one (the other jobs move to the free core). So each line
 also shows the busier process's CPU time, how long its XLA thread was runnable but kept from its core
 (/proc schedstat), and how much of the workers' cores other jobs used during its rounds (/proc/stat);
-"ceiling" is the stage-parallelism ratio the CPU times alone would allow if nothing ever waited.
+"ceiling" is the stage-parallelism ratio the CPU times alone would allow if nothing ever waited; the
+"hardware ceiling" is the one the ``local 1x1 pair`` run allows.
 
 Run from the repository root (about 2.5 minutes at the defaults on 2 cores):
 
@@ -297,7 +303,11 @@ def main(argv=None):
     configs = [("local", "2x1"), ("local", "1x1"), ("backprop", "2x1")]
     if not args.no_diagnostics:
         groups["spmd@1"] = Group("spmd@1", [base + ["--worker", "spmd1", "--core", str(cores[0])]], cores[:1], args.timeout)
-        configs += [("local", "spmd@1"), ("backprop", "1x1"), ("backprop", "spmd@1")]
+        # process ids 10, 11: distinct from the 1x1 worker's, so no file of theirs could collide
+        groups["1x1 pair"] = Group("1x1 pair", [base + ["--worker", "single", "--core", str(cores[i]),
+                                                        "--process-id", str(10 + i)] for i in range(STAGES)],
+                                   cores[:STAGES], args.timeout)
+        configs += [("local", "spmd@1"), ("backprop", "1x1"), ("backprop", "spmd@1"), ("local", "1x1 pair")]
     label = lambda name, where: f"{name} {where}"
     wall, cpu, others, delay = ({label(*c): [] for c in configs} for _ in range(4))
     try:
@@ -316,7 +326,7 @@ def main(argv=None):
                 delay[key].append(max(a["delay"] for a in answers))
                 busy = sum(after[c] - before[c] for c in group.cores)
                 others[key].append(max(0.0, busy - sum(a["cpu"] for a in answers)) / (wall[key][-1] * len(group.cores)))
-        saved = {where: group.send("finish local") for where, group in groups.items()}
+        saved = {where: group.send("finish local") for where, group in groups.items() if where != "1x1 pair"}
     finally:
         for group in groups.values():
             group.close()
@@ -371,6 +381,14 @@ def main(argv=None):
     ceiling = statistics.median(cpu["local 1x1"]) / statistics.median(cpu["local 2x1"])
     print(f"  (diagnostic) stage-parallelism ceiling if no process ever waited (CPU time alone): local 1x1 CPU / "
           f"local 2x1 CPU = {ceiling:.2f}x")
+    if not args.no_diagnostics:
+        alone, pair = wall["local 1x1"], wall["local 1x1 pair"]  # pair: the slower copy of each round
+        slower = statistics.median(pair) / statistics.median(alone)
+        slower_cpu = statistics.median(cpu["local 1x1 pair"]) / statistics.median(cpu["local 1x1"])
+        paired = sorted(2 * alone[i] / pair[i] for i in range(args.rounds))
+        print(f"  (diagnostic) hardware ceiling, two copies of local 1x1 at once, one per core: each takes {slower:.2f}x "
+              f"the lone copy's wall time and {slower_cpu:.2f}x its CPU time, so two busy cores give at most "
+              f"{2 / slower:.2f}x here (per round {paired[0]:.2f}..{paired[-1]:.2f})")
     print(table_idle(args))
 
     want = dict(np.load(saved["1x1"][0]["saved"]))

@@ -21,19 +21,27 @@ cells' dispatch, against 0.3 ms for one hand-written jitted step). ``states`` re
 ``StageState`` pytrees when asked.
 """
 
+import contextlib
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from ..schedules import BACKWARD, Flow
+from .placement import SingleDevice
 
 
 class DataflowExecutor:
-    def __init__(self, kernels, schedule, placement):
+    def __init__(self, kernels, schedule, placement, *, whole_steps=None):
         self.kernels = kernels
         self.schedule = schedule
         self.placement = placement
+        # One compiled program per step (see _run_whole_step): every stage on one device and a
+        # flushing schedule, whose steps leave nothing in flight. None: whenever that holds.
+        self.whole_steps = (isinstance(placement, SingleDevice) and schedule.synchronous
+                            if whole_steps is None else whole_steps)
+        self._tracing = False  # inside _traced_step: values are tracers of one program
         self.num_stages = len(kernels)
         self.states = [placement.put_state(k, kern.init_state()) for k, kern in enumerate(kernels)]
         self.flow = Flow(tuple(tuple(kern.sources) for kern in kernels))
@@ -143,6 +151,9 @@ class DataflowExecutor:
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, drain):
         clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
+        if self.whole_steps and clocks:
+            self._run_whole_step([task for clock in clocks for task in clock if task is not None])
+            return
         for clock in clocks:
             for task in clock:
                 if task is not None:
@@ -163,6 +174,8 @@ class DataflowExecutor:
             self._residual_trees[k] = self._residual_tree(k, m)
         update_here = task.update and not self.one_tree
         cell = self._cell(k, task.phase, present, update_here, task.first)
+        if self._tracing:
+            cell = cell.__wrapped__
         state = self._leaves[k]
         if task.phase == BACKWARD:
             state, passed = cell(state, residuals, cotangents)
@@ -171,15 +184,15 @@ class DataflowExecutor:
             y = self.labels.pop((k, m), None)
             state, h, own_dx, residual, passed, metrics = cell(state, x, y, residuals, cotangents)
             if k + 1 < self.num_stages:
-                self.inputs[(k + 1, m)] = self.placement.put_batch(k + 1, h)
+                self.inputs[(k + 1, m)] = self._put_batch(k + 1, h)
             if own_dx is not None:
-                self.messages[(k - 1, k, m)] = self.placement.put_batch(k - 1, own_dx)
+                self.messages[(k - 1, k, m)] = self._put_batch(k - 1, own_dx)
             if residual is not None:
                 self.residuals[(k, m)] = [residual, len(kern.sources)]
             self.log.append((k, m, metrics))
         about = dict(task.consumes)
         for j, dx in passed.items():
-            self.messages[(k - 1, j, about[j])] = self.placement.put_batch(k - 1, dx)
+            self.messages[(k - 1, j, about[j])] = self._put_batch(k - 1, dx)
         self._leaves[k] = state
         if task.update and self.one_tree:
             self._due.add(k)
@@ -191,8 +204,66 @@ class DataflowExecutor:
         self._due.clear()
         squares = [self._sq_norm_cell(k)(self._leaves[k]) for k in range(self.num_stages)]
         for k in range(self.num_stages):
-            total = functools.reduce(jnp.add, [self.placement.put_state(k, sq) for sq in squares])
+            total = functools.reduce(jnp.add, [sq if self._tracing else self.placement.put_state(k, sq)
+                                                for sq in squares])
             self._leaves[k] = self._update_cell(k)(self._leaves[k], total)
+
+    def _put_batch(self, k, array):
+        # within one traced program every value already lives where the program runs
+        return array if self._tracing else self.placement.put_batch(k, array)
+
+    # -- whole steps as one program ----------------------------------------------------------
+    def _run_whole_step(self, tasks):
+        """Run a flushed step's tasks as ONE compiled program: the same interpreter (``_execute``)
+        traced through the same cells, which jit inlines into one program of the step. The step's
+        inputs go in, the stage states and the metrics of its forward tasks come out, and nothing
+        else is in flight before or after, so this computes what running the cells one by one
+        does. It saves the per-cell dispatch and lets XLA overlap stage k's update with stage
+        k+1's forward (``benchmarks/greedy_overhead.py``). Compiled once per step table, with
+        microbatches counted from the step's first: every step of a flushing schedule reuses it."""
+        base = min(task.microbatch for task in tasks)
+        shift = lambda m: m - base
+        relative = tuple(dataclasses.replace(task, microbatch=shift(task.microbatch),
+                                             consumes=tuple((j, shift(m)) for j, m in task.consumes))
+                         for task in tasks)
+        key = ("step", relative)
+        if key not in self._cells:
+            self._cells[key] = jax.jit(functools.partial(self._traced_step, relative), donate_argnums=(0,),
+                                     keep_unused=True)
+        step_microbatches = {task.microbatch for task in tasks}
+        inputs = {(k, shift(m)): self.inputs.pop((k, m)) for k, m in list(self.inputs) if m in step_microbatches}
+        labels = {(k, shift(m)): self.labels.pop((k, m)) for k, m in list(self.labels) if m in step_microbatches}
+        self._leaves, metrics = self._cells[key](self._leaves, inputs, labels)
+        forwards = [task for task in tasks if task.runs_forward]
+        self.log += [(task.stage, task.microbatch, entry) for task, entry in zip(forwards, metrics)]
+        for task in forwards:
+            self.done[task.stage] = task.microbatch + 1
+
+    def _traced_step(self, tasks, leaves, inputs, labels):
+        with self._step_in_trace(leaves, inputs, labels):
+            for task in tasks:
+                self._execute(task)
+            left = [name for name, box in [("inputs", self.inputs), ("labels", self.labels),
+                                           ("messages", self.messages), ("residuals", self.residuals),
+                                           ("updates due", self._due)] if box]
+            if left:
+                raise AssertionError(f"a whole step left {left} in flight; it must run task by task")
+            return self._leaves, [metrics for _, _, metrics in self.log]
+
+    @contextlib.contextmanager
+    def _step_in_trace(self, leaves, inputs, labels):
+        """The interpreter's state, for the duration of one trace, holding that trace's values."""
+        names = ("_leaves", "inputs", "labels", "messages", "residuals", "log", "_due")
+        saved = {name: getattr(self, name) for name in names}
+        self._leaves, self.inputs, self.labels = list(leaves), dict(inputs), dict(labels)
+        self.messages, self.residuals, self.log, self._due = {}, {}, [], set()
+        self._tracing = True
+        try:
+            yield
+        finally:
+            self._tracing = False
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     def _sq_norm_cell(self, k):
         if ("sq", k) not in self._cells:

@@ -124,6 +124,7 @@ def main(argv=None):
         trainer = lpjax.Trainer(model(), method=method, optimizer=optax.sgd(0.01), schedule=schedule)
         log, clock = [], [0]
         executor = trainer.executor
+        executor.whole_steps = False  # run task by task, so that each clock can be counted as it runs
         plan, execute = executor.schedule.plan, executor._execute
 
         class Clocks(list):

@@ -147,13 +147,17 @@ def test_schedules_agree_for_window_one():
 
 
 def test_gpipe_backprop_equals_sequential_backprop():
+    """Also: the reference executor runs a flushed step as one compiled program (GPipe here) and
+    gives exactly what it gives task by task (Sequential here), the one-tree update included."""
     x, y = tiny_batch(16)
     runs = []
-    for schedule in (Sequential(4), GPipe(4)):
+    for schedule, whole_steps in ((Sequential(4), False), (GPipe(4), True)):
         trainer = lpjax.Trainer(tiny_model(), method=lpjax.Backprop(), optimizer=optax.adam(1e-2), schedule=schedule)
-        for _ in range(3):
-            trainer.step(x, y)
-        runs.append(jax.tree.leaves(stage_params(trainer)))
+        assert trainer.executor.whole_steps  # the reference's default for a flushing schedule
+        trainer.executor.whole_steps = whole_steps
+        metrics = [trainer.step(x, y) for _ in range(3)]
+        assert sum(key[0] == "step" for key in trainer.executor._cells) == whole_steps  # one program for all steps
+        runs.append(jax.device_get((jax.tree.leaves(trainer.stage_states), metrics)))
     assert_trees_equal(*runs)
 
 

@@ -82,7 +82,7 @@ def test_stage_buffers_live_on_their_own_device():
     trainer = run(lambda: tiny_model(4), tiny_batch(16), lpjax.Overlapping(2), Streaming(2),
                   lpjax.Layout(stages=4, executor="spmd"))
     devices = jax.devices()[:4]
-    for leaf in jax.tree.leaves(trainer.executor.buffers["state"]):
+    for leaf in jax.tree.leaves(trainer.executor.state_buffers()):
         for shard in leaf.addressable_shards:
             assert shard.device == devices[shard.index[0].start]
     for k, state in enumerate(trainer.stage_states):

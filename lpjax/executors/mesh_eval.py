@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 
 from ..errors import ConfigError
 from .packing import TreePacker, common_lengths, zeros
+from .spmd import local_state
 
 P = jax.P
 
@@ -82,7 +83,7 @@ class MeshEvaluator:
             self.capacity = max(self.capacity, -(-max(int(rows.max()), 1) // unit) * unit)
             padded = self._padded(*((x, y) if batch is not None else (None, None)))
             count += int(rows.sum()) * int(np.prod(self.spec[2], dtype=np.int64))
-            outputs.append(self._program()(self.executor.buffers["state"], *self._placed(padded)))
+            outputs.append(self._program()(self.executor.state_buffers(), *self._placed(padded)))
         totals = np.zeros((K, 2))
         for loss, correct in jax.device_get(outputs):
             totals[:, 0] += np.asarray(loss, np.float64).reshape(K, -1).sum(1)
@@ -150,8 +151,8 @@ class MeshEvaluator:
             packers.append(TreePacker(h))
         lengths = common_lengths(packers[:-1])
 
-        def score(k, buffer, received, x, y, mask):
-            state = ex.state_packers[k].unpack(buffer)  # this device's own stage only
+        def score(k, written, fixed, received, x, y, mask):
+            state = ex.stage_state(k, written, fixed)  # this device's own stage only
             h, logits = ex.kernels[k].predict(state, x if k == 0 else packers[k - 1].unpack(received))
             # per row, so padded rows can be left out; loss_fn is a mean over label positions
             per_row = jax.vmap(lambda logit, label: loss_fn(logit[None], label[None]))(logits, y) * positions
@@ -165,10 +166,10 @@ class MeshEvaluator:
             return zeros(lengths), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
 
         def program(state, xs, ys, masks):
-            buffer = {g: b[0] for g, b in state.items()}
+            written, fixed = local_state(state)
             k = lax.axis_index("stage")
             xs, ys, masks = (a.reshape(M, rows, *a.shape[1:]) for a in (xs, ys, masks))
-            stages = [functools.partial(score, s, buffer) for s in range(K)]
+            stages = [functools.partial(score, s, written, fixed) for s in range(K)]
 
             def clock(received, c):
                 m = c - k
@@ -184,7 +185,6 @@ class MeshEvaluator:
             gather = lambda a: lax.all_gather(lax.all_gather(a, "data"), "stage")  # noqa: E731
             return gather(losses), gather(correct)
 
-        spec = {g: P("stage") for g in ex.state_lengths}
-        mapped = jax.shard_map(program, mesh=ex.mesh, in_specs=(spec, P("data"), P("data"), P("data")),
+        mapped = jax.shard_map(program, mesh=ex.mesh, in_specs=(ex.state_spec(), P("data"), P("data"), P("data")),
                                out_specs=(P(), P()), axis_names={"stage", "data"}, check_vma=False)
         return jax.jit(mapped)

@@ -121,9 +121,7 @@ class SpmdExecutor:
         # (per-leaf arrays when the stages' leaves have the same shapes: packing.shared_layout)
         self.task_layout = shared_layout([_part(s, TASK_FIELDS) for s in initial])
         self.fixed_layout = shared_layout([_part(s, FIXED_FIELDS) for s in initial])
-        packed = [jax.device_get(p.pack(s, self.state_lengths)) for p, s in zip(self.state_packers, initial)]
-        stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
-        self.buffers = {"state": _global(stacked, NamedSharding(mesh, P("stage")))}
+        self.buffers = self._stacked_state(initial)
         self.done = [0] * K
         self.fed = 0
         self.inputs, self.labels = {}, {}  # host copies of fed microbatches until their last use
@@ -212,38 +210,82 @@ class SpmdExecutor:
             readout = TreePacker(jax.eval_shape(lambda: owner.readout(initial)))
             lengths = readout.sizes
 
-            def extract(k, buffer):
+            def extract(k, written, fixed):
                 if k != K - 1:
                     return zeros(lengths)
-                return readout.pack(owner.readout(self.state_packers[k].unpack(buffer)), lengths)
+                return readout.pack(owner.readout(self.stage_state(k, written, fixed)), lengths)
 
-            def write(k, buffer, flat):
+            def write(k, written, fixed, flat):
                 if k == K - 1:
-                    return buffer
-                before = self.state_packers[k].unpack(buffer)
-                after = self.kernels[k].with_readout(before, readout.unpack(flat))
-                return self.state_packers[k].repack(buffer, after, before)
+                    return written, fixed
+                after = self.kernels[k].with_readout(self.stage_state(k, written, fixed), readout.unpack(flat))
+                return self._parts(k, after)
 
             def refresh(state):
-                local = {g: b[0] for g, b in state.items()}
+                written, fixed = local_state(state)
                 k = lax.axis_index("stage")
-                flat = lax.switch(k, [functools.partial(extract, s) for s in range(K)], local)
+                flat = lax.switch(k, [functools.partial(extract, s) for s in range(K)], written, fixed)
                 flat = lax.psum(flat, "stage")
-                local = lax.switch(k, [functools.partial(write, s) for s in range(K)], local, flat)
-                return {g: b[None] for g, b in local.items()}
+                written, fixed = lax.switch(k, [functools.partial(write, s) for s in range(K)], written, fixed, flat)
+                return _stage_rows(written, fixed)
 
-            spec = jax.tree.map(lambda _: P("stage"), self.buffers["state"])
+            spec = self.state_spec()
             self._programs["refresh"] = jax.jit(jax.shard_map(refresh, mesh=self.mesh, in_specs=(spec,),
                                                               out_specs=spec, axis_names={"stage", "data"},
                                                               check_vma=False), donate_argnums=(0,))
-        self.buffers["state"] = self._programs["refresh"](self.buffers["state"])
+        self.buffers.update(self._programs["refresh"](self.state_buffers()))
 
     def load_states(self, states):
         """Replace every stage's state (a restored checkpoint); host round trip, so single-process."""
         self.flush()
-        packed = [jax.device_get(p.pack(s, self.state_lengths)) for p, s in zip(self.state_packers, states)]
-        stacked = {g: np.stack([row[g] for row in packed]) for g in self.state_lengths}
-        self.buffers["state"] = _global(stacked, NamedSharding(self.mesh, P("stage")))
+        self.buffers.update(self._stacked_state(states))
+
+    # -- the state at rest: two buffers, stacked over ``stage`` ------------------------------------
+    def _stacked_state(self, states):
+        """``{"written", "fixed"}``: the stages' states (host or device values, the same in every
+        process) split in the two parts tasks and the optimizer step write, stacked over the
+        ``stage`` axis and placed on the mesh. The state stays split between host calls, so a call
+        neither splits nor joins it (each a copy of the whole state)."""
+        rows = jax.device_get([self._parts(k, state) for k, state in enumerate(states)])
+        stacked = {name: jax.tree.map(lambda *r: np.stack(r), *[row[i] for row in rows])
+                   for i, name in enumerate(STATE_PARTS)}
+        return _global(stacked, NamedSharding(self.mesh, P("stage")))
+
+    def state_buffers(self):
+        """``{"written", "fixed"}``: the state buffers on the mesh, each a tree of arrays with a
+        leading ``stage`` axis (``stage_state`` reads one stage's ``StageState`` from its rows)."""
+        return {name: self.buffers[name] for name in STATE_PARTS}
+
+    def state_spec(self):
+        return {name: jax.tree.map(lambda _: P("stage"), self.buffers[name]) for name in STATE_PARTS}
+
+    def _flat_state(self):
+        """The state as one flat buffer per dtype and stage (``TreePacker``, padded to the longest
+        stage): what a sharded checkpoint saves, so its format does not depend on the split."""
+        if "flat" not in self._programs:
+            branches = [functools.partial(self._join, s) for s in range(self.num_stages)]
+
+            def join(state):
+                flat = lax.switch(lax.axis_index("stage"), branches, *local_state(state))
+                return {g: b[None] for g, b in flat.items()}
+
+            self._programs["flat"] = jax.jit(jax.shard_map(
+                join, mesh=self.mesh, in_specs=(self.state_spec(),), out_specs={g: P("stage") for g in self.state_lengths},
+                axis_names={"stage", "data"}, check_vma=False))
+        return self._programs["flat"](self.state_buffers())
+
+    def _load_flat(self, flat):
+        """Replace the state with flat per-dtype buffers (``_flat_state``'s format) on this mesh."""
+        if "split" not in self._programs:
+            branches = [functools.partial(self._split, s) for s in range(self.num_stages)]
+
+            def split(buffers):
+                return _stage_rows(*lax.switch(lax.axis_index("stage"), branches, {g: b[0] for g, b in buffers.items()}))
+
+            self._programs["split"] = jax.jit(jax.shard_map(
+                split, mesh=self.mesh, in_specs=({g: P("stage") for g in self.state_lengths},),
+                out_specs=self.state_spec(), axis_names={"stage", "data"}, check_vma=False))
+        self.buffers.update(self._programs["split"](dict(flat)))
 
     # -- sharded checkpoints -----------------------------------------------------------------
     def sharded_states(self):
@@ -252,7 +294,8 @@ class SpmdExecutor:
         checkpoint saves, without gathering anything to a host."""
         from ..checkpoint import ShardedStates
 
-        return ShardedStates(dict(self.buffers["state"]), self.summaries(self.buffers["state"]))
+        flat = self._flat_state()
+        return ShardedStates(dict(flat), self.summaries(flat))
 
     def sharded_target(self):
         """What a sharded checkpoint restores onto: the buffers' shapes and shardings on this mesh
@@ -260,8 +303,9 @@ class SpmdExecutor:
         states for reading a per-stage checkpoint instead."""
         from ..checkpoint import ShardedTarget
 
-        abstract = {g: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=b.sharding)
-                    for g, b in self.buffers["state"].items()}
+        sharding = NamedSharding(self.mesh, P("stage"))
+        abstract = {g: jax.ShapeDtypeStruct((self.num_stages, n), jnp.dtype(g), sharding=sharding)
+                    for g, n in self.state_lengths.items()}
         # every stage's live state, in every process (a collective over several): only read when a
         # per-stage checkpoint is restored
         like = (lambda: self.states) if jax.process_count() == 1 else self.host_states
@@ -270,7 +314,7 @@ class SpmdExecutor:
     def load_sharded(self, tree):
         """Continue from restored state buffers (a sharded checkpoint), already on this mesh."""
         self.flush()
-        self.buffers["state"] = dict(tree)
+        self._load_flat(tree)
 
     def summaries(self, state_buffers):
         """Per stage ``(fingerprint, finite)`` of its saved state (lpjax.checkpoint's summary of the
@@ -299,20 +343,19 @@ class SpmdExecutor:
         where the stage lives and all-gathered over ``stage`` (two numbers per stage, not the
         states), as numpy arrays ``[K]``; a collective over the mesh."""
         if "scalars" not in self._programs:
-            def read(k, buffer):
-                state = self.state_packers[k].unpack(buffer)
+            def read(k, written, fixed):
+                state = self.stage_state(k, written, fixed)
                 return state.grad_norm.astype(jnp.float32), state.skipped.astype(jnp.int32)
 
             branches = [functools.partial(read, k) for k in range(self.num_stages)]
 
-            def local(buffers):
-                norm, skipped = lax.switch(lax.axis_index("stage"), branches, {g: b[0] for g, b in buffers.items()})
+            def local(state):
+                norm, skipped = lax.switch(lax.axis_index("stage"), branches, *local_state(state))
                 return lax.all_gather(norm, "stage"), lax.all_gather(skipped, "stage")
 
-            spec = {g: P("stage") for g in self.state_lengths}
-            self._programs["scalars"] = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(spec,),
+            self._programs["scalars"] = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(self.state_spec(),),
                                                               out_specs=(P(), P()), check_vma=False))
-        return jax.device_get(self._programs["scalars"](self.buffers["state"]))
+        return jax.device_get(self._programs["scalars"](self.state_buffers()))
 
     def _full(self, slice_shape):
         return (slice_shape[0] * self.num_data, *slice_shape[1:])
@@ -338,28 +381,34 @@ class SpmdExecutor:
         use it."""
         from jax.experimental import multihost_utils
 
-        stacked = multihost_utils.process_allgather(self.buffers["state"], tiled=True)
-        return [jax.device_get(packer.unpack({g: jnp.asarray(rows[k]) for g, rows in stacked.items()}))
-                for k, packer in enumerate(self.state_packers)]
+        stacked = multihost_utils.process_allgather(self.state_buffers(), tiled=True)
+        return [jax.device_get(self.stage_state(k, *(jax.tree.map(lambda rows: jnp.asarray(rows[k]), stacked[name])
+                                                for name in STATE_PARTS)))
+                for k in range(self.num_stages)]
 
     @property
     def states(self):
         """Each stage's ``StageState``, assembled on that stage's devices from its buffer row."""
         out = []
-        for k, packer in enumerate(self.state_packers):
+        leaves, treedef = jax.tree.flatten(self.state_buffers())
+        for k in range(self.num_stages):
             sharding = self.placement.state_sharding(k)
-            row = {}
-            for group, buf in self.buffers["state"].items():
+            row = []
+            for buf in leaves:
                 shards = [s.data.reshape(buf.shape[1:]) for s in buf.addressable_shards if s.index[0].start == k]
                 if not shards:
                     break
-                row[group] = jax.make_array_from_single_device_arrays(buf.shape[1:], sharding, shards)
-            out.append(self._unpacker(k)(row) if len(row) == len(self.state_lengths) else None)
+                row.append(jax.make_array_from_single_device_arrays(buf.shape[1:], sharding, shards))
+            if len(row) < len(leaves):  # the stage lives in another process
+                out.append(None)
+                continue
+            parts = jax.tree.unflatten(treedef, row)
+            out.append(self._unpacker(k)(*(parts[name] for name in STATE_PARTS)))
         return out
 
     def _unpacker(self, k):
         if ("unpack", k) not in self._programs:
-            self._programs[("unpack", k)] = jax.jit(self.state_packers[k].unpack,
+            self._programs[("unpack", k)] = jax.jit(functools.partial(self.stage_state, k),
                                                     out_shardings=self.placement.state_sharding(k))
         return self._programs[("unpack", k)]
 
@@ -483,43 +532,40 @@ class SpmdExecutor:
                         carry["cots"] = _put(carry["cots"], ctrl["receive_cot"][o], {g: b[row] for g, b in cot_in.items()})
             return carry, metrics
 
-        local["written"], local["fixed"] = lax.switch(k, [functools.partial(self._split, s) for s in range(K)],
-                                                      local.pop("state"))
         local, metrics = lax.scan(tick, local, (xs, ys, control))
-        local["state"] = lax.switch(k, [functools.partial(self._join, s) for s in range(K)],
-                                    local.pop("written"), local.pop("fixed"))
         if together:
-            sq = lax.switch(k, [functools.partial(self._sq_norm, s) for s in range(K)], local["state"])
+            sq = lax.switch(k, [functools.partial(self._sq_norm, s) for s in range(K)], local["written"], local["fixed"])
             total = lax.psum(sq, "stage")
-            local["state"] = lax.switch(k, [functools.partial(self._update, s) for s in range(K)], local["state"], total)
+            local["fixed"] = lax.switch(k, [functools.partial(self._update_fixed, s) for s in range(K)],
+                                        local["fixed"], local["written"], total)
         local = {name: jax.tree.map(lambda a: a[None, None] if name in self.PER_SLICE else a[None], tree)
                  for name, tree in local.items()}
         return local, jax.tree.map(lambda a: a[:, None], metrics)
 
-    def _update(self, k, state_buffer, total_sq=None):
-        before = self.state_packers[k].unpack(state_buffer)
-        return self.state_packers[k].repack(state_buffer, self.kernels[k].update(before, total_sq), before)
-
-    # -- the state split in two inside a host call's scan ----------------------------------------
-    def _split(self, k, state_buffer):
-        state = self.state_packers[k].unpack(state_buffer)
+    # -- the state split in two: what tasks write and what only the optimizer step writes ---------
+    def _parts(self, k, state):
         return self.task_layout.pack(k, _part(state, TASK_FIELDS)), self.fixed_layout.pack(k, _part(state, FIXED_FIELDS))
 
-    def _join(self, k, written, fixed):
-        return self.state_packers[k].pack(self._state(k, written, fixed), self.state_lengths)
+    def _split(self, k, state_buffer):
+        return self._parts(k, self.state_packers[k].unpack(state_buffer))
 
-    def _state(self, k, written, fixed):
+    def _join(self, k, written, fixed):
+        return self.state_packers[k].pack(self.stage_state(k, written, fixed), self.state_lengths)
+
+    def stage_state(self, k, written, fixed):
+        """Stage k's ``StageState`` from its rows of the two state buffers (no copy for per-leaf layouts)."""
         return StageState(**self.task_layout.unpack(k, written), **self.fixed_layout.unpack(k, fixed))
 
-    def _update_fixed(self, k, fixed, written):
-        """The optimizer step on the split state; returns the new read-only part."""
-        state = self._state(k, written, fixed)
-        after = self.kernels[k].update(state)
+    def _update_fixed(self, k, fixed, written, total_sq=None):
+        """The optimizer step on the split state (``total_sq``: the whole model's squared gradient
+        norm, for a one-tree optimizer); returns the new read-only part."""
+        state = self.stage_state(k, written, fixed)
+        after = self.kernels[k].update(state, total_sq)
         _check_unchanged(state, after, TASK_FIELDS, "an optimizer step")
         return self.fixed_layout.pack(k, _part(after, FIXED_FIELDS))
 
-    def _sq_norm(self, k, state_buffer):
-        return self.kernels[k].grad_sq_norm(self.state_packers[k].unpack(state_buffer))
+    def _sq_norm(self, k, written, fixed):
+        return self.kernels[k].grad_sq_norm(self.stage_state(k, written, fixed))
 
     # -- one stage, one clock ----------------------------------------------------------------
     def _task_branches(self, k):
@@ -542,7 +588,7 @@ class SpmdExecutor:
         """One task of stage k: returns the state part tasks write, the messages it sends, and its
         residual mailbox with the residual it stores written to slot ``store``."""
         kern = self.kernels[k]
-        state = unpacked = self._state(k, written, fixed)
+        state = unpacked = self.stage_state(k, written, fixed)
         act_out, cot_out = self._bubbles()
         consumed = []
         for i, j in enumerate(kern.sources if consume else ()):
@@ -584,6 +630,16 @@ class SpmdExecutor:
 # change in the optimizer step. _check_unchanged enforces this at trace time.
 TASK_FIELDS = ("rest", "grad_sum", "grad_count")
 FIXED_FIELDS = tuple(f.name for f in dataclasses.fields(StageState) if f.name not in TASK_FIELDS)
+STATE_PARTS = ("written", "fixed")  # the executor's state buffers: TASK_FIELDS, FIXED_FIELDS
+
+
+def local_state(state):
+    """This device's ``(written, fixed)`` from the stacked state buffers inside ``shard_map``."""
+    return tuple(jax.tree.map(lambda b: b[0], state[name]) for name in STATE_PARTS)
+
+
+def _stage_rows(written, fixed):
+    return {name: jax.tree.map(lambda b: b[None], part) for name, part in zip(STATE_PARTS, (written, fixed))}
 
 
 def _part(state, fields):

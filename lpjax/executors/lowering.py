@@ -15,7 +15,8 @@ Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
   idle: only its ``update`` flag acts). Forward-only and forward-then-consume are distinct
   opcodes because the scan runs one static branch per opcode: a forward branch that also
   traced the backward would compute (then discard) a VJP at every 1F1B/GPipe forward;
-- ``input``: the activation slot a forward reads (stages > 0);
+- ``input``: the activation slot a forward reads (stages > 0); at stage 0, the row of the host
+  call's input stream, which holds the inputs of the call's stage-0 forwards in clock order;
 - ``store``: the residual slot a forward writes (stages with sources);
 - ``consume_cot``, ``consume_res`` ``[.., S]``: per source ``i`` of the stage (``Method.sources``
   order) the cotangent and residual slots it applies, ``-1`` when the task consumes nothing of it;
@@ -72,6 +73,7 @@ class Lowering:
         out.update({name: np.zeros((T, K), np.int32) for name in ("op", "first", "update")})
         out.update({name: np.full((T, K, S), -1, np.int32) for name in ("consume_cot", "consume_res")})
         out["receive_cot"] = np.full((T, K, 1 + S), -1, np.int32)
+        fed = 0  # stage-0 forwards so far in this call: rows of its input stream
         for t, clock in enumerate(clocks):
             tasks = [task for task in clock if task is not None]
             for task in tasks:  # reads: free what this clock consumes
@@ -84,6 +86,8 @@ class Lowering:
                 if task.runs_forward and k > 0:
                     out["input"][t, k] = slot = self.act_at.pop((k, m))
                     self.acts.give(k, slot)
+                elif task.runs_forward:
+                    out["input"][t, k], fed = fed, fed + 1
                 for j, about in task.consumes:
                     i = self.flow.sources[k].index(j)
                     if (k, j, about) not in self.cot_at:

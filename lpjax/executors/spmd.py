@@ -7,7 +7,7 @@ slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule 
       k, op = axis_index("stage"), op[t,k]              # one 0-or-1-trip loop per (stage, opcode):
       h, own_dx, dx = bubbles                           # only stage k's op runs; idle runs none
       if op != IDLE:                                    # stage k's forward | backward | local
-        x = stream_x[t] if k == 0 else acts[k][input[t,k]]
+        x = stream_x[input[t,0]] if k == 0 else acts[k][input[t,k]]
         r, c = res[k][consume_res[t,k,:]], cots[k][consume_cot[t,k,:]]   # read before res is written
         if op in (FORWARD, LOCAL): state, h, own_dx, res[k][store[t,k]] = forward(state, x, y[t,k], first[t,k])
         if op in (BACKWARD, LOCAL):
@@ -76,10 +76,15 @@ def _once(run, body, carry, operands):
     updates in place. The barrier ties the (loop-invariant) operands to the trip counter, or XLA
     would hoist everything the body computes from them out of the loop and run it every time."""
     def step(c):
-        trip, ops = lax.optimization_barrier((c[0], operands))
-        return trip + 1, body(c[1], ops)
+        trip, ops, carried = lax.optimization_barrier((c[0], operands, c[1]))
+        return trip + 1, body(carried, ops)
 
     return lax.while_loop(lambda c: c[0] < run.astype(jnp.int32), step, (jnp.int32(0), carry))[1]
+
+
+def _receive(box, slot, value):
+    """``box`` with ``value`` written into row ``slot`` if ``slot >= 0``, else unchanged (no copy)."""
+    return _once(slot >= 0, lambda b, v: _put(b, slot, v), box, value)
 
 
 def _put(box, slot, value):
@@ -420,7 +425,9 @@ class SpmdExecutor:
         K = self.num_stages
         control = self.lowering.lower(clocks)
         self._grow(self.lowering.capacities())
-        stream_x = np.zeros((len(clocks), *self._fed(self.x_spec[0])), self.x_spec[1])
+        # stage 0's inputs, one row per forward it runs in this call (``input[t, 0]``), at least one
+        rows = max(1, sum(task is not None and task.stage == 0 and task.runs_forward for clock in clocks for task in clock))
+        stream_x = np.zeros((rows, *self._fed(self.x_spec[0])), self.x_spec[1])
         stream_y = np.zeros((len(clocks), K, *self._fed(self.y_spec[0])), self.y_spec[1])
         together = False
         for t, clock in enumerate(clocks):
@@ -433,7 +440,7 @@ class SpmdExecutor:
                     continue
                 self.done[k] = m + 1
                 if k == 0:
-                    stream_x[t] = self.inputs.pop(m)
+                    stream_x[control["input"][t, 0]] = self.inputs.pop(m)
                 if self.kernels[k].trains_head:
                     stream_y[t, k] = self.labels[m]
                 if k == K - 1:
@@ -443,7 +450,7 @@ class SpmdExecutor:
         if self.one_tree:
             control["update"][:] = 0  # every stage steps together after the scan instead
         mask = np.isin(control["op"], RUNS_FORWARD)
-        streams = (self._rows(stream_x, P(None, "data"), (len(clocks), *self._full(self.x_spec[0]))),
+        streams = (self._rows(stream_x, P(None, "data"), (rows, *self._full(self.x_spec[0]))),
                    self._rows(stream_y, P(None, "stage", "data"), (len(clocks), K, *self._full(self.y_spec[0]))),
                    self._control_on_device(control))
         self.buffers, metrics = self._program(together)(self.buffers, *streams)
@@ -506,15 +513,16 @@ class SpmdExecutor:
         offsets = jnp.asarray(offsets, jnp.int32)
 
         def tick(carry, inputs):
-            x0, y, ctrl = inputs
+            y, ctrl = inputs
             carry = dict(carry)
             mail = {"acts": carry["acts"], "cots": carry["cots"]}
             branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
-            out = self._idle(carry["written"], carry["res"])
+            out = (carry["written"], carry["act_out"], carry["cot_out"], carry["res"], self._nan_metrics(), mail)
             for i, task in enumerate(branches, 1):
-                out = _once(branch == i, lambda o, ops, task=task: task(o[0], o[3], *ops), out,
-                            (carry["fixed"], mail, x0, y, ctrl))
-            carry["written"], act_out, cot_out, carry["res"], metrics = out
+                out = _once(branch == i, lambda o, ops, task=task: task(*o, *ops), out, (carry["fixed"], xs, y, ctrl))
+            carry["written"], carry["act_out"], carry["cot_out"], carry["res"], metrics, mail = out
+            carry.update(mail)
+            act_out, cot_out = carry["act_out"], carry["cot_out"]
             if self.num_data > 1:  # collectives stay outside the branches: every device runs them
                 carry["written"] = jax.tree.map(lambda b: lax.pmean(b, "data") if jnp.issubdtype(b.dtype, jnp.floating)
                                                 else b, carry["written"])
@@ -525,19 +533,26 @@ class SpmdExecutor:
                                            carry["fixed"], carry["written"])
             if K > 1:
                 act_in = lax.ppermute(act_out, "stage", [(i, i + 1) for i in range(K - 1)])
-                carry["acts"] = _put(carry["acts"], ctrl["receive_act"], act_in)
+                carry["acts"] = _receive(carry["acts"], ctrl["receive_act"], act_in)
                 if self.messages:
                     cot_in = lax.ppermute(cot_out, "stage", [(i, i - 1) for i in range(1, K)])
                     for row, o in enumerate(self.messages):
-                        carry["cots"] = _put(carry["cots"], ctrl["receive_cot"][o], {g: b[row] for g, b in cot_in.items()})
+                        carry["cots"] = _receive(carry["cots"], ctrl["receive_cot"][o], {g: b[row] for g, b in cot_in.items()})
             return carry, metrics
 
-        local, metrics = lax.scan(tick, local, (xs, ys, control))
-        if together:
-            sq = lax.switch(k, [functools.partial(self._sq_norm, s) for s in range(K)], local["written"], local["fixed"])
+        # the messages a stage sends, carried from clock to clock: an idle stage sends again what
+        # its outbox holds (bubbles, or a message already received), which no receiver keeps
+        local["act_out"], local["cot_out"] = self._bubbles()
+        local, metrics = lax.scan(tick, local, (ys, control))
+        del local["act_out"], local["cot_out"]
+        if together:  # loops, not lax.switch, for the reason above
+            sq = jnp.zeros((), jnp.float32)
+            for s in range(K):
+                sq = _once(k == s, lambda _, ops, s=s: self._sq_norm(s, *ops), sq, (local["written"], local["fixed"]))
             total = lax.psum(sq, "stage")
-            local["fixed"] = lax.switch(k, [functools.partial(self._update_fixed, s) for s in range(K)],
-                                        local["fixed"], local["written"], total)
+            for s in range(K):
+                local["fixed"] = _once(k == s, lambda fixed, ops, s=s: self._update_fixed(s, fixed, *ops), local["fixed"],
+                                       (local["written"], total))
         local = {name: jax.tree.map(lambda a: a[None, None] if name in self.PER_SLICE else a[None], tree)
                  for name, tree in local.items()}
         return local, jax.tree.map(lambda a: a[:, None], metrics)
@@ -565,7 +580,7 @@ class SpmdExecutor:
         return self.fixed_layout.pack(k, _part(after, FIXED_FIELDS))
 
     def _sq_norm(self, k, written, fixed):
-        return self.kernels[k].grad_sq_norm(self.stage_state(k, written, fixed))
+        return self.kernels[k].grad_sq_norm(self.stage_state(k, written, fixed)).astype(jnp.float32)
 
     # -- one stage, one clock ----------------------------------------------------------------
     def _task_branches(self, k):
@@ -580,24 +595,20 @@ class SpmdExecutor:
     def _bubbles(self):
         return _fill(self.act_lengths, (), self.bubble_fill), _fill(self.act_lengths, (len(self.messages),), self.bubble_fill)
 
-    def _idle(self, written, res_box):
-        act_out, cot_out = self._bubbles()
-        return written, act_out, cot_out, res_box, self._nan_metrics()
-
-    def _task(self, k, forward, consume, written, res_box, fixed, mail, x0, y, ctrl):
-        """One task of stage k: returns the state part tasks write, the messages it sends, and its
-        residual mailbox with the residual it stores written to slot ``store``."""
+    def _task(self, k, forward, consume, written, act_out, cot_out, res_box, metrics, mail, fixed, xs, y, ctrl):
+        """One task of stage k: returns the state part tasks write, its outboxes with the messages
+        it sends written in, its residual mailbox with the residual it stores written to slot
+        ``store``, its metrics, and the incoming mailboxes (read only; passed through the loop's
+        carry so that the receives after it update them in place without a copy)."""
         kern = self.kernels[k]
         state = unpacked = self.stage_state(k, written, fixed)
-        act_out, cot_out = self._bubbles()
         consumed = []
         for i, j in enumerate(kern.sources if consume else ()):
             res = self.res_plans[k].rebuild(self.res_layout.unpack(k, _row(res_box, ctrl["consume_res"][i])), state)
             cot = self.act_packers[k].unpack(_row(mail["cots"], ctrl["consume_cot"][i]))
             consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
-        metrics = self._nan_metrics()
         if forward:
-            x = x0 if k == 0 else self.act_packers[k - 1].unpack(_row(mail["acts"], ctrl["input"]))
+            x = _row(xs, ctrl["input"]) if k == 0 else self.act_packers[k - 1].unpack(_row(mail["acts"], ctrl["input"]))
             state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None,
                                                                ctrl["first"] != 0)
             metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
@@ -615,7 +626,7 @@ class SpmdExecutor:
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
         _check_unchanged(unpacked, state, FIXED_FIELDS, "a task")
-        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, res_box, metrics
+        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, res_box, metrics, mail
 
     def _message(self, out, o, packed, valid):
         row = self.messages.index(o)

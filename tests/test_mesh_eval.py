@@ -77,7 +77,7 @@ def test_mesh_evaluation_equals_the_per_stage_evaluation_and_moves_no_stage_stat
     # collective result is smaller than the smallest stage's packed state
     (program,) = evaluator._programs.values()
     placed = evaluator._placed(evaluator._padded(*batches[0]))
-    text = program.lower(trainer.executor.buffers["state"], *placed).compile().as_text()
+    text = program.lower(trainer.executor.state_buffers(), *placed).compile().as_text()
     collectives = re.findall(r"= \(?([^=]*?)\)? (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(",
                              text)
     assert {kind for _, kind in collectives} >= {"all-gather", "collective-permute"}, text[:2000]

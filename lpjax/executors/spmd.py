@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding
 from ..errors import ConfigError
 from ..kernels import StageState
 from ..schedules import Flow
-from .lowering import IDLE, RUNS_FORWARD, Lowering, count_capacities
+from .lowering import FORWARD_OP, IDLE, LOCAL_OP, RUNS_FORWARD, Lowering, count_capacities
 from .packing import TreePacker, common_lengths, shared_layout, zeros
 from .residuals import plan_residual
 from .placement import PerStageMeshes, data_shard
@@ -374,9 +374,12 @@ class SpmdExecutor:
         entries, self._metrics = self._metrics, []
         if not entries:
             return [None] * self.num_stages
-        mask = np.concatenate([mask for _, mask in entries])
-        means = _masked_means([metrics for metrics, _ in entries], mask, NamedSharding(self.mesh, P()))
-        return [means[k] if mask[:, k].any() else None for k in range(self.num_stages)]
+        counts = sum(count for _, count in entries)
+        if len(entries) == 1:
+            means = entries[0][0]
+        else:
+            means = _weighted_means([means for means, _ in entries], tuple(tuple(map(int, c)) for _, c in entries))
+        return [means[k] if counts[k] else None for k in range(self.num_stages)]
 
     def host_states(self):
         """Every stage's state as numpy arrays, in every process. The stacked state buffers are
@@ -449,12 +452,12 @@ class SpmdExecutor:
             raise AssertionError("a one-tree optimizer step must end its host call (a flushed step)")
         if self.one_tree:
             control["update"][:] = 0  # every stage steps together after the scan instead
-        mask = np.isin(control["op"], RUNS_FORWARD)
+        counts = np.isin(control["op"], RUNS_FORWARD).sum(0)  # tasks with metrics, per stage
         streams = (self._rows(stream_x, P(None, "data"), (rows, *self._full(self.x_spec[0]))),
                    self._rows(stream_y, P(None, "stage", "data"), (len(clocks), K, *self._full(self.y_spec[0]))),
                    self._control_on_device(control))
         self.buffers, metrics = self._program(together)(self.buffers, *streams)
-        self._metrics.append((metrics, mask))
+        self._metrics.append((metrics, counts))
 
     def _rows(self, local, spec, global_shape):
         """The global stream array from this process's rows: every row (one process, or whole
@@ -483,7 +486,7 @@ class SpmdExecutor:
             control_spec = P(None, "stage")
             mapped = jax.shard_map(functools.partial(self._scan, together), mesh=self.mesh,
                                    in_specs=(spec, P(None, "data"), P(None, "stage", "data"), control_spec),
-                                   out_specs=(spec, P(None, "stage")), axis_names={"stage", "data"},
+                                   out_specs=(spec, P()), axis_names={"stage", "data"},
                                    check_vma=False)
             self._programs[together] = jax.jit(mapped, donate_argnums=(0,))
         return self._programs[together]
@@ -555,7 +558,13 @@ class SpmdExecutor:
                                        (local["written"], total))
         local = {name: jax.tree.map(lambda a: a[None, None] if name in self.PER_SLICE else a[None], tree)
                  for name, tree in local.items()}
-        return local, jax.tree.map(lambda a: a[:, None], metrics)
+        # per stage, the mean over the clocks where it ran a forward, gathered so that every process
+        # holds every stage's figures, one scalar each (reading a figure out of a global array on
+        # the host is one more dispatch, about 1 ms each over two processes)
+        ran = (control["op"] == FORWARD_OP) | (control["op"] == LOCAL_OP)
+        count = jnp.maximum(ran.sum(), 1).astype(jnp.float32)
+        means = {name: lax.all_gather(jnp.where(ran, value, 0.0).sum() / count, "stage") for name, value in metrics.items()}
+        return local, [{name: value[s] for name, value in means.items()} for s in range(K)]
 
     # -- the state split in two: what tasks write and what only the optimizer step writes ---------
     def _parts(self, k, state):
@@ -670,14 +679,12 @@ def _global(tree, sharding):
     return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i: np.asarray(a)[i]), tree)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _masked_means(metrics, mask, replicated):
-    """Per stage, ``{name: mean}`` over the clocks where the stage ran a task; metrics are
-    ``[clocks, stages]``. The figures are replicated so every process can read every stage's, and
-    split per stage here: indexing a global array on the host is one more dispatch per figure
-    (about 1 ms each over two processes, benchmarks/pipeline_processes.py)."""
-    stacked = {name: jnp.concatenate([m[name] for m in metrics]) for name in metrics[0]}
-    count = jnp.maximum(mask.sum(0), 1)
-    means = {name: jnp.where(mask, value, 0.0).sum(0) / count for name, value in stacked.items()}
-    per_stage = [{name: value[k] for name, value in means.items()} for k in range(mask.shape[1])]
-    return jax.lax.with_sharding_constraint(per_stage, replicated)
+@functools.partial(jax.jit, static_argnums=1)
+def _weighted_means(means, counts):
+    """Per stage, the mean over several host calls' ``means`` (each a list of per-stage
+    ``{name: mean}``, replicated) weighted by their task ``counts`` (``[calls][stages]``)."""
+    out = []
+    for k in range(len(means[0])):
+        total = max(sum(c[k] for c in counts), 1)
+        out.append({name: sum(m[k][name] * (c[k] / total) for m, c in zip(means, counts)) for name in means[0][k]})
+    return out

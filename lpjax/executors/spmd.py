@@ -5,7 +5,7 @@ slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule 
 
     for t in clocks:                                    # lax.scan over the lowered arrays
       k, op = axis_index("stage"), op[t,k]              # one 0-or-1-trip loop per (stage, opcode):
-      h, own_dx, dx = bubbles                           # only stage k's op runs; idle runs none
+      h, own_dx, dx = outboxes                          # only stage k's op runs; idle runs none
       if op != IDLE:                                    # stage k's forward | backward | local
         x = stream_x[input[t,0]] if k == 0 else acts[k][input[t,k]]
         r, c = res[k][consume_res[t,k,:]], cots[k][consume_cot[t,k,:]]   # read before res is written
@@ -14,27 +14,32 @@ slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule 
           for i, j in enumerate(sources[k]):           # cotangents this task consumes
             if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, r[i], c[i])
       state = pmean(state, "data"); if update[t,k]: state = optimizer_step(state)
+      outboxes = h, own_dx, dx                          # an idle stage sends them again: ignored
       h, (own_dx, dx) = ppermute(h, +1), ppermute((own_dx, dx), -1)
       acts[k][receive_act[t,k]] = h; cots[k][receive_cot[t,k,o]] = message o   # slots >= 0 only
+    metrics = per stage, mean over its forwards        # all_gather over stage: replicated
 
 The mailboxes (activations, cotangents, residuals; one set per
 stage, one copy per device of its row, holding a slice of each microbatch) persist between host
 calls, so whatever a ``drain`` or an evaluation leaves in flight waits for the task that consumes
 it, as in the dataflow executor. Stages of different shapes share the state buffers after
-flattening and padding (``packing.py``). Inside a host call the state is two parts, what tasks
+flattening and padding (``packing.py``). The state lives on the mesh as two buffers, what tasks
 write (gradient sum, statistics) and what only the optimizer step writes (parameters, optimizer
-state), split and joined once per call and kept as per-leaf arrays when the stages' leaves have the
-same shapes (``packing.shared_layout``); residual slots leave out weights and constants
-(``residuals.py``). Why loops and not a ``lax.switch``: XLA copies what a conditional passes through
-or updates (see ``_scan``).
+state), stacked over ``stage`` and kept as per-leaf arrays when the stages' leaves have the same
+shapes (``packing.shared_layout``), so a host call neither splits nor joins it; only a sharded
+checkpoint sees the flat per-dtype format (``_flat_state``). Residual slots leave out weights and
+constants (``residuals.py``). Why loops and not a ``lax.switch``: XLA copies what a conditional
+passes through or updates (see ``_scan``).
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
 global gradient norm from a ``psum`` over ``stage`` (``StageKernels.update``). With a ``data`` axis
 the floating state is averaged over the row after every clock, outside the per-stage branches so
 every device runs the same collectives; gradients then equal the whole-microbatch gradient, while
-BatchNorm statistics are per-slice averages. Idle stages send bubbles (zeros, or NaN with
-``bubble_fill=nan``, which tests use to prove they never reach parameters): receivers only write
-slots the host allocated for real messages.
+BatchNorm statistics are per-slice averages. Every stage sends a message every clock (a
+collective); an idle stage sends its outbox again, filled with bubbles (zeros, or NaN with
+``bubble_fill=nan``, which tests use to prove they never reach parameters) at the start of each
+host call and holding its last real message after that: receivers only write slots the host
+allocated for real messages.
 """
 
 import dataclasses
@@ -506,9 +511,10 @@ class SpmdExecutor:
         # branch is a loop that runs once on the device whose stage and opcode it is and zero times
         # elsewhere (``_once``), starting from what an idle clock returns; the optimizer step
         # likewise. A forward writes its residual into its mailbox slot in place; the other
-        # mailboxes go in read-only. The state is split, once per host call, into the part tasks
-        # write (gradient sum, statistics) and the part only the optimizer step writes
-        # (parameters, optimizer state), read-only to tasks.
+        # mailboxes ride through the loops' carry read-only (as loop operands XLA copied them at
+        # every clock before the receives wrote them), and a receive is a loop too, writing only
+        # when a slot takes the message. The part of the state only the optimizer step writes
+        # (parameters, optimizer state) is read-only to tasks.
         branches, offsets = [], []
         for s in range(K):
             offsets.append(len(branches))

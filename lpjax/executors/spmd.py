@@ -188,13 +188,18 @@ class SpmdExecutor:
     # -- public ------------------------------------------------------------------------------
     def feed(self, microbatch_inputs, microbatch_labels):
         """``microbatch_inputs/labels``: this process's rows of each microbatch (``data_shard``)."""
-        xs, ys = np.stack(microbatch_inputs), np.stack(microbatch_labels)
         if not self._ready:
-            self._prepare(xs[0], ys[0])
-        for x, y in zip(xs, ys):
+            self._prepare(np.asarray(microbatch_inputs[0]), np.asarray(microbatch_labels[0]))
+        first = self.fed
+        for x, y in zip(microbatch_inputs, microbatch_labels, strict=True):
             self.inputs[self.fed], self.labels[self.fed] = x, y
             self.fed += 1
-        self._run(drain=False)
+        self._run(drain=False)  # copies what it runs into the call's input stream
+        # what a later call runs is copied now: the caller may reuse the batch's memory
+        for m in range(first, self.fed):
+            for kept in (self.inputs, self.labels):
+                if m in kept:
+                    kept[m] = np.array(kept[m])
 
     def drain(self):
         if self._ready:

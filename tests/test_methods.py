@@ -147,13 +147,14 @@ def test_schedules_agree_for_window_one():
 
 
 def test_gpipe_backprop_equals_sequential_backprop():
-    """Also: the reference executor runs a flushed step as one compiled program (GPipe here) and
-    gives exactly what it gives task by task (Sequential here), the one-tree update included."""
+    """Also: the reference executor can run a flushed step as one compiled program (GPipe here; its
+    default for one-microbatch steps) and gives exactly what it gives task by task (Sequential here),
+    the one-tree update included."""
     x, y = tiny_batch(16)
     runs = []
     for schedule, whole_steps in ((Sequential(4), False), (GPipe(4), True)):
         trainer = lpjax.Trainer(tiny_model(), method=lpjax.Backprop(), optimizer=optax.adam(1e-2), schedule=schedule)
-        assert trainer.executor.whole_steps  # the reference's default for a flushing schedule
+        assert not trainer.executor.whole_steps  # the default for steps of several microbatches
         trainer.executor.whole_steps = whole_steps
         metrics = [trainer.step(x, y) for _ in range(3)]
         assert sum(key[0] == "step" for key in trainer.executor._cells) == whole_steps  # one program for all steps

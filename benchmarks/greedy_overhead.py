@@ -14,7 +14,7 @@ same parameters, so the timings compare the same math. The goal is lpjax <= 1.05
 time per step (median wall clock over alternating rounds). The process's CPU time per step is printed
 beside it: on a machine shared with other jobs it moves much less than the wall clock, so it is the
 better figure for telling a real difference from noise. On the shared 2-core machine here the ratio
-moves by +-4% from run to run at the defaults (load 1-3): 1.02-1.07 wall and 1.04-1.07 CPU with one
+moves by +-4% from run to run at the defaults (load 1-3): 1.02-1.08 wall and 1.04-1.09 CPU with one
 program per step, 1.02-1.11 wall with one program per stage (before). The steadier signs: the
 main thread's CPU per step went from about 2.6 to 1.0 ms (one hand-written step: 0.4 ms), and XLA's
 bytes accessed per step are 247.6 MB against the hand-written step's 232.9 MB (the rest is the

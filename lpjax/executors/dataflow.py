@@ -242,25 +242,39 @@ class DataflowExecutor:
         k+1's forward (``benchmarks/greedy_overhead.py``). Compiled once per step table, with
         microbatches counted from the step's first: every step of a flushing schedule reuses it."""
         base = min(task.microbatch for task in tasks)
-        shift = lambda m: m - base
-        relative = tuple(dataclasses.replace(task, microbatch=shift(task.microbatch),
-                                             consumes=tuple((j, shift(m)) for j, m in task.consumes))
-                         for task in tasks)
-        key = ("step", relative)
+        # The step's table relative to its first microbatch: every step of a flushing schedule has
+        # the same one, so its signature (plain tuples, cheaper to build than shifted Tasks: this is
+        # host time of every step) finds the compiled program.
+        signature = tuple((t.stage, t.microbatch - base, t.phase, t.update, t.first,
+                           tuple((j, m - base) for j, m in t.consumes)) for t in tasks)
+        step = {task.microbatch for task in tasks}
+        step_inputs = {(k, m - base): self.inputs.pop((k, m)) for k, m in list(self.inputs) if m in step}
+        # one program input per distinct label array (feed places one copy per placement, not per stage)
+        labels, label_of = [], {}
+        for k, m in list(self.labels):
+            if m in step:
+                array = self.labels.pop((k, m))
+                index = next((i for i, seen in enumerate(labels) if seen is array), None)
+                if index is None:
+                    index = len(labels)
+                    labels.append(array)
+                label_of[(k, m - base)] = index
+        key = ("step", signature, tuple(sorted(step_inputs)), tuple(sorted(label_of.items())))
         if key not in self._cells:
-            self._cells[key] = jax.jit(functools.partial(self._traced_step, relative), donate_argnums=(0,),
-                                     keep_unused=True)
-        step_microbatches = {task.microbatch for task in tasks}
-        inputs = {(k, shift(m)): self.inputs.pop((k, m)) for k, m in list(self.inputs) if m in step_microbatches}
-        labels = {(k, shift(m)): self.labels.pop((k, m)) for k, m in list(self.labels) if m in step_microbatches}
-        self._leaves, metrics = self._cells[key](self._leaves, inputs, labels)
-        forwards = [task for task in tasks if task.runs_forward]
-        self.log += [(task.stage, task.microbatch, entry) for task, entry in zip(forwards, metrics)]
-        for task in forwards:
-            self.done[task.stage] = task.microbatch + 1
+            relative = tuple(dataclasses.replace(task, microbatch=task.microbatch - base,
+                                                 consumes=tuple((j, m - base) for j, m in task.consumes))
+                             for task in tasks)
+            program = jax.jit(functools.partial(self._traced_step, relative, dict(label_of)), donate_argnums=(0,),
+                              keep_unused=True)
+            self._cells[key] = (program, [(t.stage, t.microbatch) for t in relative if t.runs_forward])
+        program, forwards = self._cells[key]
+        self._leaves, metrics = program(self._leaves, step_inputs, labels)
+        self.log += [(k, m + base, entry) for (k, m), entry in zip(forwards, metrics)]
+        for k, m in forwards:
+            self.done[k] = m + base + 1
 
-    def _traced_step(self, tasks, leaves, inputs, labels):
-        with self._step_in_trace(leaves, inputs, labels):
+    def _traced_step(self, tasks, label_of, leaves, inputs, labels):
+        with self._step_in_trace(leaves, inputs, {where: labels[i] for where, i in label_of.items()}):
             for task in tasks:
                 self._execute(task)
             left = [name for name, box in [("inputs", self.inputs), ("labels", self.labels),

@@ -14,9 +14,10 @@ class SingleDevice:
 
     def __init__(self, device=None):
         self.device = device or jax.devices()[0]
+        self._sharding = jax.sharding.SingleDeviceSharding(self.device)  # one object: asked every step
 
     def state_sharding(self, k):
-        return jax.sharding.SingleDeviceSharding(self.device)
+        return self._sharding
 
     batch_sharding = state_sharding
 

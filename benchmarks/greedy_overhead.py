@@ -13,12 +13,22 @@ Both start from the same weights and see the same batches, and the script checks
 same parameters, so the timings compare the same math. The goal is lpjax <= 1.05x the hand-written
 time per step (median wall clock over alternating rounds). The process's CPU time per step is printed
 beside it: on a machine shared with other jobs it moves much less than the wall clock, so it is the
-better figure for telling a real difference from noise. On the shared 2-core machine here the ratio
-moves by +-4% from run to run at the defaults (load 1-3): 1.02-1.08 wall and 1.04-1.09 CPU with one
-program per step, 1.02-1.11 wall with one program per stage (before). The steadier signs: the
-main thread's CPU per step went from about 2.6 to 1.0 ms (one hand-written step: 0.4 ms), and XLA's
-bytes accessed per step are 247.6 MB against the hand-written step's 232.9 MB (the rest is the
-gradient-norm pass each stage's non-finite check and ``grad_norm`` metric read).
+better figure for telling a real difference from noise, and the main thread's CPU per step (the host
+side: dispatch and lpjax's Python) beside that. On the shared 2-core machine here the ratio moves by
++-4% from run to run at the defaults (load 1.5-3). On 2026-11-28, with the step's program found by a
+plain signature and each label passed once (``lpjax/executors/dataflow.py``): 1.00-1.10 wall (median
+1.06) and 1.00-1.09 CPU (median 1.055) over eleven runs of 9-15 rounds, against 1.06-1.11 wall
+(median 1.08) for the code before in seven runs interleaved with them; the main thread's CPU per
+step 0.6-0.8 ms against 1.0 (one hand-written step: 0.3 ms). What is left is the gradient-norm pass:
+XLA's bytes accessed per step are 247.6 MB against the hand-written step's 232.9 MB, the difference
+being one read of every gradient for the norm that each stage's non-finite check and ``grad_norm``
+metric need, and XLA's CPU backend does not fuse that reduction with the dot that writes the
+gradient (its reductions run alone, at 8-14 GB/s here). Measured in one process, two instances of
+each, with the norm replaced by a constant (``StageKernels.update`` patched: only a measurement, it
+skips the check): lpjax then ran at 0.98x and 1.02x the hand-written step, against 1.05x and 1.07x
+with it. The cond that skips a non-finite update costs nothing measurable on top: applying the
+update unconditionally with the norm still computed was no faster, and a ``jnp.where`` select of old
+and new state was 1.34x.
 
 Run from the repository root (the default takes about a minute on 2 CPU cores):
 
@@ -129,13 +139,15 @@ class Lpjax:
 # -- timing -------------------------------------------------------------------------------------
 
 def seconds_per_step(runner, batches, steps):
-    """Wall-clock and process CPU seconds per step."""
+    """Wall-clock, process CPU and main-thread CPU seconds per step. The main thread's CPU is the
+    host side of a step (dispatch, and lpjax's own Python); XLA computes on other threads."""
     runner.wait()
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, host = time.perf_counter(), time.process_time(), time.thread_time()
     for i in range(steps):
         runner.step(*batches[i % len(batches)])
+    host = time.thread_time() - host
     runner.wait()  # parameters (and anything else the step returns) are ready
-    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, host / steps
 
 
 def main(argv=None):
@@ -164,13 +176,14 @@ def main(argv=None):
 
     for runner in runners.values():
         seconds_per_step(runner, batches, args.warmup)
-    wall, cpu = {name: [] for name in runners}, {name: [] for name in runners}
+    wall, cpu, host = ({name: [] for name in runners} for _ in range(3))
     for r in range(args.rounds):
         # alternate who goes first, so drift in machine load hits both alike
         for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-            w, c = seconds_per_step(runners[name], batches, args.steps)
+            w, c, h = seconds_per_step(runners[name], batches, args.steps)
             wall[name].append(w * 1e3)
             cpu[name].append(c * 1e3)
+            host[name].append(h * 1e3)
 
     got, want = runners["lpjax"].plain_params(), jax.device_get(runners["hand-written"].params)
     same = all(np.allclose(got[k][n], want[k][n], rtol=1e-4, atol=1e-6) for k in range(args.stages) for n in want[k])
@@ -184,8 +197,8 @@ def main(argv=None):
     median_cpu = {name: statistics.median(t) for name, t in cpu.items()}
     for name in runners:
         spread = ", ".join(f"{t:.1f}" for t in wall[name])
-        print(f"  {name:>13}: {median[name]:8.2f} ms/step wall, {median_cpu[name]:8.2f} ms/step CPU"
-              f"   (wall per round: {spread})")
+        print(f"  {name:>13}: {median[name]:8.2f} ms/step wall, {median_cpu[name]:8.2f} ms/step CPU, "
+              f"{statistics.median(host[name]):5.2f} ms/step main thread   (wall per round: {spread})")
     ratio = median["lpjax"] / median["hand-written"]
     cpu_ratio = median_cpu["lpjax"] / median_cpu["hand-written"]
     print(f"  ratio lpjax / hand-written: {ratio:.3f} wall, {cpu_ratio:.3f} CPU  "

@@ -137,6 +137,11 @@ class SpmdExecutor:
         self.inputs, self.labels = {}, {}  # host copies of fed microbatches until their last use
         self._metrics = []
         self._programs, self._controls = {}, {}
+        # whether this process holds a stage-0 device (feeds the input stream), and the zeros input
+        # shards of its other devices (_input_stream)
+        self.feeds_inputs = any(d.process_index == jax.process_index()
+                                for d in np.asarray(mesh.devices).reshape(self.num_stages, -1)[0])
+        self._idle_inputs = {}
         self._ready = False
 
     # -- shapes ------------------------------------------------------------------------------
@@ -440,7 +445,8 @@ class SpmdExecutor:
         self._grow(self.lowering.capacities())
         # stage 0's inputs, one row per forward it runs in this call (``input[t, 0]``), at least one
         rows = max(1, sum(task is not None and task.stage == 0 and task.runs_forward for clock in clocks for task in clock))
-        stream_x = np.zeros((rows, *self._fed(self.x_spec[0])), self.x_spec[1])
+        # only a process that holds a stage-0 device fills the stream (see _input_stream)
+        stream_x = np.zeros((rows, *self._fed(self.x_spec[0])), self.x_spec[1]) if self.feeds_inputs else None
         stream_y = np.zeros((len(clocks), K, *self._fed(self.y_spec[0])), self.y_spec[1])
         together = False
         for t, clock in enumerate(clocks):
@@ -453,7 +459,9 @@ class SpmdExecutor:
                     continue
                 self.done[k] = m + 1
                 if k == 0:
-                    stream_x[control["input"][t, 0]] = self.inputs.pop(m)
+                    x = self.inputs.pop(m)
+                    if stream_x is not None:
+                        stream_x[control["input"][t, 0]] = x
                 if self.kernels[k].trains_head:
                     stream_y[t, k] = self.labels[m]
                 if k == K - 1:
@@ -463,11 +471,33 @@ class SpmdExecutor:
         if self.one_tree:
             control["update"][:] = 0  # every stage steps together after the scan instead
         counts = np.isin(control["op"], RUNS_FORWARD).sum(0)  # tasks with metrics, per stage
-        streams = (self._rows(stream_x, P(None, "data"), (rows, *self._full(self.x_spec[0]))),
+        streams = (self._input_stream(stream_x, rows),
                    self._rows(stream_y, P(None, "stage", "data"), (len(clocks), K, *self._full(self.y_spec[0]))),
                    self._control_on_device(control))
         self.buffers, metrics = self._program(together)(self.buffers, *streams)
         self._metrics.append((metrics, counts))
+
+    def _input_stream(self, stream_x, rows):
+        """Stage 0's input stream as a global array ``[K, rows, microbatch rows, ...]`` sharded over
+        ``stage`` and ``data``. Only stage 0 reads it, so each stage-0 device gets its rows of
+        ``stream_x`` and every other device a zeros shard kept on it from call to call: a process
+        without stage 0 neither fills a stream nor copies one to its devices at each call."""
+        shape = (self.num_stages, rows, *self._full(self.x_spec[0]))
+        sharding = NamedSharding(self.mesh, P("stage", None, "data"))
+        offset = self.data_shard[0] * self._fed(self.x_spec[0])[0]  # the first row this process feeds
+        shards = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            if index[0].indices(shape[0])[0] == 0:
+                start, stop, _ = index[2].indices(shape[2])
+                shards.append(jax.device_put(stream_x[None, :, start - offset: stop - offset], device))
+                continue
+            key = (device, rows)
+            if key not in self._idle_inputs:
+                if len(self._idle_inputs) >= 4 * len(self.mesh.local_devices):
+                    self._idle_inputs.pop(next(iter(self._idle_inputs)))
+                self._idle_inputs[key] = jax.device_put(np.zeros(sharding.shard_shape(shape), self.x_spec[1]), device)
+            shards.append(self._idle_inputs[key])
+        return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
     def _rows(self, local, spec, global_shape):
         """The global stream array from this process's rows: every row (one process, or whole
@@ -495,7 +525,7 @@ class SpmdExecutor:
                     for name, tree in self.buffers.items()}
             control_spec = P(None, "stage")
             mapped = jax.shard_map(functools.partial(self._scan, together), mesh=self.mesh,
-                                   in_specs=(spec, P(None, "data"), P(None, "stage", "data"), control_spec),
+                                   in_specs=(spec, P("stage", None, "data"), P(None, "stage", "data"), control_spec),
                                    out_specs=(spec, P()), axis_names={"stage", "data"},
                                    check_vma=False)
             self._programs[together] = jax.jit(mapped, donate_argnums=(0,))
@@ -505,7 +535,7 @@ class SpmdExecutor:
         # drop this device's stage axis (and data axis, for mailboxes), both of size 1
         local = {name: jax.tree.map(lambda a: a[0, 0] if name in self.PER_SLICE else a[0], tree)
                  for name, tree in buffers.items()}
-        ys = ys[:, 0]
+        xs, ys = xs[0], ys[:, 0]
         control = {name: a[:, 0] for name, a in control.items()}
         k = lax.axis_index("stage")
         K = self.num_stages

@@ -28,7 +28,8 @@ write (gradient sum, statistics) and what only the optimizer step writes (parame
 state), stacked over ``stage`` and kept as per-leaf arrays when the stages' leaves have the same
 shapes (``packing.shared_layout``), so a host call neither splits nor joins it; only a sharded
 checkpoint sees the flat per-dtype format (``_flat_state``). Residual slots leave out weights and
-constants (``residuals.py``). Why loops and not a ``lax.switch``: XLA copies what a conditional
+constants (``residuals.py``). A host call's input stream is sharded over ``stage`` too: only stage
+0 reads it, so the other stages' devices keep a zeros shard from call to call (``_input_stream``). Why loops and not a ``lax.switch``: XLA copies what a conditional
 passes through or updates (see ``_scan``).
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the

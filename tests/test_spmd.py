@@ -35,6 +35,11 @@ def test_transformer_matches_reference(num_stages, method):
     reference = run(model_fn, lm_batch(), method, Streaming(2), None)
     spmd = run(model_fn, lm_batch(), method, Streaming(2), lpjax.Layout(stages=num_stages, executor="spmd"))
     assert_trees_close(stage_params(reference), stage_params(spmd), atol=1e-6)
+    # only stage 0 reads the input stream: the other stages' devices, and only they, keep zeros shards
+    executor = spmd.executor
+    later = set(np.asarray(executor.mesh.devices).reshape(num_stages, -1)[1:].ravel())
+    assert {device for device, _ in executor._idle_inputs} == later
+    assert not any(np.any(np.asarray(shard)) for shard in executor._idle_inputs.values())
 
 
 def test_gpipe_backprop_matches_reference():

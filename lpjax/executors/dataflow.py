@@ -23,10 +23,10 @@ update with stage k+1's forward: on ``benchmarks/greedy_overhead.py`` (4 stages,
 went from about 1.10x to about 1.07x the hand-written step, and the main thread's CPU per step
 from about 2.6 to 1.0 ms; to about 0.8 ms (and about 1.06x) once a step found its program by a
 signature of plain tuples instead of rebuilding shifted ``Task`` objects, and passed each distinct
-label array once instead of once per stage (the hand-written step: 0.3 ms). The donated stage states keep their unused leaves (``keep_unused``):
-otherwise the gradient sums that a step's first forward overwrites drop out of the program's
-inputs, and jax's pairing of donated inputs with outputs slides by one stage, which cost twelve
-4 MB copies per step there. The per-stage (MPMD) executor runs task by task so that stages on
+label array once instead of once per stage (the hand-written step: 0.3 ms). The donated stage
+states keep their unused leaves (``keep_unused``): otherwise the gradient sums that a step's first
+forward overwrites drop out of the program's inputs, and jax's pairing of donated inputs with
+outputs slides by one stage, which cost twelve 4 MB copies per step there. The per-stage (MPMD) executor runs task by task so that stages on
 different devices overlap; so does a streaming schedule, whose tasks carry over between calls. So
 does, by default, a step of several microbatches: on one core (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``,
 ``taskset -c 0``; the 2-stage x 2-layer 1024-wide MLP of ``benchmarks/pipeline_processes.py``, 4

@@ -29,8 +29,9 @@ state), stacked over ``stage`` and kept as per-leaf arrays when the stages' leav
 shapes (``packing.shared_layout``), so a host call neither splits nor joins it; only a sharded
 checkpoint sees the flat per-dtype format (``_flat_state``). Residual slots leave out weights and
 constants (``residuals.py``). A host call's input stream is sharded over ``stage`` too: only stage
-0 reads it, so the other stages' devices keep a zeros shard from call to call (``_input_stream``). Why loops and not a ``lax.switch``: XLA copies what a conditional
-passes through or updates (see ``_scan``).
+0 reads it, so the other stages' devices keep a zeros shard from call to call (``_input_stream``).
+Why loops and not a ``lax.switch``: XLA copies what a conditional passes through or updates (see
+``_scan``).
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
 global gradient norm from a ``psum`` over ``stage`` (``StageKernels.update``). With a ``data`` axis

@@ -26,8 +26,8 @@ signature of plain tuples instead of rebuilding shifted ``Task`` objects, and pa
 label array once instead of once per stage (the hand-written step: 0.3 ms). The donated stage
 states keep their unused leaves (``keep_unused``): otherwise the gradient sums that a step's first
 forward overwrites drop out of the program's inputs, and jax's pairing of donated inputs with
-outputs slides by one stage, which cost twelve 4 MB copies per step there. The per-stage (MPMD) executor runs task by task so that stages on
-different devices overlap; so does a streaming schedule, whose tasks carry over between calls. So
+outputs slides by one stage, which cost twelve 4 MB copies per step there.
+The per-stage (MPMD) executor runs task by task so that stages on different devices overlap; so does a streaming schedule, whose tasks carry over between calls. So
 does, by default, a step of several microbatches: on one core (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``,
 ``taskset -c 0``; the 2-stage x 2-layer 1024-wide MLP of ``benchmarks/pipeline_processes.py``, 4
 microbatches of 512) one program per step took 552 ms against 516 task by task with chunked

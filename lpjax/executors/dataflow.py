@@ -27,14 +27,15 @@ label array once instead of once per stage (the hand-written step: 0.3 ms). The 
 states keep their unused leaves (``keep_unused``): otherwise the gradient sums that a step's first
 forward overwrites drop out of the program's inputs, and jax's pairing of donated inputs with
 outputs slides by one stage, which cost twelve 4 MB copies per step there.
-The per-stage (MPMD) executor runs task by task so that stages on different devices overlap; so does a streaming schedule, whose tasks carry over between calls. So
-does, by default, a step of several microbatches: on one core (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``,
-``taskset -c 0``; the 2-stage x 2-layer 1024-wide MLP of ``benchmarks/pipeline_processes.py``, 4
-microbatches of 512) one program per step took 552 ms against 516 task by task with chunked
-(Sequential(4), the same bits) and 538 against 530 with 1F1B backprop, whose parameters then differed
-by up to 3e-8 (XLA fuses across the cells' boundaries and rounds differently). With one microbatch per step the
-same 1F1B backprop took 112 ms as one program against 134 task by task, to the bit. ``whole_steps=True``
-asks for it anyway (``tests/test_methods.py`` does, and checks the bits on a tiny model).
+The per-stage (MPMD) executor runs task by task so that stages on different devices overlap; so does
+a streaming schedule, whose tasks carry over between calls. So does, by default, a step of several
+microbatches: on one core (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``, ``taskset -c 0``; the
+2-stage x 2-layer 1024-wide MLP of ``benchmarks/pipeline_processes.py``, 4 microbatches of 512) one
+program per step took 552 ms against 516 task by task with chunked (Sequential(4), the same bits)
+and 538 against 530 with 1F1B backprop, whose parameters then differed by up to 3e-8 (XLA fuses
+across the cells' boundaries and rounds differently). With one microbatch per step the same 1F1B
+backprop took 112 ms as one program against 134 task by task, to the bit. ``whole_steps=True`` asks
+for it anyway (``tests/test_methods.py`` does, and checks the bits on a tiny model).
 
 Each stage's state is kept as its flat list of arrays, and the compiled cells take and return that
 list: a ``StageState`` holds Flax ``Variable`` nodes, whose Python flatten and unflatten at every

@@ -46,8 +46,9 @@ second, median over rounds. It prints:
 
 On a shared machine other jobs take the cores we use, and a lock-step pipeline that needs two cores
 suffers more from that than a run that needs one (the other jobs move to the free core). So each line
-also shows the busier process's CPU time, how long its XLA thread was runnable but kept from its core
-(/proc schedstat), and how much of the workers' cores other jobs used during its rounds (/proc/stat);
+also shows the busier process's CPU time (and each process's, for a run of several), how long its
+XLA thread was runnable but kept from its core (/proc schedstat), and how much of the workers' cores
+other jobs used during its rounds (/proc/stat);
 "ceiling" is the stage-parallelism ratio the CPU times alone would allow if nothing ever waited; the
 "hardware ceiling" is the one the ``local 1x1 pair`` run allows.
 
@@ -309,7 +310,7 @@ def main(argv=None):
                                    cores[:STAGES], args.timeout)
         configs += [("local", "spmd@1"), ("backprop", "1x1"), ("backprop", "spmd@1"), ("local", "1x1 pair")]
     label = lambda name, where: f"{name} {where}"
-    wall, cpu, others, delay = ({label(*c): [] for c in configs} for _ in range(4))
+    wall, cpu, others, delay, each_cpu = ({label(*c): [] for c in configs} for _ in range(5))
     try:
         info = {name: group.collect() for name, group in groups.items()}
         for name, where in configs:  # compile and fill the pipeline, one configuration at a time
@@ -323,6 +324,7 @@ def main(argv=None):
                 key = label(name, where)
                 wall[key].append(max(a["wall"] for a in answers))
                 cpu[key].append(max(a["cpu"] for a in answers))
+                each_cpu[key].append([a["cpu"] for a in answers])  # in process-id order (stage order for 2x1)
                 delay[key].append(max(a["delay"] for a in answers))
                 busy = sum(after[c] - before[c] for c in group.cores)
                 others[key].append(max(0.0, busy - sum(a["cpu"] for a in answers)) / (wall[key][-1] * len(group.cores)))
@@ -347,12 +349,15 @@ def main(argv=None):
     for key in wall:
         rate[key] = batch * args.steps / statistics.median(wall[key])
         per_round = ", ".join(f"{batch * args.steps / w:.0f}" for w in wall[key])
-        print(f"  {key:>14}: {rate[key]:7.0f} examples/s; per step {ms(wall[key]):6.1f} ms wall, {ms(cpu[key]):6.1f} ms CPU, "
-              f"XLA thread kept from its core {ms(delay[key]):5.1f} ms; other jobs {100 * statistics.median(others[key]):3.0f}% "
-              f"of its cores  (examples/s per round: {per_round})")
-    print("  (CPU: all threads of the busier process, which all share its one core; kept from its core: the busiest "
-          "thread's time runnable but not running; other jobs: busy time of the workers' cores in /proc/stat "
-          "less the workers' own CPU time)")
+        processes = len(each_cpu[key][0])
+        each = "" if processes == 1 else " (each process: " + " / ".join(
+            f"{ms([c[i] for c in each_cpu[key]]):.1f}" for i in range(processes)) + ")"
+        print(f"  {key:>14}: {rate[key]:7.0f} examples/s; per step {ms(wall[key]):6.1f} ms wall, {ms(cpu[key]):6.1f} ms CPU"
+              f"{each}, XLA thread kept from its core {ms(delay[key]):5.1f} ms; other jobs "
+              f"{100 * statistics.median(others[key]):3.0f}% of its cores  (examples/s per round: {per_round})")
+    print("  (CPU: all threads of the busier process, which all share its one core, and of each process "
+          "(2x1: stage 0 / stage 1); kept from its core: the busiest thread's time runnable but not running; "
+          "other jobs: busy time of the workers' cores in /proc/stat less the workers' own CPU time)")
 
     def ratio(a, b):
         paired = sorted(wall[b][i] / wall[a][i] for i in range(args.rounds))  # rounds run side by side

@@ -253,15 +253,14 @@ class DataflowExecutor:
         step = {task.microbatch for task in tasks}
         step_inputs = {(k, m - base): self.inputs.pop((k, m)) for k, m in list(self.inputs) if m in step}
         # one program input per distinct label array (feed places one copy per placement, not per stage)
-        labels, label_of = [], {}
+        labels, index_of, label_of = [], {}, {}
         for k, m in list(self.labels):
             if m in step:
                 array = self.labels.pop((k, m))
-                index = next((i for i, seen in enumerate(labels) if seen is array), None)
-                if index is None:
-                    index = len(labels)
+                if id(array) not in index_of:  # ``labels`` keeps the array alive, so its id is stable
+                    index_of[id(array)] = len(labels)
                     labels.append(array)
-                label_of[(k, m - base)] = index
+                label_of[(k, m - base)] = index_of[id(array)]
         key = ("step", signature, tuple(sorted(step_inputs)), tuple(sorted(label_of.items())))
         if key not in self._cells:
             relative = tuple(dataclasses.replace(task, microbatch=task.microbatch - base,

@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 DEMO_WORKDIR ?= runs/demo
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -57,6 +57,7 @@ def bench(tmp_path_factory):
     return sweep, workdir, run_bench(sweep, workdir, verbose=False)
 
 
+@pytest.mark.xdist_group("bench")  # one worker runs the shared fixture (--dist loadgroup)
 def test_bench_writes_report_results_and_figures(bench):
     _, workdir, summary = bench
     report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
@@ -71,6 +72,7 @@ def test_bench_writes_report_results_and_figures(bench):
         ("backprop", 16), ("backprop", 32), ("greedy", 16), ("greedy", 32)}
 
 
+@pytest.mark.xdist_group("bench")
 def test_results_hold_per_step_curves_with_cost_accounting(bench):
     _, workdir, _ = bench
     records = read_records(os.path.join(workdir, "results.jsonl"))
@@ -88,6 +90,7 @@ def test_results_hold_per_step_curves_with_cost_accounting(bench):
     assert greedy["cost"]["ideal_flops_per_step"] < backprop["cost"]["ideal_flops_per_step"]
 
 
+@pytest.mark.xdist_group("bench")
 def test_alignment_is_probed_at_the_largest_batch_size(bench):
     _, _, summary = bench
     rows = {r["label"]: r for r in summary["alignment"]}
@@ -97,12 +100,14 @@ def test_alignment_is_probed_at_the_largest_batch_size(bench):
     assert last == pytest.approx(1.0, abs=1e-5) and -1.0 <= first < 1.0 - 1e-4
 
 
+@pytest.mark.xdist_group("bench")
 def test_the_compilation_cache_is_used_then_switched_off(bench):
     _, workdir, _ = bench
     assert os.listdir(os.path.join(workdir, "jax_cache"))
     assert jax.config.jax_compilation_cache_dir is None
 
 
+@pytest.mark.xdist_group("bench")
 def test_rerun_skips_finished_runs(bench, capsys):
     sweep, workdir, _ = bench
     metrics = [os.path.join(workdir, "runs", d, "metrics.jsonl") for d in os.listdir(os.path.join(workdir, "runs"))]
@@ -113,6 +118,7 @@ def test_rerun_skips_finished_runs(bench, capsys):
     assert len(read_records(os.path.join(workdir, "results.jsonl"))) == 4
 
 
+@pytest.mark.xdist_group("bench")
 def test_plot_run_draws_one_training_run(bench):
     _, workdir, summary = bench
     run_dir = os.path.join(workdir, "runs", summary["best"][0]["run_id"])
@@ -170,6 +176,7 @@ def test_unknown_suite_names_the_choices(tmp_path):
         run_bench(str(tmp_path / "nope.py"), str(tmp_path), verbose=False)
 
 
+@pytest.mark.xdist_group("bench")
 def test_summary_is_plain_json(bench):
     _, workdir, _ = bench
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:

@@ -3,12 +3,12 @@
 Bad input must end with exactly one stderr line, exit code 2, no traceback, and no workdir.
 """
 
-import concurrent.futures
 import json
 import os
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -142,6 +142,20 @@ def run_cli(*args, cwd=REPO):
                           text=True, timeout=300)
 
 
+def run_cli_many(commands):
+    """``run_cli`` for each ``(args, cwd)``, each still its own process, but forked from one that has
+    imported lpjax already (tests/cli_forks.py): the import is most of a failing command's cost."""
+    with tempfile.TemporaryDirectory() as folder:
+        cases = Path(folder) / "cases.json"
+        cases.write_text(json.dumps([[str(cwd), [str(arg) for arg in args]] for args, cwd in commands]))
+        driver = subprocess.run([sys.executable, str(REPO / "tests" / "cli_forks.py"), str(cases)], cwd=REPO,
+                                env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                                timeout=600)
+    assert driver.returncode == 0, driver.stderr
+    return [subprocess.CompletedProcess(["lpjax", *args], code, stdout, stderr)
+            for (args, _), (code, stdout, stderr) in zip(commands, json.loads(driver.stdout))]
+
+
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     folder = tmp_path_factory.mktemp("configs")
@@ -160,23 +174,33 @@ def tiny_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bad_runs(tiny_config, tmp_path_factory):
-    """Every bad-input command, run two at a time: each pays JAX's import, so this halves the wait."""
+    """Every bad-input command, each in its own process forked after one shared import."""
     root = tmp_path_factory.mktemp("bad")
-
-    def run(case):
-        name, args, _ = case
+    workdirs, commands = [], []
+    for name, args, _ in BAD_INPUTS:
         workdir = root / "".join(c if c.isalnum() else "_" for c in name)
         args = [arg.format(configs=tiny_config.parent, workdir=workdir) for arg in args]
         if not any(arg.startswith("--config=") for arg in args):
             args = [f"--config={tiny_config}", *args]
         if not any(arg.startswith("--workdir=") for arg in args):
             args.append(f"--workdir={workdir}")
-        return name, workdir, run_cli("train", *args)
+        workdirs.append(workdir)
+        commands.append((["train", *args], REPO))
+    results = run_cli_many(commands)
+    return {case[0]: (workdir, result) for case, workdir, result in zip(BAD_INPUTS, workdirs, results)}
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return {name: (workdir, result) for name, workdir, result in pool.map(run, BAD_INPUTS)}
+
+@pytest.mark.xdist_group("bad_runs")
+def test_a_forked_command_says_what_a_fresh_process_says(bad_runs, tiny_config):
+    """The forked runs above stand for ``python -m lpjax``: one bad input of each kind (found by the
+    flag parser, by the config checks, by the recipe loader) gives the same output both ways."""
+    for name in ("unknown method", "misspelled flag", "config file that raises"):
+        workdir, forked = bad_runs[name]
+        fresh = run_cli(*forked.args[1:])
+        assert (fresh.returncode, fresh.stdout, fresh.stderr) == (forked.returncode, forked.stdout, forked.stderr)
 
 
+@pytest.mark.xdist_group("bad_runs")  # one worker runs the shared fixture (make test: --dist loadgroup)
 @pytest.mark.parametrize("name, args, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2(bad_runs, name, args, words):
     workdir, result = bad_runs[name]

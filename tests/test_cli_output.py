@@ -1,12 +1,11 @@
 """What the command line tells the user: per-command help, the shipped recipes, --print-config,
 --dry-run, the compile notice, and what a resumed or already finished run reports."""
 
-import concurrent.futures
 import json
 
 import pytest
 
-from test_cli import REPO, TINY_CONFIG, run_cli, tensorboard_scalars
+from test_cli import REPO, TINY_CONFIG, run_cli, run_cli_many, tensorboard_scalars
 
 HELP = {  # command: words its --help must show
     "train": ["usage: lpjax train", "--print-config", "--dry-run", "--workdir", "optimizer.learning_rate",
@@ -26,7 +25,7 @@ def tiny_recipe(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quick_runs(tiny_recipe, tmp_path_factory):
-    """The commands that train nothing, two at a time (each pays JAX's import)."""
+    """The commands that train nothing, each in its own process forked after one shared import."""
     outside = tmp_path_factory.mktemp("outside")  # not the checkout: recipes must come from the package
     commands = {f"help {c}": ([c, "--help"], REPO) for c in HELP}
     commands["recipes"] = (["recipes"], outside)
@@ -34,15 +33,11 @@ def quick_runs(tiny_recipe, tmp_path_factory):
                                 outside)
     commands["dry-run"] = (["train", f"--config={tiny_recipe}", "--dry-run", f"--workdir={outside / 'dry'}"], outside)
 
-    def run(item):
-        name, (args, cwd) = item
-        return name, run_cli(*args, cwd=cwd)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(pool.map(run, commands.items()))
+    results = dict(zip(commands, run_cli_many(list(commands.values()))))
     return results, outside
 
 
+@pytest.mark.xdist_group("quick_runs")  # one worker runs the shared fixture (--dist loadgroup)
 @pytest.mark.parametrize("command", sorted(HELP))
 def test_each_command_has_its_own_help(quick_runs, command):
     result = quick_runs[0][f"help {command}"]
@@ -53,6 +48,7 @@ def test_each_command_has_its_own_help(quick_runs, command):
     assert not any(usage in result.stdout for usage in others)
 
 
+@pytest.mark.xdist_group("quick_runs")
 def test_recipes_lists_the_shipped_recipes_with_descriptions(quick_runs):
     result = quick_runs[0]["recipes"]
     assert result.returncode == 0, result.stderr
@@ -62,6 +58,7 @@ def test_recipes_lists_the_shipped_recipes_with_descriptions(quick_runs):
     assert any(line.split()[:1] == ["small"] for line in lines)  # the sweep suites too
 
 
+@pytest.mark.xdist_group("quick_runs")
 def test_print_config_prints_the_resolved_config_of_a_recipe_named_from_outside_the_checkout(quick_runs):
     result = quick_runs[0]["print-config"]
     assert result.returncode == 0, result.stderr
@@ -72,6 +69,7 @@ def test_print_config_prints_the_resolved_config_of_a_recipe_named_from_outside_
     assert list(quick_runs[1].iterdir()) == []  # run there, and neither it nor --dry-run wrote anything
 
 
+@pytest.mark.xdist_group("quick_runs")
 def test_dry_run_builds_everything_and_writes_nothing(quick_runs):
     result = quick_runs[0]["dry-run"]
     assert result.returncode == 0, result.stderr

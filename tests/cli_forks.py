@@ -6,9 +6,10 @@ prints ``[[returncode, stdout, stderr], ...]`` as JSON.
 Each command runs as a user's ``lpjax ...`` does: in its own process, through ``lpjax.cli.main``
 with ``sys.argv`` set, its exit status and its own stdout/stderr file descriptors, so a traceback or a
 stray line written by anything below the CLI shows up. Only Python's start and the imports are
-shared: the parent imports ``lpjax.cli`` (JAX, flax, optax, orbax) and scikit-learn's datasets before it forks, with no thread
-and no JAX backend started yet, so forking is safe; each child starts its own backend if it needs one.
-Importing once instead of per command saves about 2.5 CPU-seconds a command.
+shared: the parent imports ``lpjax.cli`` (JAX, flax, optax, orbax) and scikit-learn's datasets
+before it forks, with no thread and no JAX backend started yet, so forking is safe; each child
+starts its own backend if it needs one. Importing once instead of per command saves about 2.5
+CPU-seconds a command.
 """
 
 import atexit
@@ -56,7 +57,7 @@ def main(path):
 
     assert threading.active_count() == 1, "a thread was started before forking: " + repr(threading.enumerate())
     cases = json.loads(open(path).read())
-    sys.stdout.flush()
+    sys.stdout.flush()  # anything the imports buffered would otherwise be written again by every child
     print(json.dumps([run_one(cwd, args) for cwd, args in cases]))
 
 

@@ -23,6 +23,9 @@ Every configuration trains the same model from the same weights on the same batc
   processes: the pipelined-backprop baseline;
 - ``backprop 1x1``: backprop with 1F1B on the reference executor, 1 process, 1 core;
 - ``backprop spmd@1``: (diagnostic) the 1F1B backprop SPMD program with both devices on one core;
+- ``messages 2x1``: (diagnostic) no training: local 2x1's messages alone, one activation-sized
+  ``lax.ppermute`` per clock from stage 0 to stage 1, M clocks a step, in the same two processes
+  (``MessagesOnly``): the transport's share of local 2x1's step;
 - ``local 1x1 pair``: (diagnostic) two independent copies of ``local 1x1`` at once, one per core. Each
   copy does exactly the lone 1x1's work, so 2 x (1x1 time / pair time) is the most two cores of this
   machine give for this work when both are busy: the hardware ceiling for stage parallelism. On the
@@ -41,6 +44,8 @@ second, median over rounds. It prints:
   (M+K-1)/M (goal: at least that, 1.19x at K=2, M=4);
 - the SPMD executor's own cost on one core: local spmd@1 time / local 1x1 time (goal <= 1.03x), and
   the same for 1F1B backprop: backprop spmd@1 / backprop 1x1 (goal <= 1.1x);
+- (diagnostic) where local 2x1's step goes: the busier process's CPU against half of local 1x1's,
+  the time it waited for the other stage (wall - CPU), and what the messages alone take;
 - the idle fraction of each schedule's task table, and whether every local run ends with the same
   parameters as local 1x1 (they ran the same steps on the same data; chunked is exact).
 
@@ -143,14 +148,20 @@ def worker(args):
                                          schedule=OneFOneB(M), layout=layout)
     batch = M * args.microbatch  # same seed in every process: SPMD needs identical inputs
     batches = random_batches(args.seed, batch, args.width, args.classes)
+    if args.worker == "pipe":
+        trainers["messages"] = MessagesOnly(args)
     counters = {name: 0 for name in trainers}
 
     def run(name, steps):
         trainer = trainers[name]
-        wait_for(trainer, None)
+        if name != "messages":  # MessagesOnly.run waits for its own end
+            wait_for(trainer, None)
         threads = thread_times()
         wall, cpu = time.perf_counter(), time.process_time()
-        run_steps(trainer, batches, counters[name], steps)
+        if name == "messages":
+            trainer.run(steps)
+        else:
+            run_steps(trainer, batches, counters[name], steps)
         counters[name] += steps
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = thread_times()
@@ -185,6 +196,37 @@ def worker(args):
             reply(finish(command[1]))
     if args.worker == "pipe":
         jax.distributed.shutdown()
+
+
+class MessagesOnly:
+    """What local 2x1's messages cost alone: one jitted SPMD program per step that sends, at each of
+    the step's M clocks, one activation-sized message ([microbatch, width] float32) from stage 0 to
+    stage 1 with ``lax.ppermute``, the collective the SPMD executor's clocks use, and computes
+    nothing else. Its time is the transport's share of local 2x1's step (gloo over loopback TCP
+    here; NCCL or ICI on accelerators)."""
+
+    def __init__(self, args):
+        import jax
+        import numpy as np
+        from jax import lax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.array(jax.devices()), ("stage",))
+
+        def clocks(h):
+            def clock(h, _):  # what arrives becomes what is sent next, so no clock is dead code
+                return lax.ppermute(h, "stage", [(i, i + 1) for i in range(STAGES - 1)]), None
+            return lax.scan(clock, h, None, length=args.microbatches)[0]
+
+        spec = PartitionSpec("stage")
+        self.program = jax.jit(jax.shard_map(clocks, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=0)
+        self.h = jax.make_array_from_callback((STAGES * args.microbatch, args.width), NamedSharding(mesh, spec),
+                                              lambda index: np.ones((args.microbatch, args.width), np.float32))
+
+    def run(self, steps):
+        for _ in range(steps):
+            self.h = self.program(self.h)
+        self.h.block_until_ready()
 
 
 def thread_times():
@@ -303,6 +345,7 @@ def main(argv=None):
               "1x1": Group("1x1", [base + ["--worker", "single", "--core", str(cores[0])]], cores[:1], args.timeout)}
     configs = [("local", "2x1"), ("local", "1x1"), ("backprop", "2x1")]
     if not args.no_diagnostics:
+        configs.append(("messages", "2x1"))
         groups["spmd@1"] = Group("spmd@1", [base + ["--worker", "spmd1", "--core", str(cores[0])]], cores[:1], args.timeout)
         # process ids 10, 11: distinct from the 1x1 worker's, so no file of theirs could collide
         groups["1x1 pair"] = Group("1x1 pair", [base + ["--worker", "single", "--core", str(cores[i]),
@@ -347,6 +390,8 @@ def main(argv=None):
     rate = {}
     ms = lambda values: statistics.median(values) / args.steps * 1e3
     for key in wall:
+        if key == "messages 2x1":  # no training: its own line below
+            continue
         rate[key] = batch * args.steps / statistics.median(wall[key])
         per_round = ", ".join(f"{batch * args.steps / w:.0f}" for w in wall[key])
         processes = len(each_cpu[key][0])
@@ -389,6 +434,12 @@ def main(argv=None):
     print(f"  (diagnostic) stage-parallelism ceiling if no process ever waited (CPU time alone): local 1x1 CPU / "
           f"local 2x1 CPU = {ceiling:.2f}x")
     if not args.no_diagnostics:
+        step_wall, busier, half = ms(wall["local 2x1"]), ms(cpu["local 2x1"]), ms(cpu["local 1x1"]) / 2
+        print(f"  (diagnostic) where local 2x1's step goes: {step_wall:.1f} ms wall; the busier process's CPU "
+              f"{busier:.1f} ms against half of local 1x1's, {half:.1f} ms; not running (waiting for the other "
+              f"stage, wall - CPU) {step_wall - busier:.1f} ms. The step's {args.microbatches} messages alone, sent "
+              f"the same way with no compute: {ms(wall['messages 2x1']):.1f} ms wall, {ms(cpu['messages 2x1']):.1f} ms "
+              f"CPU in the busier process")
         alone, pair = wall["local 1x1"], wall["local 1x1 pair"]  # pair: the slower copy of each round
         slower = statistics.median(pair) / statistics.median(alone)
         slower_cpu = statistics.median(cpu["local 1x1 pair"]) / statistics.median(cpu["local 1x1"])

@@ -37,7 +37,9 @@ configuration at a time, in alternating order over ``--rounds`` rounds of ``--st
 ``--warmup`` steps before (compilation and the streaming pipeline's fill) are not timed, and the
 stream is never drained inside a timed round, so fill/drain does not enter the throughput. A 2x1 round
 lasts until both processes have finished and blocked on their results; throughput is examples / wall
-second, median over rounds. It prints:
+second, median over rounds, and a ratio's goal is judged on the ratio of those medians. Beside it,
+"per round" gives the range and median of the ratios of rounds run side by side, which drift in the
+host's speed over a run moves less. It prints:
 
 - stage parallelism: local 2x1 / local 1x1 (goal >= 1.8x, limit 2.0x);
 - against pipelined backprop: local 2x1 / backprop 2x1 with M = 4, beside 0.95 x the bubble bound
@@ -406,7 +408,7 @@ def main(argv=None):
 
     def ratio(a, b):
         paired = sorted(wall[b][i] / wall[a][i] for i in range(args.rounds))  # rounds run side by side
-        return rate[a] / rate[b], f"per round {paired[0]:.2f}..{paired[-1]:.2f}"
+        return rate[a] / rate[b], f"per round {paired[0]:.2f}..{paired[-1]:.2f}, median {statistics.median(paired):.2f}"
 
     stage, stage_rounds = ratio("local 2x1", "local 1x1")
     bp, bp_rounds = ratio("local 2x1", "backprop 2x1")

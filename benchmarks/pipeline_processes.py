@@ -150,7 +150,7 @@ def worker(args):
                                          schedule=OneFOneB(M), layout=layout)
     batch = M * args.microbatch  # same seed in every process: SPMD needs identical inputs
     batches = random_batches(args.seed, batch, args.width, args.classes)
-    if args.worker == "pipe":
+    if args.worker == "pipe" and not args.no_diagnostics:
         trainers["messages"] = MessagesOnly(args)
     counters = {name: 0 for name in trainers}
 

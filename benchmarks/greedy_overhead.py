@@ -33,7 +33,9 @@ and new state was 1.34x. On 2026-11-29 the norm began summing each matrix by col
 CPU a step against 1.84 ms before (1.2 against 2.1 in an earlier pair), a saving of about 1% of the
 step's CPU, smaller than this benchmark's run-to-run spread on a busy machine. The median of the
 per-round ratios (each lpjax round against the hand-written round beside it) is printed beside the
-goal's figure, which it does not replace.
+goal's figure, which it does not replace. The same day the norm-as-constant measurement read 1.057x
+and 1.051x (1.090x and 1.058x with the norm, 21 rounds in one process), so on some days the norm is
+only part of the gap; BUILD_NOTES.md keeps the figures.
 
 Run from the repository root (the default takes about a minute on 2 CPU cores):
 

@@ -23,8 +23,8 @@ state and a gradient sum). Three pure functions act on it:
   apply_if_finite selects between old and new state leaf by leaf, which costs a pass over the
   parameters and optimizer state every step (about 4 ms of 21 on the 1024-wide overhead benchmark).
   The norm itself is one more read of every gradient, which XLA's CPU backend runs as its own
-  reduction (it fuses none with the dot that writes a gradient): the whole remaining difference in
-  device work from a hand-written step (``benchmarks/greedy_overhead.py``). ``gradient_sq_norm``
+  reduction (it fuses none with the dot that writes a gradient): the one pass of device work a
+  hand-written step does not have (``benchmarks/greedy_overhead.py``). ``gradient_sq_norm``
   sums a matrix by columns first on CPU, which cut that reduction's CPU time there from about 1.8
   to 1.2 ms a step.
 

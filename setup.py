@@ -37,7 +37,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["lpjax", "lpjax.data", "lpjax.executors", "lpjax.models", "lpjax.recipes", "lpjax.recipes.sweeps"],
+    packages=["lpjax", "lpjax.core", "lpjax.executors", "lpjax.executors.spmd", "lpjax.training", "lpjax.config",
+              "lpjax.distributed", "lpjax.research", "lpjax.data", "lpjax.models", "lpjax.recipes", "lpjax.recipes.sweeps"],
     # models/ and recipes/ stay at the top of the checkout and install inside the package
     package_dir={"lpjax.models": "models", "lpjax.recipes": "recipes", "lpjax.recipes.sweeps": "recipes/sweeps"},
     install_requires=CORE,

@@ -12,8 +12,8 @@ its own core, ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``:
   train record in metrics.jsonl after the first (which holds compilation and ``--warmup``),
   median over the ``--rounds`` records. It includes everything the loop does between steps
   (metrics, progress bar, checks, the log write), not the start-up, evaluation or checkpoint.
-- API: the same 2 pinned processes joined by ``lpjax.distributed.initialize``, the trainer that
-  ``lpjax.config.build_experiment`` makes from the same recipe, ``trainer.step`` on the
+- API: the same 2 pinned processes joined by ``lpjax.distributed.join.initialize``, the trainer that
+  ``lpjax.config.build.build_experiment`` makes from the same recipe, ``trainer.step`` on the
   experiment's own batch stream; examples per wall second over ``--steps`` steps, waiting for the
   device at the end of each round, median over ``--rounds`` rounds after ``--warmup`` steps.
 
@@ -61,7 +61,7 @@ def recipe(args) -> str:
                 "num_steps": args.warmup + args.rounds * args.steps, "log_every": args.steps, "eval_every": 0,
                 "checkpoint.every_steps": 0}
     lines = [f"    config.{key} = {value!r}" for key, value in settings.items()]
-    return "\n".join(["from lpjax.config import base_config", "", "", "def get_config():",
+    return "\n".join(["from lpjax.config.build import base_config", "", "", "def get_config():",
                       "    config = base_config()", *lines, "    return config", ""])
 
 
@@ -85,7 +85,7 @@ def cli(args, config, workdir) -> list:
 
 def api(args, config) -> list:
     """Examples/s of each timed round through ``Trainer.step``, from process 0."""
-    from lpjax.launch import free_port
+    from lpjax.distributed.launch import free_port
 
     port, cores = free_port(), sorted(os.sched_getaffinity(0))
     procs = []
@@ -105,13 +105,13 @@ def api(args, config) -> list:
 
 
 def worker(args):
-    import lpjax.distributed
+    import lpjax.distributed.join
 
-    lpjax.distributed.initialize()  # from the LPJAX_* environment
+    lpjax.distributed.join.initialize()  # from the LPJAX_* environment
     import jax
 
-    from lpjax.config import build_experiment
-    from lpjax.recipe_file import load_recipe
+    from lpjax.config.build import build_experiment
+    from lpjax.config.recipe_file import load_recipe
 
     experiment = build_experiment(load_recipe(args.worker)[0])
     trainer, cfg = experiment.trainer, experiment.config

@@ -45,9 +45,9 @@ from flax import nnx
 # a plain checkout run as `python benchmarks/gpu_step.py` imports this repository's lpjax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lpjax  # noqa: E402
-from lpjax.costs import cost_dict  # noqa: E402
-from lpjax.kernels import StageKernels  # noqa: E402
-from lpjax.losses import softmax_cross_entropy  # noqa: E402
+from lpjax.research.costs import cost_dict  # noqa: E402
+from lpjax.core.stage_rule import StageKernels  # noqa: E402
+from lpjax.core.losses import softmax_cross_entropy  # noqa: E402
 
 try:
     from lpjax.models import resnet18, transformer_lm  # noqa: E402

@@ -29,7 +29,7 @@ skips the check): lpjax then ran at 0.98x and 1.02x the hand-written step, again
 with it. The cond that skips a non-finite update costs nothing measurable on top: applying the
 update unconditionally with the norm still computed was no faster, and a ``jnp.where`` select of old
 and new state was 1.34x. On 2026-11-29 the norm began summing each matrix by columns first
-(``lpjax/kernels.py``, ``gradient_sq_norm``): ``perf`` counted its reduction kernel at 1.17 ms of
+(``lpjax/core/stage_rule.py``, ``gradient_sq_norm``): ``perf`` counted its reduction kernel at 1.17 ms of
 CPU a step against 1.84 ms before (1.2 against 2.1 in an earlier pair), a saving of about 1% of the
 step's CPU, smaller than this benchmark's run-to-run spread on a busy machine. The median of the
 per-round ratios (each lpjax round against the hand-written round beside it) is printed beside the
@@ -62,7 +62,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import lpjax  # noqa: E402
-from lpjax.schedules import Sequential  # noqa: E402
+from lpjax.core.schedules import Sequential  # noqa: E402
 
 GOAL = 1.05
 

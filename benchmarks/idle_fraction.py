@@ -67,7 +67,7 @@ def main(argv=None):
     from flax import nnx
 
     import lpjax
-    from lpjax.schedules import GPipe, OneFOneB, Streaming
+    from lpjax.core.schedules import GPipe, OneFOneB, Streaming
 
     stream_formula = (K - 1) / (T + K - 1)
     gpipe_formula = (K - 1) / (M + K - 1)

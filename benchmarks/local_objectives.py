@@ -3,7 +3,7 @@
 For the byte LM (recipes/text_transformer.py) and the MNIST ResNet (recipes/mnist_resnet.py), trains
 each variant for the same number of steps on the same batches (reference executor, sequential
 schedule) and prints the final head's test figure: nats/byte for the LM, accuracy for MNIST. Beside
-it, from ``lpjax.costs`` (XLA's cost analysis of the lowered programs), the FLOPs per example of one
+it, from ``lpjax.research.costs`` (XLA's cost analysis of the lowered programs), the FLOPs per example of one
 training step and of the auxiliary heads alone (every stage's head but the last: the overhead a local
 method pays for its objectives).
 
@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
-from lpjax import costs  # noqa: E402
-from lpjax.config import build_experiment  # noqa: E402
+from lpjax.research import costs  # noqa: E402
+from lpjax.config.build import build_experiment  # noqa: E402
 
 
 def recipe(name):

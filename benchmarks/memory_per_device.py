@@ -3,7 +3,7 @@
 Peak bytes from XLA's memory analysis of the compiled programs (arguments + outputs + temporaries -
 aliased), with abstract inputs: nothing is trained and no data is needed. Backprop compiles the whole
 network as one stage (forward, backward, its activations); the local method (chunked by default)
-cuts the network into K memory-balanced stages (split_points="balanced_memory", lpjax.balance) and
+cuts the network into K memory-balanced stages (split_points="balanced_memory", lpjax.research.balance) and
 compiles each stage's training step and update; the table shows the largest stage. Per stage, the
 peak is the larger of the training step and the optimizer update.
 
@@ -32,9 +32,9 @@ TINY = {"tiny_mlp": {"model": "mlp", "input_shape": (8, 8, 1), "num_classes": 10
 
 
 def main(argv=None) -> int:
-    from lpjax.bench import suite_path
-    from lpjax.paper import memory_lines, memory_table, memory_verdict
-    from lpjax.sweep import load_config_file
+    from lpjax.research.bench import suite_path
+    from lpjax.research.paper import memory_lines, memory_table, memory_verdict
+    from lpjax.research.sweep import load_config_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, nargs="+", default=None, help="K values (default 2 4 8)")

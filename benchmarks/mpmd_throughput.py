@@ -38,7 +38,7 @@ import optax  # noqa: E402
 import lpjax  # noqa: E402
 from bench_args import add_size_arguments  # noqa: E402
 from mlp_bench import mlp_stages, random_batches, run_steps, wait_for  # noqa: E402
-from lpjax.schedules import Streaming  # noqa: E402
+from lpjax.core.schedules import Streaming  # noqa: E402
 
 STAGES = 2
 

@@ -4,7 +4,7 @@ Why processes. On a 2-core machine XLA's CPU backend spreads one device's work o
 two CPU devices inside one process do not map onto two cores. Here every device is its own process,
 pinned to one core with ``os.sched_setaffinity`` (XLA sizes its thread pools from the affinity mask)
 and run with ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``; the processes are joined with
-``lpjax.distributed.initialize`` (gloo CPU collectives), which is the multi-host path. The SPMD
+``lpjax.distributed.join.initialize`` (gloo CPU collectives), which is the multi-host path. The SPMD
 executor (``lpjax.Layout(stages=2, executor="spmd")``) then runs stage k in process k on core k.
 
 The model is a homogeneous MLP: 2 stages x ``--layers`` dense+relu layers of ``--width`` units (the
@@ -124,17 +124,17 @@ def worker(args):
     if "xla_cpu_multi_thread_eigen" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
 
-    import lpjax.distributed
+    import lpjax.distributed.join
 
     if args.worker == "pipe":
-        lpjax.distributed.initialize(f"127.0.0.1:{args.port}", STAGES, args.process_id)
+        lpjax.distributed.join.initialize(f"127.0.0.1:{args.port}", STAGES, args.process_id)
 
     import jax
     import numpy as np
     import optax
 
     import lpjax
-    from lpjax.schedules import OneFOneB, Streaming
+    from lpjax.core.schedules import OneFOneB, Streaming
     from mlp_bench import mlp_stages, random_batches, run_steps, wait_for
 
     def model():
@@ -318,7 +318,7 @@ def free_port():
 
 
 def table_idle(args):
-    from lpjax.schedules import OneFOneB, Streaming
+    from lpjax.core.schedules import OneFOneB, Streaming
 
     M, T = args.microbatches, args.microbatches * (args.warmup + args.rounds * args.steps)
     stream = Streaming(M).table(STAGES, T // M, backward=False)

@@ -28,12 +28,12 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from . import catalog
-from .config_checks import did_you_mean
-from .errors import ConfigError, NonFiniteError, WriteError
-from .preemption import Preempted
-from .recipe_file import load_recipe
-from .train import train_and_evaluate
+from lpjax.config import catalog
+from lpjax.config.checks import did_you_mean
+from lpjax.errors import ConfigError, NonFiniteError, WriteError
+from lpjax.training.preemption import Preempted
+from lpjax.config.recipe_file import load_recipe
+from lpjax.training.loop import train_and_evaluate
 
 PROG = "lpjax"
 USAGES = {
@@ -72,7 +72,7 @@ class UsageError(Exception):
 def main(argv=None) -> int:
     code = _run(argv)
     if argv is None:  # the command line itself, not a call from Python: see watchdog.leave_process
-        from .watchdog import leave_process
+        from lpjax.distributed.watchdog import leave_process
 
         leave_process(code)
     return code
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 def _run(argv) -> int:
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ["launch"]:  # its own options; everything after '--' belongs to the children
-        from .launch import main as launch
+        from lpjax.distributed.launch import main as launch
 
         return launch(argv[2:])
     try:
@@ -91,36 +91,36 @@ def _run(argv) -> int:
             return 0
         command, options = parse(_with_recipe_paths(argv))
         if options.get("workdir"):
-            from .workdir import check_local
+            from lpjax.training.workdir import check_local
 
             check_local(options["workdir"])  # gs://... : one line naming the fix, for every command
         if command == "train":
             if options["print_config"]:
-                from .config import build_experiment
+                from lpjax.config.build import build_experiment
 
                 print(json.dumps(build_experiment(options["config"]).config, indent=2, default=str))
             else:
                 train_and_evaluate(options["config"], options["workdir"], dry_run=options["dry_run"])
         elif command == "bench":
-            from .bench import run_bench  # matplotlib and the sweep code load only when asked for
+            from lpjax.research.bench import run_bench  # matplotlib and the sweep code load only when asked for
 
             run_bench(options["suite"], options["workdir"])
         elif command == "recipes":
             print(catalog.listing())
         else:
-            from .plots import plot_run
+            from lpjax.research.plots import plot_run
 
             for written in plot_run(options["workdir"]):
                 print(written)
         return 0
     except (UsageError, ConfigError) as err:
-        from .multihost import SharedConfigError
+        from lpjax.distributed.multihost import SharedConfigError
 
         return _fail(str(err), leave_at_once=not isinstance(err, SharedConfigError))
     except (NonFiniteError, WriteError) as err:
         return _fail(str(err), EXIT_HALTED)
     except Preempted as stop:
-        from .multihost import is_writer
+        from lpjax.distributed.multihost import is_writer
 
         if is_writer():
             print(str(stop), flush=True)
@@ -318,7 +318,7 @@ def command_help(command: str) -> str:
     if FLAGS[command]:
         lines += ["", "flags:"] + [f"  {flag:<24} {what}" for flag, what in FLAGS[command]]
     if command == "train":
-        lines += ["", "config keys (--config.KEY=VALUE; default in brackets; details in lpjax/config.py):"]
+        lines += ["", "config keys (--config.KEY=VALUE; default in brackets; details in lpjax/config/build.py):"]
         lines += config_key_lines()
     if command in ("train", "bench"):
         names = catalog.recipe_names() if command == "train" else catalog.suite_names()
@@ -328,7 +328,7 @@ def command_help(command: str) -> str:
 
 
 def config_key_lines() -> list:
-    from . import config as config_module
+    from lpjax.config import build as config_module
 
     described = _key_descriptions(config_module.__doc__ or "")
     flat = _flatten(config_module.base_config().to_dict())
@@ -341,7 +341,7 @@ def config_key_lines() -> list:
 
 
 def _key_descriptions(doc: str) -> dict:
-    """``{key: description}`` from the key table in lpjax/config.py's docstring."""
+    """``{key: description}`` from the key table in lpjax/config/build.py's docstring."""
     found, key = {}, None
     for line in doc.splitlines():
         if line.startswith("    ") and not line.startswith("     "):
@@ -367,7 +367,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _fail(message: str, code: int = EXIT_USAGE, leave_at_once: bool = True) -> int:
     if leave_at_once:  # in a multi-process run: leave now, without the end-of-run barrier
-        from .distributed import mark_failed
+        from lpjax.distributed.join import mark_failed
 
         mark_failed()
     message = " ".join(message.split())  # exactly one line, whatever the source message looked like

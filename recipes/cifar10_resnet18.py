@@ -12,7 +12,7 @@ over 4 stages: stem + 2 blocks at 32x32, then 2 blocks per stage at 16x16, 8x8 a
 
 from ml_collections.config_dict import placeholder
 
-from lpjax.config import base_config
+from lpjax.config.build import base_config
 
 
 def get_config():

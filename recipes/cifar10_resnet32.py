@@ -14,7 +14,7 @@ crops."""
 
 from ml_collections.config_dict import placeholder
 
-from lpjax.config import base_config
+from lpjax.config.build import base_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ overlapping local updates (window 2) over 4 stages of 17 layers (5, 4, 4, 4)."""
 
 from ml_collections.config_dict import placeholder
 
-from lpjax.config import base_config
+from lpjax.config.build import base_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ the first two blocks (3, 2, 2, 2 layers)."""
 
 from ml_collections.config_dict import placeholder
 
-from lpjax.config import base_config
+from lpjax.config.build import base_config
 
 
 def get_config():

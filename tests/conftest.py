@@ -10,7 +10,10 @@
 """
 
 import os
+import sys
 
+# helpers and worker scripts live in tests/support/; tests import them by module name (from tiny import ...)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

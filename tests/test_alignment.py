@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.alignment import gradient_alignment
+from lpjax.research.alignment import gradient_alignment
 from tiny import tiny_batch, tiny_model
 
 X, Y = tiny_batch(16)
@@ -51,7 +51,7 @@ def test_matches_gradients_written_out_by_hand(method, window):
     trainer = lpjax.Trainer(model, method=method, optimizer=optax.adam(1e-2))
     probe = gradient_alignment(trainer, X, Y)
     s0, s1, s2 = model
-    ce = lpjax.losses.softmax_cross_entropy
+    ce = lpjax.core.losses.softmax_cross_entropy
 
     def local(body0):
         h0 = body0(X)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lpjax import analysis
+from lpjax.research import analysis
 
 
 def run(label, batch, lr, losses, *, ideal_per_step=10.0, flops_per_example=2.0, problem="p"):

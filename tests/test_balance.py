@@ -1,4 +1,4 @@
-"""Balanced stage splits (lpjax.balance) against optima worked out by hand and by exhaustive search."""
+"""Balanced stage splits (lpjax.research.balance) against optima worked out by hand and by exhaustive search."""
 
 import itertools
 
@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.balance import LayerCosts, balanced_split, min_max_partition
-from lpjax.config import build_experiment
+from lpjax.research.balance import LayerCosts, balanced_split, min_max_partition
+from lpjax.config.build import build_experiment
 from lpjax.models import mlp
-from lpjax.report import describe
+from lpjax.training.run_summary import describe
 
 
 def additive(costs, heads=None):
@@ -72,7 +72,7 @@ def test_measured_mlp_layers_and_a_wide_first_layer_alone_in_its_stage():
     net = mlp(input_shape=(28, 28, 1), num_classes=10, depth=4, width=64, rngs=nnx.Rngs(0))
     costs = balanced_split(net, 2, X, Y)
     # XLA: [B, n] @ [n, m] is 2·B·n·m FLOPs; forward, weight gradient and input gradient of a hidden layer
-    layers = lpjax.balance.measure_layers(net, X, Y)
+    layers = lpjax.research.balance.measure_layers(net, X, Y)
     assert layers.input_grad_flops[1] == 2 * 64 * 64
     assert 6 * 64 * 64 <= layers.flops[1] <= 6 * 64 * 64 + 10 * 64  # plus the bias and ReLU
     assert layers.flops[0] >= 4 * 784 * 64  # no input gradient into the data

@@ -8,10 +8,10 @@ import jax
 import pytest
 
 import lpjax
-from lpjax.bench import run_bench
-from lpjax.plots import plot_run
-from lpjax.metrics_log import read_records
-from lpjax.sweep import load_config_file, plan_runs
+from lpjax.research.bench import run_bench
+from lpjax.research.plots import plot_run
+from lpjax.training.metrics_log import read_records
+from lpjax.research.sweep import load_config_file, plan_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "mnist_mlp.py")
@@ -187,7 +187,7 @@ def test_summary_is_plain_json(bench):
 @pytest.mark.parametrize("name", ["small", "cifar10", "lm1b"])
 def test_shipped_sweep_recipes_are_valid(name):
     """Every sweep in recipes/sweeps/ passes the checks and plans one run per combination."""
-    from lpjax.sweep import check_sweep
+    from lpjax.research.sweep import check_sweep
 
     path = os.path.join(REPO, "recipes", "sweeps", f"{name}.py")
     sweep = load_config_file(path)

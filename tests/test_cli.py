@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = textwrap.dedent("""
     from ml_collections.config_dict import placeholder
 
-    from lpjax.config import base_config
+    from lpjax.config.build import base_config
 
 
     def get_config():
@@ -144,11 +144,11 @@ def run_cli(*args, cwd=REPO):
 
 def run_cli_many(commands):
     """``run_cli`` for each ``(args, cwd)``, each still its own process, but forked from one that has
-    imported lpjax already (tests/cli_forks.py): the import is most of a failing command's cost."""
+    imported lpjax already (tests/support/cli_forks.py): the import is most of a failing command's cost."""
     with tempfile.TemporaryDirectory() as folder:
         cases = Path(folder) / "cases.json"
         cases.write_text(json.dumps([[str(cwd), [str(arg) for arg in args]] for args, cwd in commands]))
-        driver = subprocess.run([sys.executable, str(REPO / "tests" / "cli_forks.py"), str(cases)], cwd=REPO,
+        driver = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "cli_forks.py"), str(cases)], cwd=REPO,
                                 env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                                 timeout=600)
     assert driver.returncode == 0, driver.stderr

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 import lpjax
-from lpjax.config import base_config, build_experiment, resolve
-from lpjax.train import train_and_evaluate
+from lpjax.config.build import base_config, build_experiment, resolve
+from lpjax.training.loop import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 

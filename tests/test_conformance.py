@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.schedules import GPipe, OneFOneB, Sequential, Streaming
+from lpjax.core.schedules import GPipe, OneFOneB, Sequential, Streaming
 
 from tiny import assert_trees_close, stage_params, tiny_batch, tiny_model
 

@@ -1,4 +1,4 @@
-"""Cost accounting against FLOPs counted by hand for bias-free Dense stages (lpjax.costs)."""
+"""Cost accounting against FLOPs counted by hand for bias-free Dense stages (lpjax.research.costs)."""
 
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.costs import cost_dict, seconds, step_cost
+from lpjax.research.costs import cost_dict, seconds, step_cost
 
 B, DIN, D, C = 4, 6, 5, 3  # batch, input width, hidden width, classes
 X = jax.ShapeDtypeStruct((B, DIN), np.float32)

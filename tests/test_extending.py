@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from lpjax.methods import METHODS
+from lpjax.core.methods import METHODS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 

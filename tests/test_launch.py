@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lpjax import launch
+from lpjax.distributed import launch
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time

@@ -1,4 +1,4 @@
-"""Evaluation on the SPMD mesh (lpjax/executors/mesh_eval.py), the path multi-process runs take,
+"""Evaluation on the SPMD mesh (lpjax/executors/spmd/eval.py), the path multi-process runs take,
 equals the per-stage evaluation one process uses, in one process on simulated devices: ragged
 batches (padded with masked rows), a data axis, stages whose activations differ in shape, and
 token-level labels. The multi-process runs are in tests/test_multihost.py."""
@@ -13,7 +13,7 @@ from flax import nnx
 
 import lpjax
 from lpjax.errors import ConfigError
-from lpjax.executors.mesh_eval import MeshEvaluator
+from lpjax.executors.spmd.eval import MeshEvaluator
 
 from tiny import Dense, tiny_batch
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import lpjax
-from lpjax.methods import EVERY_STAGE, LAST_STAGE, METHODS, ONE_TREE, PER_STAGE, Method, make_method
+from lpjax.core.methods import EVERY_STAGE, LAST_STAGE, METHODS, ONE_TREE, PER_STAGE, Method, make_method
 
 from tiny import tiny_batch, tiny_model
 

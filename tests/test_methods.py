@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.schedules import GPipe, Sequential, Streaming
+from lpjax.core.schedules import GPipe, Sequential, Streaming
 
 from tiny import assert_trees_close, assert_trees_equal, stage_params, tiny_batch, tiny_model
 
@@ -217,7 +217,7 @@ def test_backprop_with_global_clipping_equals_optax_on_the_unstaged_model(layout
 def test_config_grad_clip_norm_clips_backprop_globally():
     from ml_collections import ConfigDict
 
-    from lpjax.optimizer_config import build_optimizers
+    from lpjax.config.optimizer import build_optimizers
 
     opt = ConfigDict({"name": "sgd", "learning_rate": 1.0, "learning_rates": None, "weight_decay": 0.0,
                       "momentum": 0.0, "decay": "constant", "warmup_steps": 0, "grad_clip_norm": 0.05})

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import lpjax
-from lpjax.schedules import GPipe, Streaming
+from lpjax.core.schedules import GPipe, Streaming
 
 from tiny import assert_trees_close, stage_params, tiny_batch, tiny_model
 

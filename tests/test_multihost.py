@@ -27,11 +27,11 @@ def free_port():
 
 
 def run_workers(tmp_path, *layout):
-    """Start the 2 worker processes (tests/multihost_worker.py); their outputs."""
+    """Start the 2 worker processes (tests/support/multihost_worker.py); their outputs."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE / "support"), os.environ.get("PYTHONPATH", "")]))
     env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(port), "2", str(pid),
+    procs = [subprocess.Popen([sys.executable, str(HERE / "support" / "multihost_worker.py"), str(port), "2", str(pid),
                                str(tmp_path / f"p{pid}.npz"), *map(str, layout)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for pid in range(2)]
     outputs = []

@@ -2,7 +2,7 @@
 holds one data column of both stages, decodes only its own rows of each microbatch and its own
 shard of the test split, and training ends bit-equal to one process on 4 devices.
 
-The reads are logged by the user's own transforms (tests/shard_reads.py), not by lpjax."""
+The reads are logged by the user's own transforms (tests/support/shard_reads.py), not by lpjax."""
 
 import json
 import os
@@ -32,9 +32,9 @@ def free_port():
 
 def test_each_process_decodes_only_its_rows_and_training_equals_one_process(tmp_path):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE / "support"), os.environ.get("PYTHONPATH", "")]))
     env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [subprocess.Popen([sys.executable, str(HERE / "shard_reads_worker.py"), str(port), str(pid), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, str(HERE / "support" / "shard_reads_worker.py"), str(port), str(pid), str(tmp_path)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
     outputs = []
     try:

@@ -40,7 +40,7 @@ def test_launch_equals_one_process_for_the_transformer_and_the_batchnorm_resnet(
                     num_steps=4, log_every=2, eval_every=0, checkpoint__every_steps=2)
     lines = [f"    config.{key.replace('__', '.')} = {value!r}" for key, value in settings.items()]
     config = tmp_path / f"{name}.py"
-    config.write_text("\n".join(["from lpjax.config import base_config", "", "", "def get_config():",
+    config.write_text("\n".join(["from lpjax.config.build import base_config", "", "", "def get_config():",
                                  "    config = base_config()", *lines, "    return config", ""]))
     one, two = tmp_path / "one", tmp_path / "two"
     single, launched = both(  # each run may take 10 minutes of a busy 2-core machine

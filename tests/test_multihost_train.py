@@ -61,9 +61,9 @@ def records(workdir):
 def restored_params(config, workdir, step):
     """Every stage's parameters in the workdir's newest checkpoint (which must be ``step``), restored
     by lpjax in this one process onto 4 of its devices, whichever process count wrote it."""
-    from lpjax.checkpoint import Checkpointer
-    from lpjax.config import build_experiment
-    from lpjax.recipe_file import load_recipe
+    from lpjax.training.checkpoint import Checkpointer
+    from lpjax.config.build import build_experiment
+    from lpjax.config.recipe_file import load_recipe
 
     trainer = build_experiment(load_recipe(str(config))[0]).trainer
     states, meta = Checkpointer(str(workdir / "checkpoints"), trainer.num_stages).restore_latest(

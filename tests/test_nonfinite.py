@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from lpjax import cli
-from lpjax.checkpoint import Checkpointer, state_summary
-from lpjax.config import build_experiment
+from lpjax.training.checkpoint import Checkpointer, state_summary
+from lpjax.config.build import build_experiment
 from lpjax.data import load_dataset
 from lpjax.data.registry import DATASETS
 
 NAN_ROWS = (5, 600, 1200)  # three poisoned training images: a few bad batches per epoch
 
 RECIPE = """
-from lpjax.config import base_config
+from lpjax.config.build import base_config
 
 
 def get_config():
@@ -107,7 +107,7 @@ def test_halt_before_any_checkpoint_does_not_claim_one(recipe, tmp_path, capsys)
 
 def test_the_halt_message_names_the_checkpoint_it_can_resume_from():
     from lpjax.errors import NonFiniteError
-    from lpjax.train import _apply_nonfinite_policy
+    from lpjax.training.loop import _apply_nonfinite_policy
 
     stages = [{"skipped": 0}, {"skipped": 2}]
     with pytest.raises(NonFiniteError, match=r"stage 1 \(2 updates\); the checkpoint at step 30 holds finite"):

@@ -1,13 +1,13 @@
-"""The paper suite (lpjax.paper, recipes/sweeps/paper.py): its plan, and every report section on a tiny
+"""The paper suite (lpjax.research.paper, recipes/sweeps/paper.py): its plan, and every report section on a tiny
 configuration that trains in seconds."""
 
 import os
 
 import pytest
 
-from lpjax import paper
-from lpjax.bench import run_bench, suite_path
-from lpjax.sweep import check_sweep, load_config_file, plan_runs
+from lpjax.research import paper
+from lpjax.research.bench import run_bench, suite_path
+from lpjax.research.sweep import check_sweep, load_config_file, plan_runs
 
 TINY = '''
 import ml_collections

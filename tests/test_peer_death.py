@@ -1,7 +1,7 @@
 """A multi-process run whose process dies stops the others with one clear line, within the bound.
 
 Two processes train the multi-host test's 4-stage SPMD pipeline (2 x 2 simulated CPU devices,
-gloo over 127.0.0.1) with a 10 s peer timeout; see lpjax/watchdog.py for the mechanism.
+gloo over 127.0.0.1) with a 10 s peer timeout; see lpjax/distributed/watchdog.py for the mechanism.
 """
 
 import os
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lpjax import ConfigError
-from lpjax.distributed import peer_timeout
+from lpjax.distributed.join import peer_timeout
 
 HERE = Path(__file__).parent
 PEER_TIMEOUT_S = 10
@@ -36,7 +36,7 @@ def free_port():
 def launch(tmp_path, steps, lingers=(0, 0), checkpoint_dir=None):
     """Start both workers; their stdout lines arrive on the returned queue as (process id, line)."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE / "support"), os.environ.get("PYTHONPATH", "")]),
                LPJAX_PEER_TIMEOUT=str(PEER_TIMEOUT_S))
     env.pop("JAX_NUM_CPU_DEVICES", None)
     lines = queue.Queue()
@@ -44,7 +44,7 @@ def launch(tmp_path, steps, lingers=(0, 0), checkpoint_dir=None):
     for pid in range(2):
         with open(tmp_path / f"stderr{pid}.txt", "w") as err:
             procs.append(subprocess.Popen(
-                [sys.executable, str(HERE / "peer_death_worker.py"), str(port), "2", str(pid), str(steps),
+                [sys.executable, str(HERE / "support" / "peer_death_worker.py"), str(port), "2", str(pid), str(steps),
                  str(lingers[pid]), *([str(checkpoint_dir)] if checkpoint_dir else [])], env=env, stdout=subprocess.PIPE, stderr=err, text=True))
         threading.Thread(target=lambda p=procs[-1], i=pid: [lines.put((i, s.strip())) for s in p.stdout],
                          daemon=True).start()
@@ -106,8 +106,8 @@ def read_checkpoint(folder):
     import optax
 
     import lpjax
-    from lpjax.checkpoint import Checkpointer
-    from lpjax.schedules import Streaming
+    from lpjax.training.checkpoint import Checkpointer
+    from lpjax.core.schedules import Streaming
     from tiny import tiny_model
 
     like = lpjax.Trainer(tiny_model(4), method=lpjax.Overlapping(2), optimizer=optax.sgd(0.1, momentum=0.9),

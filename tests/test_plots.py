@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from lpjax import analysis, plots
+from lpjax.research import analysis, plots
 
 METHODS = ("backprop", "greedy", "overlapping")
 BATCHES = (16, 64, 256)
@@ -22,7 +22,7 @@ def svg_text(path) -> str:
 
 @pytest.fixture(scope="module")
 def sweep():
-    """Synthetic sweep records shaped like lpjax.sweep's: a loss curve with cost columns per run."""
+    """Synthetic sweep records shaped like lpjax.research.sweep's: a loss curve with cost columns per run."""
     runs = []
     for m, method in enumerate(METHODS):
         for batch in BATCHES:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import tensorflow_datasets as tfds
 
-from lpjax.config import build_experiment
+from lpjax.config.build import build_experiment
 from lpjax.errors import ConfigError
-from lpjax.train import train_and_evaluate
+from lpjax.training.loop import train_and_evaluate
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 NUM_EXAMPLES = 16  # per split, from the mock
@@ -111,8 +111,8 @@ def test_recipe_trains_end_to_end_on_mock_data(name, tmp_path):
 @pytest.mark.parametrize("stages", [2, 4, 8, 16])
 def test_k_grid_cuts_the_cifar_resnets_into_k_chunks(name, num_layers, stages):
     """The InfoPro grid K = 2, 4, 8, 16 is just --config.stages=K: near-equal runs of layers, window 1."""
-    from lpjax.methods import make_method
-    from lpjax.staging import even_split_points
+    from lpjax.core.methods import make_method
+    from lpjax.core.staging import even_split_points
 
     config = recipe(name)
     assert config.method.name == "chunked" and make_method("chunked").window == 1

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from lpjax.checkpoint import Checkpointer
-from lpjax.config import build_experiment
-from lpjax.train import train_and_evaluate
+from lpjax.training.checkpoint import Checkpointer
+from lpjax.config.build import build_experiment
+from lpjax.training.loop import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "mnist_mlp.py")

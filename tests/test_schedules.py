@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 
 import lpjax
-from lpjax.schedules import (BACKWARD, DELAY_PER_HOP, FORWARD, LOCAL, Flow, GPipe, OneFOneB, Sequential, Streaming,
+from lpjax.core.schedules import (BACKWARD, DELAY_PER_HOP, FORWARD, LOCAL, Flow, GPipe, OneFOneB, Sequential, Streaming,
                              TaskTable, make_schedule)
 
 SCHEDULES = {"sequential": Sequential, "gpipe": GPipe, "1f1b": OneFOneB, "streaming": Streaming}

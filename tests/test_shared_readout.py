@@ -1,4 +1,4 @@
-"""SOLO's shared read-only readout (lpjax/shared_readout.py, docs/semantics.md "Shared readout"):
+"""SOLO's shared read-only readout (lpjax/core/shared_readout.py, docs/semantics.md "Shared readout"):
 the rule against a hand-written JAX computation, the refresh interval on every executor, resume,
 and the combinations that are refused."""
 
@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.config import base_config
-from lpjax.methods import make_method
-from lpjax.schedules import GPipe, OneFOneB, Sequential, Streaming
-from lpjax.train import train_and_evaluate
+from lpjax.config.build import base_config
+from lpjax.core.methods import make_method
+from lpjax.core.schedules import GPipe, OneFOneB, Sequential, Streaming
+from lpjax.training.loop import train_and_evaluate
 
 from tiny import Dense, assert_trees_close, assert_trees_equal, lm_batch, lm_model, tiny_batch, tiny_model
 
@@ -125,7 +125,7 @@ def test_private_head_layers_train_and_the_lm_unembedding_is_shared():
     # refreshed before step 2 (0-based) from the readout after step 1; step 2 then moved the readout on
     assert_trees_equal(owner_after[1], copies)
     assert not np.array_equal(owner["kernel"], copies["kernel"])
-    assert isinstance(trainer.export()[0].head.linear, lpjax.shared_readout.ReadOnlyReadout)
+    assert isinstance(trainer.export()[0].head.linear, lpjax.core.shared_readout.ReadOnlyReadout)
     # that model now has read-only heads: a private-head trainer on it would silently not train them
     with pytest.raises(lpjax.ConfigError, match="build a fresh model"):
         lpjax.Trainer(model, method=lpjax.Chunked(), optimizer=optax.adam(1e-2))
@@ -149,8 +149,8 @@ def test_resume_is_bit_exact_across_a_refresh(tmp_path):
         return cfg
 
     def final(workdir):
-        from lpjax.checkpoint import Checkpointer
-        trainer = lpjax.config.build_experiment(config(5)).trainer
+        from lpjax.training.checkpoint import Checkpointer
+        trainer = lpjax.config.build.build_experiment(config(5)).trainer
         states, meta = Checkpointer(str(workdir / "checkpoints"), 2).restore_latest(trainer.stage_states)
         assert meta["step"] == 5
         return jax.device_get([(s.params, s.rest, s.opt_state) for s in states])
@@ -192,7 +192,7 @@ def unrecognised():
 
 
 def test_config_keys_reach_the_method():
-    from lpjax.config import build_experiment
+    from lpjax.config.build import build_experiment
 
     cfg = base_config()
     cfg.dataset.name, cfg.model.name, cfg.model.depth, cfg.model.width = "digits", "mlp", 2, 16

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 import lpjax
-from lpjax.executors.spmd import SpmdExecutor
+from lpjax.executors.spmd.executor import SpmdExecutor
 from lpjax.models import mnist_resnet
-from lpjax.schedules import Flow, GPipe, OneFOneB, Sequential, Streaming
+from lpjax.core.schedules import Flow, GPipe, OneFOneB, Sequential, Streaming
 
 from tiny import assert_trees_close, lm_batch, lm_model, stage_params, tiny_batch, tiny_model
 
@@ -113,7 +113,7 @@ def test_transformer_with_data_axis_matches_reference():
 # -- the host-side lowering (no device) ----------------------------------------------------------
 
 def _lowering(flow):
-    from lpjax.executors.lowering import Lowering
+    from lpjax.executors.spmd.lowering import Lowering
 
     K = flow.num_stages
     sends = [k > 0 and k in flow.sources[k - 1] for k in range(K)]
@@ -140,7 +140,7 @@ def test_lowering_frees_every_slot_it_takes(schedule, flow):
 
 
 def test_lowering_refuses_a_cotangent_that_was_never_sent():
-    from lpjax.schedules import BACKWARD, Task
+    from lpjax.core.schedules import BACKWARD, Task
 
     lowering = _lowering(Flow(((1,), ())))
     with pytest.raises(AssertionError, match="before it was sent"):
@@ -150,7 +150,7 @@ def test_lowering_refuses_a_cotangent_that_was_never_sent():
 def test_lowering_gives_each_task_the_opcode_of_what_it_runs():
     """A forward that consumes nothing must not run the backward branch (it computed, then threw
     away, a VJP per forward); a backward with nothing to consume runs nothing but keeps its update."""
-    from lpjax.executors.lowering import BACKWARD_OP, FORWARD_OP, IDLE, LOCAL_OP
+    from lpjax.executors.spmd.lowering import BACKWARD_OP, FORWARD_OP, IDLE, LOCAL_OP
 
     flow = Flow(((1,), ()))  # backprop, 2 stages
     table = OneFOneB(4).table(2, 1, flow=flow)
@@ -179,7 +179,7 @@ def test_split_state_refuses_a_write_to_the_other_part():
     would be dropped silently; the trace-time check turns that into an error."""
     import dataclasses
 
-    from lpjax.executors.spmd import FIXED_FIELDS, TASK_FIELDS, _check_unchanged
+    from lpjax.executors.spmd.executor import FIXED_FIELDS, TASK_FIELDS, _check_unchanged
 
     state = lpjax.Trainer(tiny_model(2), method=lpjax.Greedy(), optimizer=optax.sgd(0.1)).stage_states[0]
     _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),

@@ -287,7 +287,7 @@ def test_max_train_truncates(tmp_path):
     ("lm1b", ["tfds build lm1b"]),
 ])
 def test_missing_dataset_says_where_it_looked_and_how_to_prepare(tmp_path, name, words):
-    from lpjax.config import base_config, build_experiment
+    from lpjax.config.build import base_config, build_experiment
     from lpjax.errors import ConfigError
 
     missing = str(tmp_path / "empty")

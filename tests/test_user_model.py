@@ -40,7 +40,7 @@ def digits():
 
 def trainer_for(model, executor=None):
     layout = None if executor is None else lpjax.Layout(stages=2, data=1, executor=executor)
-    schedule = lpjax.schedules.GPipe(2) if executor == "spmd" else lpjax.schedules.Streaming(2)
+    schedule = lpjax.core.schedules.GPipe(2) if executor == "spmd" else lpjax.core.schedules.Streaming(2)
     return lpjax.Trainer(model, method=lpjax.Greedy(), optimizer=optax.adam(1e-2), schedule=schedule,
                          layout=layout, num_classes=10)
 
@@ -147,14 +147,14 @@ def test_fit_refuses_data_that_is_not_a_data_source(tmp_path):
     ("missing/file.py:build", "does not exist"),
 ])
 def test_a_bad_model_builder_is_one_config_error(spec, words):
-    from lpjax.config import load_builder
+    from lpjax.config.build import load_builder
 
     with pytest.raises(lpjax.ConfigError, match=re.escape(words)):
         load_builder(spec)
 
 
 def test_a_builder_that_returns_no_network_is_refused(tmp_path):
-    from lpjax.config import base_config, build_experiment
+    from lpjax.config.build import base_config, build_experiment
 
     (tmp_path / "wrong.py").write_text("def build(num_classes, *, rngs):\n    return [num_classes]\n")
     config = base_config()

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from lpjax import cli
-from lpjax.checkpoint import META_FINGERPRINT, Checkpointer
-from lpjax.config import build_experiment
+from lpjax.training.checkpoint import META_FINGERPRINT, Checkpointer
+from lpjax.config.build import build_experiment
 from lpjax.errors import ConfigError
-from lpjax.lock import WorkdirLock
+from lpjax.training.lock import WorkdirLock
 from tiny import digits_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,7 +336,7 @@ def test_a_full_disk_while_logging_metrics_is_one_line_exit_1(recipe, tmp_path, 
     """ENOSPC injected at the metrics log's write (portable: no filesystem needed)."""
     import errno
 
-    from lpjax import metrics_log
+    from lpjax.training import metrics_log
 
     workdir = tmp_path / "run"
     real_write = metrics_log.MetricsLog._write
@@ -419,7 +419,7 @@ def test_a_tensorstore_full_disk_error_is_recognised_as_one():
     ValueError that carries the errno in its text (this one was met in the tmpfs test above)."""
     import errno
 
-    from lpjax.workdir import os_error_in
+    from lpjax.training.workdir import os_error_in
 
     message = ('RESOURCE_EXHAUSTED: Error writing local file "/x/checkpoints/20.orbax-checkpoint-tmp/stage0/'
                '_sharding": Failed to write 1875 bytes to file 5: No space left on device [os_error_code=\'28\']')
@@ -441,7 +441,7 @@ def test_an_abandoned_orbax_task_is_silenced_whatever_its_repr_names(capfd):
     import gc
     import logging
 
-    from lpjax.checkpoint import _quiet_orbax_errors
+    from lpjax.training.checkpoint import _quiet_orbax_errors
 
     _quiet_orbax_errors()
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")

@@ -2,7 +2,7 @@
 
 ``open_split`` wraps ``tfds.data_source``: it never downloads or prepares anything (``download=False``),
 and when the split is missing it raises one ``ValueError`` line that says where it looked and how to
-prepare the dataset, which ``lpjax.config`` turns into a ConfigError (exit code 2).
+prepare the dataset, which ``lpjax.config.build`` turns into a ConfigError (exit code 2).
 """
 
 import glob

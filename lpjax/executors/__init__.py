@@ -1,8 +1,8 @@
 """Executors: where and how a schedule's tasks run. docs/semantics.md says what each one must compute."""
 
-from ..errors import ConfigError
-from .dataflow import DataflowExecutor
-from .placement import PerStageMeshes, SingleDevice, make_stage_mesh
+from lpjax.errors import ConfigError
+from lpjax.executors.dataflow import DataflowExecutor
+from lpjax.executors.placement import PerStageMeshes, SingleDevice, make_stage_mesh
 
 
 def make_executor(kernels, schedule, layout=None):
@@ -14,7 +14,7 @@ def make_executor(kernels, schedule, layout=None):
     mesh = make_stage_mesh(layout.stages, layout.data)
     if layout.executor == "mpmd":
         return DataflowExecutor(kernels, schedule, PerStageMeshes(mesh))
-    from .spmd import SpmdExecutor  # only homogeneous models can use it
+    from lpjax.executors.spmd.executor import SpmdExecutor  # only homogeneous models can use it
 
     return SpmdExecutor(kernels, schedule, mesh)
 

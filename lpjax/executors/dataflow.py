@@ -6,7 +6,7 @@ with ``jax.device_put``). Nothing here waits on the host, so stages on different
 through JAX's asynchronous dispatch.
 
 It re-derives nothing: each task names the cotangent messages ``(loss j, microbatch m')`` it
-consumes, whether it starts its step and whether it updates (``lpjax/schedules.py``). Messages,
+consumes, whether it starts its step and whether it updates (``lpjax/core/schedules.py``). Messages,
 stored activations and residuals wait in dictionaries until the task that consumes them, across
 ``feed``, ``drain`` and evaluation alike. The one thing the table leaves to executors is *how* a
 one-tree optimizer (backprop) updates: every stage's update task of the step marks it due, and
@@ -52,8 +52,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..schedules import BACKWARD, Flow
-from .placement import SingleDevice
+from lpjax.core.schedules import BACKWARD, Flow
+from lpjax.executors.placement import SingleDevice
 
 
 class DataflowExecutor:
@@ -143,7 +143,7 @@ class DataflowExecutor:
         self._due = set()
 
     def refresh_shared(self):
-        """Refresh every reader's copy of the shared readout from the last stage (lpjax/shared_readout.py):
+        """Refresh every reader's copy of the shared readout from the last stage (lpjax/core/shared_readout.py):
         the readout leaves the last stage's devices by ``device_put`` to each reader's. Called by the
         trainer at a step boundary of a flushing schedule, where no task is in flight."""
         self.drain()  # a flushing schedule has nothing left to run here; this only makes it certain

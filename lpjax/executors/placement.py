@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
-from ..errors import ConfigError
+from lpjax.errors import ConfigError
 
 
 class SingleDevice:

@@ -27,7 +27,7 @@
   memorise the labels and the gap closes (README.md, "The paper suite").
 - F4, the ranking: test accuracy of the MNIST ResNet and test loss of the byte LM for backprop,
   chunked (2 and 3 stages), overlapping and greedy (4 stages), over 3 seeds.
-- Memory per device (lpjax.paper.memory_table): compiled-program peaks, no training.
+- Memory per device (lpjax.research.paper.memory_table): compiled-program peaks, no training.
 """
 
 import ml_collections

@@ -1,0 +1,379 @@
+"""From an ml_collections config to a ready-to-train ``Experiment``.
+
+A recipe starts from ``base_config()`` and sets what it needs, so every key below exists and can be
+overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
+
+    seed                    int; seeds the data split, the batch order and the parameter init
+    dataset.name            a registered dataset (lpjax.data.DATASETS); every other key in this
+                            section is passed to its loader (e.g. max_train, test_size, seq_len);
+                            keys left at None are dropped so the loader's default applies
+    model.name              a model of lpjax.models.MODELS; every other key is a builder keyword.
+                            num_classes / vocab_size / input_shape / in_channels / seq_len are
+                            filled from the dataset unless set
+    model.builder           instead of a zoo model: your own builder, "my_pkg.blocks:build" or
+                            "path/to/file.py:build", a function taking the other model keys (and
+                            rngs) that returns an lpjax.models.Network (docs/extending.md)
+    stages                  cut the model's layers into this many near-equal stages, or
+    split_points            (tuple) the layer indices where stages 1.. start, or "balanced" /
+                            "balanced_memory" with ``stages``: cut where the slowest stage (by
+                            XLA FLOPs, heads included) or the largest (by memory) is cheapest
+                            (lpjax.research.balance); the run header prints each stage's share
+    method.name             a registered method (lpjax.core.methods.METHODS): backprop | greedy |
+                            chunked | overlapping, or your own (docs/methods.md)
+    method.window           overlapping only (default 2)
+    method.loss_weights     optional, one per stage; >= 0 (a negative weight would make its stage
+                            ascend its loss) and not all 0
+    method.shared_readout   true: the auxiliary heads end in a read-only copy of the last stage's
+                            readout (SOLO; local methods, flushing schedules; docs/methods.md)
+    method.readout_refresh_steps  steps between refreshes of that copy (default 1: every step)
+    optimizer.*             see lpjax.config.optimizer
+    schedule.name           sequential | gpipe | 1f1b | streaming (lpjax.core.schedules)
+    schedule.microbatches   microbatches per step; must divide batch_size
+    layout.executor         reference (one device) | mpmd | spmd
+    layout.stages           devices along the stage axis (default: one per stage)
+    layout.data             devices per stage (data parallelism inside a stage)
+    batch_size              examples per optimizer step
+    num_steps               optimizer steps; when set it wins over num_epochs
+    num_epochs              passes over the training split
+    log_every               steps between training-metric records (the only host syncs)
+    eval_every              steps between evaluations on the test split; 0: only at the end
+    eval_batch_size         examples per evaluation batch
+    checkpoint.every_steps  steps between checkpoints (0: only at the end); a checkpoint flushes the
+                            pipeline first, so runs with different values differ slightly
+    checkpoint.keep         checkpoints kept (the newest ones)
+    checkpoint.asynchronous save in the background while training goes on
+    nonfinite               skip | halt: what a non-finite loss or gradient does. Either way the
+                            stage's update is skipped (its state never becomes non-finite) and
+                            counted; halt then stops the run with exit code 1
+    probe.alignment_every   steps between gradient-alignment probes (0: off); see lpjax.research.alignment
+    distributed.*           several hosts (lpjax/distributed/multihost.py): coordinator ("host:port"),
+                            num_processes, process_id (all three, or none: then LPJAX_* variables
+                            or the detected TPU pod / SLURM / Kubernetes cluster), auto_detect,
+                            init_timeout_s (wait for every process to join), peer_timeout_s
+
+``build_experiment`` validates in order of cost (plain values, then data, model and trainer) and
+raises ``ConfigError`` with one line naming the problem and the fix; it writes nothing to disk.
+Two checks cover whole classes of keys rather than a list of them: every float anywhere in the
+config must be finite (``inf > 0`` would pass a positivity check), and every integer a model
+builder is given must be at least 1 (at least 0 where the builder's default is 0).
+"""
+
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from ml_collections.config_dict import placeholder
+
+from lpjax.config.checks import (boolean, builder_sizes, finite_everywhere, int_list, loss_weights, no_unknown_keys,
+                            non_negative_int, one_of, positive_int, required)
+from lpjax.data import DATASETS, load_dataset, steps_per_epoch
+from lpjax.errors import ConfigError
+from lpjax.executors.layout import Layout
+from lpjax.core.methods import METHODS, make_method
+from lpjax.models import MODELS
+from lpjax.config.optimizer import build_optimizers, learning_rate_schedules
+from lpjax.core.schedules import SCHEDULES, make_schedule
+from lpjax.core.staging import stage_network
+from lpjax.training.trainer import Trainer
+
+EXECUTORS = ("reference", "mpmd", "spmd")
+NONFINITE_POLICIES = ("halt", "skip")
+OPEN_SECTIONS = ("dataset", "model")  # free-form: their extra keys are loader / builder keywords
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a config may have, with its default; recipes fill in the rest."""
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "dataset": {"name": placeholder(str)},
+        "model": {"name": placeholder(str), "builder": placeholder(str)},
+        "stages": placeholder(int),
+        "split_points": placeholder(object),  # a tuple, or "balanced" / "balanced_memory"
+        "method": {"name": placeholder(str), "window": placeholder(int), "loss_weights": placeholder(tuple),
+                   "shared_readout": False, "readout_refresh_steps": placeholder(int)},
+        "optimizer": {
+            "name": "adam",
+            "learning_rate": 1e-3,
+            "learning_rates": placeholder(tuple),
+            "weight_decay": 0.0,
+            "momentum": 0.9,
+            "decay": "constant",
+            "warmup_steps": 0,
+            "grad_clip_norm": placeholder(float),
+        },
+        "schedule": {"name": "sequential", "microbatches": 1},
+        "layout": {"executor": "reference", "stages": placeholder(int), "data": 1},
+        "batch_size": 64,
+        "num_steps": placeholder(int),
+        "num_epochs": placeholder(int),
+        "log_every": 50,
+        "eval_every": 0,
+        "eval_batch_size": 500,
+        "checkpoint": {"every_steps": 500, "keep": 3, "asynchronous": True},
+        "nonfinite": "halt",
+        "probe": {"alignment_every": 0},
+        "distributed": {"coordinator": placeholder(str), "num_processes": placeholder(int),
+                        "process_id": placeholder(int), "auto_detect": True, "init_timeout_s": 300,
+                        "peer_timeout_s": placeholder(float)},
+    })
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a training run needs, built and checked."""
+
+    config: dict  # the resolved config: defaults, derived model options and step count filled in
+    dataset: Any  # lpjax.data.Dataset
+    network: Any  # lpjax.models.Network
+    model: Any  # lpjax.StagedModel
+    trainer: Trainer
+    num_steps: int
+    stage_layers: list  # (first, last) layer index of each stage
+    split: Any = None  # lpjax.research.balance.BalancedSplit of a balanced cut (split_points="balanced"), else None
+    learning_rates: list | None = None  # per stage: update count -> learning rate (host side, for logs)
+
+    def batches(self, start_step: int = 0):
+        """The endless, seeded training stream, from global step ``start_step``."""
+        return self.dataset.train_batches(self.config["batch_size"], seed=self.config["seed"], start_step=start_step)
+
+
+def resolve(config) -> dict:
+    """The user's config merged onto ``base_config()``, as plain nested dicts; unknown keys rejected."""
+    given = _to_dict(config)
+    merged = base_config().to_dict()
+    no_unknown_keys(given, merged, open_sections=OPEN_SECTIONS)
+    merge_into(merged, given)
+    return merged
+
+
+def build_experiment(config) -> Experiment:
+    cfg = resolve(config)
+    _check_plain_values(cfg)
+    method = make_method(cfg["method"]["name"], window=cfg["method"]["window"],
+                         loss_weights=loss_weights(cfg["method"]["loss_weights"], "method.loss_weights"),
+                         shared_readout=boolean(cfg["method"]["shared_readout"], "method.shared_readout"),
+                         readout_refresh_steps=cfg["method"]["readout_refresh_steps"])
+    schedule = make_schedule(cfg["schedule"]["name"], cfg["schedule"]["microbatches"])
+
+    dataset = _load_dataset(cfg)
+    rngs = nnx.Rngs(cfg["seed"])  # one stream for layers and heads, so no two get the same draws
+    network = _build_network(cfg, dataset, rngs)
+    model = _cut(cfg, network, rngs, dataset)
+    num_stages = len(model)
+
+    num_steps = _num_steps(cfg, dataset)
+    optimizer = build_optimizers(ml_collections.ConfigDict(cfg["optimizer"]), num_stages, num_steps, method)
+    layout = _layout(cfg, num_stages)
+    trainer = Trainer(model, method=method, optimizer=optimizer, schedule=schedule, layout=layout,
+                      num_classes=dataset.num_classes)
+    _dry_run_checks(trainer, dataset, cfg["batch_size"])
+    return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
+                      num_steps=num_steps, stage_layers=stage_layers(model), split=model.split,
+                      learning_rates=learning_rate_schedules(ml_collections.ConfigDict(cfg["optimizer"]),
+                                                             num_stages, num_steps))
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+def _to_dict(config) -> dict:
+    if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise ConfigError(f"a config must be an ml_collections ConfigDict or a dict, got {type(config).__name__}")
+
+
+def merge_into(into: dict, given: dict) -> None:
+    """Set ``given``'s keys on ``into``, section by section (nested dicts merge, values replace)."""
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_into(into[key], value)
+        else:
+            into[key] = value
+
+
+def _check_plain_values(cfg) -> None:
+    finite_everywhere(cfg)  # every float, whatever its key: inf passes "> 0" checks and poisons training
+    seed = non_negative_int(cfg["seed"], "seed")
+    if seed >= 2**32:
+        raise ConfigError(f"seed must be below 2**32, got {seed}")
+    positive_int(cfg["batch_size"], "batch_size")
+    positive_int(cfg["log_every"], "log_every")
+    non_negative_int(cfg["eval_every"], "eval_every")
+    positive_int(cfg["eval_batch_size"], "eval_batch_size")
+    non_negative_int(cfg["checkpoint"]["every_steps"], "checkpoint.every_steps")
+    positive_int(cfg["checkpoint"]["keep"], "checkpoint.keep")
+    boolean(cfg["checkpoint"]["asynchronous"], "checkpoint.asynchronous")
+    one_of(cfg["nonfinite"], NONFINITE_POLICIES, "nonfinite")
+    non_negative_int(cfg["probe"]["alignment_every"], "probe.alignment_every")
+    if cfg["num_steps"] is not None:
+        positive_int(cfg["num_steps"], "num_steps")
+    elif cfg["num_epochs"] is not None:
+        positive_int(cfg["num_epochs"], "num_epochs")
+    else:
+        raise ConfigError("training length is not set; set --config.num_steps=N or --config.num_epochs=N")
+    dataset = required(cfg["dataset"]["name"], "dataset.name", f"choose one of {', '.join(sorted(DATASETS))}")
+    one_of(dataset, sorted(DATASETS), "dataset")
+    if cfg["model"]["builder"] is None:
+        model = required(cfg["model"]["name"], "model.name", f"choose one of {', '.join(sorted(MODELS))}, or set "
+                         f"model.builder='my_pkg.module:function' for your own")
+        one_of(model, sorted(MODELS), "model")
+    method = required(cfg["method"]["name"], "method.name", f"choose one of {', '.join(METHODS)}")
+    one_of(method, tuple(METHODS), "method")
+    one_of(cfg["schedule"]["name"], tuple(SCHEDULES), "schedule")
+    one_of(cfg["layout"]["executor"], EXECUTORS, "layout.executor")
+    if cfg["stages"] is None and cfg["split_points"] is None:
+        raise ConfigError("the number of stages is not set; set --config.stages=K or --config.split_points='(i, j, ...)'")
+
+
+def _load_dataset(cfg):
+    options = {key: value for key, value in cfg["dataset"].items() if key != "name" and value is not None}
+    try:
+        return load_dataset(cfg["dataset"]["name"], seed=cfg["seed"], **options)
+    except (ValueError, TypeError) as err:  # the loaders' own messages already name the fix
+        raise ConfigError(f"dataset {cfg['dataset']['name']!r}: {err}") from None
+
+
+# What a model builder may want to know about the data; used only where the builder takes it.
+def _data_derived_options(dataset) -> dict:
+    shape = tuple(dataset.input_shape)
+    derived = {"num_classes": dataset.num_classes, "vocab_size": dataset.num_classes, "input_shape": shape}
+    if len(shape) == 3:  # NHWC images without the batch axis
+        derived["in_channels"] = shape[-1]
+    if len(shape) == 1:  # token sequences
+        derived["seq_len"] = shape[0]
+    return derived
+
+
+def load_builder(spec: str) -> Callable:
+    """The function named by ``"package.module:function"`` or ``"path/to/file.py:function"``; a module
+    that is not importable as it is is also looked for in the working directory."""
+    module_name, sep, attribute = str(spec).partition(":")
+    if not sep or not module_name or not attribute.isidentifier():
+        raise ConfigError(f"model.builder {spec!r} must look like 'my_pkg.blocks:build' or 'path/to/file.py:build'")
+    try:
+        if module_name.endswith(".py"):
+            path = os.path.abspath(module_name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"model.builder file {module_name!r} does not exist; give a path to a .py file")
+            module_spec = importlib.util.spec_from_file_location(f"_lpjax_builder_{abs(hash(path))}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as err:
+                if err.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+                    raise
+                sys.path.insert(0, os.getcwd())  # `lpjax train` run next to the user's own package
+                module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"model.builder {spec!r}: could not import {module_name}: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                          f"install the package or run from the directory that holds it") from None
+    builder = getattr(module, attribute, None)
+    if not callable(builder):
+        raise ConfigError(f"model.builder {spec!r}: {module_name} has no function {attribute!r}")
+    return builder
+
+
+def _build_network(cfg, dataset, rngs):
+    spec = cfg["model"]["builder"]
+    if spec is not None:
+        builder = load_builder(spec)
+        if cfg["model"]["name"] is None:
+            cfg["model"]["name"] = spec
+    else:
+        builder = MODELS[cfg["model"]["name"]]
+    name = cfg["model"]["name"]
+    accepted = [p for p in inspect.signature(builder).parameters if p != "rngs"]
+    given = {key: value for key, value in cfg["model"].items() if key not in ("name", "builder") and value is not None}
+    unexpected = sorted(set(given) - set(accepted))
+    if unexpected:
+        raise ConfigError(f"model {name!r} has no option(s) {', '.join(unexpected)}; "
+                          f"it accepts {', '.join(accepted)}")
+    builder_sizes(given, builder, "model")  # width=0 would reach the builder as a ZeroDivisionError
+    derived = {k: v for k, v in _data_derived_options(dataset).items() if k in accepted and k not in given}
+    cfg["model"].update(derived)  # recorded in config.json, so the run says exactly what it built
+    try:
+        network = builder(**given, **derived, rngs=rngs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {name!r}: {str(err).splitlines()[0]}") from None
+    if not all(hasattr(network, attr) for attr in ("layers", "make_head", "name")):
+        raise ConfigError(f"model {name!r}: the builder returned a {type(network).__name__}, not an "
+                          f"lpjax.models.Network(layers, make_head, natural_splits, name); see docs/extending.md")
+    return network
+
+
+def _cut(cfg, network, rngs, dataset=None):
+    if isinstance(cfg["split_points"], str):
+        num_stages = positive_int(cfg["stages"], "stages")
+        # measured at one microbatch: what a stage holds per device (abstract shapes, nothing runs)
+        x, y = dataset.example_batch(1)
+        batch = max(1, cfg["batch_size"] // max(1, int(cfg["schedule"]["microbatches"] or 1)))
+        example = tuple(jax.ShapeDtypeStruct((batch, *np.shape(a)[1:]), np.asarray(a).dtype) for a in (x, y))
+        model = stage_network(network, num_stages=num_stages, split_points=cfg["split_points"], example=example,
+                              rngs=rngs)
+        cfg["stages"] = len(model)
+        return model
+    points = int_list(cfg["split_points"], "split_points")
+    if points is None:
+        num_stages = positive_int(cfg["stages"], "stages")
+        model = stage_network(network, num_stages=num_stages, rngs=rngs)
+    else:
+        if cfg["stages"] is not None and cfg["stages"] != len(points) + 1:
+            raise ConfigError(f"split_points {points} make {len(points) + 1} stages but stages={cfg['stages']}; "
+                              f"set --config.stages={len(points) + 1} or drop one of them")
+        model = stage_network(network, split_points=list(points), rngs=rngs)
+    cfg["stages"] = len(model)
+    return model
+
+
+def _num_steps(cfg, dataset) -> int:
+    batch, count = cfg["batch_size"], dataset.num_train
+    if batch > count:
+        raise ConfigError(f"batch_size {batch} is larger than the {count} training examples; "
+                          f"use --config.batch_size={count} or less")
+    if cfg["num_steps"] is None:
+        cfg["num_steps"] = cfg["num_epochs"] * steps_per_epoch(count, batch)
+    return cfg["num_steps"]
+
+
+def _layout(cfg, num_stages):
+    spec = cfg["layout"]
+    data = positive_int(spec["data"], "layout.data")
+    if spec["executor"] == "reference":
+        if data != 1 or spec["stages"] not in (None, 1, num_stages):
+            raise ConfigError("the reference executor runs on one device; set --config.layout.executor=mpmd "
+                              "to spread stages or data over devices")
+        return None
+    stages = num_stages if spec["stages"] is None else positive_int(spec["stages"], "layout.stages")
+    if stages != num_stages:
+        raise ConfigError(f"layout.stages={stages} but the model has {num_stages} stages; make them equal")
+    spec["stages"] = stages
+    return Layout(stages=stages, data=data, executor=spec["executor"])
+
+
+def _dry_run_checks(trainer, dataset, batch_size) -> None:
+    """Run the trainer's own batch and shape checks on one batch, before anything is compiled or written."""
+    xs, ys = trainer.split_batch(*dataset.example_batch(batch_size))
+    trainer.check_shapes(xs[0], ys[0])
+
+
+def stage_layers(model) -> list:
+    """``(first, last)`` layer index of each stage of a ``StagedModel``."""
+    spans, start = [], 0
+    for stage in model:
+        spans.append((start, start + stage.num_layers - 1))
+        start += stage.num_layers
+    return spans

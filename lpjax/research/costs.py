@@ -1,0 +1,281 @@
+"""Cost accounting from XLA's own analysis of the compiled per-stage kernels (README.md, "Compute-efficiency curves").
+
+Every figure comes from ``jax.jit(f).lower(...).compile().cost_analysis()`` (FLOPs, bytes accessed)
+and ``.memory_analysis()`` (peak memory), lowered with abstract shapes, so nothing runs on the device.
+Per stage k the pieces are lowered separately, at a fixed *cost batch* of B examples:
+
+- ``forward``: the body ``F_k`` alone (train mode).
+- ``backward``: one body backward pass, measured as cost(forward + backward) - cost(forward); with
+  a window of w, up to w losses reach a stage and each costs one backward pass (the kernels apply
+  each later loss's cotangent to the stored VJP residual separately). A pass that also sends a
+  gradient to stage k-1 costs the input gradient as well; stage 0's input is data and never does.
+- ``head``: the auxiliary head's forward and backward plus the loss, counted only where the method
+  trains that head (backprop trains only the last).
+- ``update``: one optimizer step. It is per *step*, not per example, so it is reported but left out
+  of the per-example figures below, as in the paper's model.
+
+Per step, with ``F_k`` the per-example FLOPs of stage k (forward + its backward passes + head):
+
+- ``flops_per_example = Σ_k F_k``; ``compute = steps × batch × flops_per_example``.
+- ideal time (the paper's idealised hardware, perfect data parallelism, so it does not depend on the
+  batch size): backprop runs one example through the whole network, ``Σ_k F_k``, per step; a local
+  method runs its stages in parallel, so a step takes ``max_k F_k``, the slowest stage.
+
+Ideal time is in FLOP units (FLOPs on the critical path of one device); ``seconds(flops, device_flops)``
+turns it into seconds for an assumed device throughput. XLA counts a matmul ``[B, n] @ [n, m]`` as
+``2·B·n·m`` FLOPs and an elementwise op as one FLOP per output element (tests/test_costs.py pins this).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lpjax.errors import ConfigError
+
+DEFAULT_COST_BATCH = 32
+
+
+@dataclasses.dataclass
+class Cost:
+    """What XLA reports for one compiled function."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    peak_bytes: int | None = None  # arguments + outputs + temporaries - aliased; None if XLA does not say
+
+    def __sub__(self, other):
+        return Cost(max(self.flops - other.flops, 0.0), max(self.bytes - other.bytes, 0.0), None)
+
+
+@dataclasses.dataclass
+class StageCost:
+    """One stage at the cost batch; ``backward`` already sums all the losses that reach the stage."""
+
+    stage: int
+    batch: int
+    forward: Cost
+    backward: Cost
+    head: Cost
+    update: Cost
+    backward_passes: int  # losses whose gradient reaches this stage's body
+    peak_bytes: int | None  # the largest compiled kernel of this stage (training forward or update)
+
+    @property
+    def flops_per_example(self) -> float:
+        return (self.forward.flops + self.backward.flops + self.head.flops) / self.batch
+
+    @property
+    def bytes_per_example(self) -> float:
+        return (self.forward.bytes + self.backward.bytes + self.head.bytes) / self.batch
+
+
+@dataclasses.dataclass
+class StepCost:
+    method: str
+    batch: int
+    stages: list
+    data_parallel_only: bool  # backprop: stages cannot run in parallel, the whole network is one unit
+
+    @property
+    def flops_per_example(self) -> float:
+        return sum(s.flops_per_example for s in self.stages)
+
+    @property
+    def ideal_flops_per_step(self) -> float:
+        """FLOPs on the critical path of one device per step: the ideal time of a step in FLOP units."""
+        if self.data_parallel_only:
+            return self.flops_per_example
+        return max(s.flops_per_example for s in self.stages)
+
+    @property
+    def update_flops(self) -> float:
+        return sum(s.update.flops for s in self.stages)
+
+    @property
+    def peak_bytes_per_device(self) -> int | None:
+        """Local methods hold one stage per device; backprop with data parallelism holds every stage
+        (and all their activations until the backward pass) on each device, so its peak is the sum."""
+        peaks = [s.peak_bytes for s in self.stages]
+        if any(p is None for p in peaks):
+            return None
+        return sum(peaks) if self.data_parallel_only else max(peaks)
+
+    def compute(self, steps, batch_size):
+        """Total FLOPs of ``steps`` steps of ``batch_size`` examples (every head the method trains)."""
+        return np.asarray(steps, dtype=np.float64) * batch_size * self.flops_per_example
+
+    def ideal_time(self, steps):
+        return np.asarray(steps, dtype=np.float64) * self.ideal_flops_per_step
+
+    def totals(self) -> dict:
+        """Per step at the cost batch, summed over stages: forward, backward, head, update."""
+        out = {}
+        for piece in ("forward", "backward", "head", "update"):
+            out[f"{piece}_flops"] = sum(getattr(s, piece).flops for s in self.stages)
+            out[f"{piece}_bytes"] = sum(getattr(s, piece).bytes for s in self.stages)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "cost_batch": self.batch,
+            "flops_per_example": self.flops_per_example,
+            "ideal_flops_per_step": self.ideal_flops_per_step,
+            "update_flops_per_step": self.update_flops,
+            "peak_bytes_per_device": self.peak_bytes_per_device,
+            **self.totals(),
+            "stages": [{**dataclasses.asdict(s), "flops_per_example": s.flops_per_example,
+                        "bytes_per_example": s.bytes_per_example} for s in self.stages],
+        }
+
+
+def seconds(flops, device_flops: float):
+    """Ideal time in seconds on devices of ``device_flops`` FLOP/s at full utilisation."""
+    if not device_flops > 0:
+        raise ConfigError(f"device_flops must be a positive FLOP/s figure, got {device_flops!r}")
+    return np.asarray(flops, dtype=np.float64) / device_flops
+
+
+# -- XLA -------------------------------------------------------------------------------------------
+def analyse(fn, *args, compile: bool = True) -> Cost:
+    """FLOPs, bytes accessed and peak memory of ``jax.jit(fn)`` at the (abstract) ``args``.
+
+    ``compile=False`` reads XLA's analysis of the lowered, unoptimised program instead: about 10x
+    faster, no peak memory (only a compiled program has one), forward FLOPs within a few per cent of
+    the compiled figure; backward FLOPs of strided convolutions can differ by up to a third, since XLA
+    rewrites their gradients while compiling (tests/test_costs.py). Good for relative costs, such as
+    balancing stages; the reports' figures use the compiled programs."""
+    lowered = jax.jit(fn).lower(*args)
+    if not compile:
+        try:
+            analysis = cost_dict(lowered.cost_analysis())
+        except Exception:  # a backend without an HLO cost model: compile after all
+            analysis = {}
+        if "flops" in analysis:
+            return Cost(float(analysis["flops"]), float(analysis.get("bytes accessed", 0.0)), None)
+    compiled = lowered.compile()
+    analysis = cost_dict(compiled.cost_analysis())
+    return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
+                _peak_bytes(compiled) if compile else None)
+
+
+def cost_dict(analysis) -> dict:
+    """``cost_analysis()`` as one dict: jax returns a dict now, older releases a list with one dict per
+    computation (the first is the entry computation), and some backends None."""
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return dict(analysis or {})
+
+
+def _peak_bytes(compiled):
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype)
+                        if not isinstance(a, jax.ShapeDtypeStruct) else a, tree)
+
+
+# -- per stage ---------------------------------------------------------------------------------------
+def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
+    """``(StageCost, output shape)`` of one ``StageKernels`` at the input ``x`` and labels ``y``
+    (arrays or ShapeDtypeStructs with the batch as leading axis); ``compile`` as in ``analyse``."""
+    analyse_ = functools.partial(analyse, compile=compile)
+    batch = x.shape[0]
+    params, rest = state.params, state.rest
+    # ``state`` is abstract (ShapeDtypeStructs), so every part of it, the non-trainable ``rest`` (batch
+    # statistics) included, must enter the lowered functions as an argument: a closure would hand the
+    # ShapeDtypeStructs themselves to the module, and BatchNorm cannot read them.
+    body_rest, head_rest = rest["body"], rest["head"]
+
+    def body(bp, br, inp):
+        return kern.apply_body(bp, br, inp)[0]
+
+    def body_and_grads(bp, br, inp, cotangent, with_input):
+        if not with_input:
+            h, vjp = jax.vjp(lambda p: body(p, br, inp), bp)
+        else:
+            h, vjp = jax.vjp(lambda p, i: body(p, br, i), bp, inp)
+        return h, vjp(cotangent)
+
+    def head_loss_grads(hp, hr, h, labels):
+        def loss(p, hidden):
+            return kern.weight * kern.head_loss(p, hr, hidden, labels)[0]
+        return jax.value_and_grad(loss, argnums=(0, 1))(hp, h)
+
+    h = jax.eval_shape(body, params["body"], body_rest, x)
+    forward = analyse_(body, params["body"], body_rest, x)
+    # one backward pass per loss reaching the body; the input gradient only where it is passed on
+    needs = [kern.sends_own_gradient] if kern.trains_head else []
+    needs += [kern.passes_on[j] for j in kern.sources]
+    if kern.k == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+        needs = [False] * len(needs)
+    backward = Cost()
+    for with_input in sorted(set(needs)):
+        both = analyse_(functools.partial(body_and_grads, with_input=with_input), params["body"], body_rest, x, h)
+        backward.flops += (both - forward).flops * needs.count(with_input)
+        backward.bytes += (both - forward).bytes * needs.count(with_input)
+    head = analyse_(head_loss_grads, params["head"], head_rest, h, y) if kern.trains_head else Cost()
+    update = analyse_(kern.update, state)
+    if compile:
+        training = analyse(lambda s, inp, lab: _forward_leaves(kern, s, inp, lab), state, x, y)
+        peaks = [c.peak_bytes for c in (training, update)]
+    else:
+        peaks = [None]
+    cost = StageCost(stage=kern.k, batch=batch, forward=forward, backward=backward, head=head, update=update,
+                     backward_passes=len(needs), peak_bytes=None if None in peaks else max(peaks))
+    return cost, h
+
+
+def _forward_leaves(kern, state, x, y):
+    state, h, own_dx, residual, metrics = kern.forward(state, x, y, True)
+    return state, h, own_dx, jax.tree.leaves(residual), metrics
+
+
+def step_cost(trainer, x, y, *, compile: bool = True) -> StepCost:
+    """Costs of one training step of ``trainer`` (its method and stages) on a batch shaped like
+    ``(x, y)``; ``x`` and ``y`` may be arrays or ``jax.ShapeDtypeStruct``s. ``compile=False``: FLOPs
+    of the lowered programs only, no peak memory (``analyse``)."""
+    x, y = _abstract(x), _abstract(y)
+    if not x.shape or x.shape[0] < 1:
+        raise ConfigError(f"cost accounting needs a batch with a leading batch axis, got input shape {x.shape}")
+    stages, h = [], x
+    for kern in trainer.kernels:
+        state = jax.eval_shape(kern.init_state)
+        cost, h = stage_costs(kern, state, h, y, compile=compile)
+        stages.append(cost)
+    return StepCost(method=trainer.method.name, batch=x.shape[0], stages=stages,
+                    data_parallel_only=trainer.method.needs_flush)
+
+
+def experiment_cost(experiment, batch: int = DEFAULT_COST_BATCH, *, compile: bool = True) -> StepCost:
+    """``step_cost`` of an ``Experiment`` (``lpjax.config.build.build_experiment``) at ``batch`` examples
+    of its training data (fewer if the training split is smaller); ``compile`` as in ``step_cost``."""
+    data = experiment.dataset
+    batch = max(1, min(int(batch), int(getattr(data, "num_train", batch))))
+    if hasattr(data, "example_batch"):
+        x, y = data.example_batch(batch)
+    else:
+        x, y = data.train_x[:batch], data.train_y[:batch]
+    return step_cost(experiment.trainer, x, y, compile=compile)
+
+
+def format_flops(value) -> str:
+    """``1.23 GFLOP`` style, for reports."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}FLOP"
+    return f"{value:.3g} FLOP"

@@ -1,0 +1,362 @@
+"""The paper suite's findings (``lpjax bench --suite paper``): each of Laskin, Metz et al.'s findings
+measured, set beside the paper's figure and marked "reproduced" or "not reproduced".
+
+A sweep recipe opts in with two sections (recipes/sweeps/paper.py):
+
+    findings.pareto    problems (time_to_target) for F1, the Pareto crossover, and F2, alignment
+    findings.capacity  a "final" problem on shuffled labels for F3, random-label capacity
+    findings.ranking   "final" problems, several seeds, for F4, the ranking of the methods
+    memory             {stages, models}: memory per device from compiled programs (``memory_table``)
+
+The criteria are written next to each verdict in the report, so a reader can disagree with them.
+"""
+
+import inspect
+import math
+from collections import defaultdict
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from lpjax.research.costs import _forward_leaves, analyse
+
+COMMAND = "lpjax bench --suite paper --workdir runs/bench_paper"
+# Goals from issue 13 and the paper's figures (arXiv 2012.03837; InfoPro for memory)
+PARETO_GOALS = {"mlp": 0.2, "transformer": 0.5}  # best local / backprop ideal time to target, largest batch
+PAPER_PARETO = {"mlp": "well under 0.5 (more than 2x faster)", "transformer": "about 0.5 (about 2x faster)"}
+CAPACITY_GAP = 0.2  # backprop train accuracy above the best local method by at least this much
+PAPER_CAPACITY = "backprop 0.78 against local about 0.28 train accuracy after 100 epochs (figure, read off)"
+RANKING_GAP_PT = 0.5  # backprop - best local, test accuracy points
+MEMORY_GOAL = 0.3  # largest local stage / backprop single-device peak at K = 4
+PAPER_MEMORY = "InfoPro: -62.6 % at K = 4 (0.37x); SOLO: 7x less activation memory"
+
+
+def _kind(problem: str) -> str:
+    return "transformer" if "transformer" in problem or "lm" in problem else "mlp"
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None, 0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+# -- F1 and F2 -------------------------------------------------------------------------------------------
+def pareto_finding(summary: dict, records: list, problems) -> list:
+    rows = []
+    for problem in _as_list(problems):
+        h = summary["headline"].get(problem)
+        kind = _kind(problem)
+        if not h:  # no run of it yet (an interim report): a row that says so
+            rows.append({"problem": problem, "kind": kind, "batch_size": None, "critical_batch_size": None,
+                         "best_local": None, "ideal_time_ratio": None, "compute_ratio": None, "steps_ratio": None,
+                         "per_step_ratio": {}, "fastest": fastest_to_target([], problem),
+                         "goal": PARETO_GOALS[kind], "paper": PAPER_PARETO[kind], "reproduced": False})
+            continue
+        local = h["best_local"]
+        crit = summary["critical_batch_size"].get(f"{problem}/backprop")
+        per_step = {}
+        for r in records:
+            if r["problem"] == problem and r["method"] != "backprop" and r["batch_size"] == h["batch_size"]:
+                per_step[r["label"]] = r["cost"]["ideal_flops_per_step"]
+        base_cost = next((r["cost"]["ideal_flops_per_step"] for r in records
+                          if r["problem"] == problem and r["method"] == "backprop"), None)
+        ratio = h["ideal_time_ratio"]
+        fastest = fastest_to_target(summary["best"], problem)
+        rows.append({
+            "problem": problem, "kind": kind, "batch_size": h["batch_size"], "critical_batch_size": crit,
+            "best_local": local["label"] if local else None, "ideal_time_ratio": ratio,
+            "compute_ratio": h["compute_ratio"], "steps_ratio": h["steps_ratio"],
+            "per_step_ratio": {label: (v / base_cost if base_cost else None) for label, v in sorted(per_step.items())},
+            "fastest": fastest,
+            "goal": PARETO_GOALS[kind], "paper": PAPER_PARETO[kind],
+            "reproduced": ratio is not None and ratio <= PARETO_GOALS[kind],
+        })
+    return rows
+
+
+def fastest_to_target(best: list, problem: str) -> dict:
+    """The paper's frontier reading: each method's least ideal time to target over every batch size
+    (the left end of its Pareto frontier), and the best local method's over backprop's. It differs
+    from the largest-batch ratio when a method is fastest at a smaller batch."""
+    least = {}
+    for e in best:
+        if e["problem"] == problem and e["reached"]:
+            if e["label"] not in least or e["ideal_time"] < least[e["label"]]["ideal_time"]:
+                least[e["label"]] = e
+    base = least.get("backprop")
+    local = [e for label, e in least.items() if label != "backprop"]
+    winner = min(local, key=lambda e: e["ideal_time"]) if local else None
+    ratio = winner["ideal_time"] / base["ideal_time"] if base and winner and base["ideal_time"] else None
+    return {"label": winner["label"] if winner else None, "batch_size": winner["batch_size"] if winner else None,
+            "backprop_batch_size": base["batch_size"] if base else None, "ratio": ratio}
+
+
+def alignment_finding(summary: dict, problems) -> list:
+    """Per local method at the largest batch: does the cosine with the true gradient fall with distance
+    from the output (stage 0 below the second-to-last stage)?"""
+    rows = []
+    for r in summary["alignment"]:
+        values = r.get("alignment") or []
+        if r["problem"] not in _as_list(problems) or r["label"] == "backprop" or len(values) < 3:
+            continue
+        first, near = values[0], values[-2]
+        rows.append({"problem": r["problem"], "label": r["label"], "alignment": values,
+                     "falls": first is not None and near is not None and first < near})
+    return rows
+
+
+# -- F3 and F4 -------------------------------------------------------------------------------------------
+def final_table(records: list, problem: str) -> dict:
+    """Per label: mean, spread (sample std) and count over seeds of the final figures."""
+    by_label = defaultdict(list)
+    for r in records:
+        if r["problem"] == problem:
+            by_label[r["label"]].append(r)
+    out = {}
+    for label, runs in by_label.items():
+        out[label] = {key: _mean_std([r.get(key) for r in runs])
+                      for key in ("train_accuracy", "train_loss", "test_accuracy", "test_loss")}
+    return out
+
+
+def capacity_finding(records: list, problem: str) -> dict | None:
+    table = final_table(records, problem)
+    if "backprop" not in table:
+        return None
+    base = table["backprop"]["train_accuracy"][0]
+    local = {label: row["train_accuracy"][0] for label, row in table.items() if label != "backprop"}
+    best = max((v for v in local.values() if v is not None), default=None)
+    gap = None if base is None or best is None else base - best
+    return {"problem": problem, "backprop": base, "local": local, "gap": gap, "paper": PAPER_CAPACITY,
+            "reproduced": gap is not None and gap >= CAPACITY_GAP}
+
+
+def ranking_finding(records: list, problem: str) -> dict | None:
+    """Test accuracy (classification) or test loss (LM, lower is better) per method over seeds."""
+    table = final_table(records, problem)
+    if "backprop" not in table:
+        return None
+    use_accuracy = table["backprop"]["test_accuracy"][0] is not None and _kind(problem) != "transformer"
+    key = "test_accuracy" if use_accuracy else "test_loss"
+    scale = 100.0 if use_accuracy else 1.0  # accuracy in points
+    sign = 1.0 if use_accuracy else -1.0  # "better" is higher accuracy, lower loss
+    rows = {label: (None if row[key][0] is None else scale * row[key][0],
+                    None if row[key][1] is None else scale * row[key][1], row[key][2]) for label, row in table.items()}
+    base = rows["backprop"][0]
+    local = {label: v for label, v in rows.items() if label != "backprop" and v[0] is not None}
+    order = sorted(local, key=lambda label: -sign * local[label][0])  # best first
+    best = order[0] if order else None
+    greedy = next((label for label in local if label.startswith("greedy")), None)
+    gap_best = None if best is None else sign * (base - local[best][0])
+    gap_greedy = None if greedy is None else sign * (base - local[greedy][0])
+    expected = bool(order) and order[0].startswith("chunked") and order[-1].startswith("greedy")
+    return {"problem": problem, "metric": "test accuracy (%)" if use_accuracy else "test loss (nats/byte)",
+            "rows": rows, "order": order, "best_local": best, "gap_best": gap_best, "gap_greedy": gap_greedy,
+            "gap_goal": RANKING_GAP_PT if use_accuracy else None, "ordering_as_paper": expected}
+
+
+# -- memory per device -----------------------------------------------------------------------------------
+def _example(spec: dict):
+    batch = int(spec["batch"])
+    if "seq_len" in spec:
+        tokens = jax.ShapeDtypeStruct((batch, int(spec["seq_len"])), np.int32)
+        return tokens, tokens
+    return (jax.ShapeDtypeStruct((batch, *spec["input_shape"]), np.float32),
+            jax.ShapeDtypeStruct((batch,), np.int32))
+
+
+def _builder_options(spec: dict, builder) -> dict:
+    """The builder's keywords from a memory case; ``input_shape`` only shapes the example where the
+    builder does not take it (the ResNets read in_channels)."""
+    accepted = inspect.signature(builder).parameters
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
+            if k not in ("model", "batch") and k in accepted}
+
+
+def stage_peaks(trainer, x, y) -> list:
+    """Peak bytes per stage: the larger of its compiled training step (forward, own loss, backward, VJP
+    residuals it keeps) and its optimizer update, from XLA's memory analysis."""
+    peaks, h = [], x
+    for kern in trainer.kernels:
+        state = jax.eval_shape(kern.init_state)
+        training = analyse(lambda s, inp, lab, kern=kern: _forward_leaves(kern, s, inp, lab), state, h, y)
+        update = analyse(kern.update, state)
+        peaks.append(None if None in (training.peak_bytes, update.peak_bytes)
+                     else max(training.peak_bytes, update.peak_bytes))
+        h = jax.eval_shape(lambda s, inp, lab, kern=kern: kern.forward(s, inp, lab, True)[1], state, h, y)
+    return peaks
+
+
+def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked") -> dict:
+    """Backprop's whole network on one device against the largest stage of a memory-balanced cut at each K."""
+    from lpjax import Trainer, stage_network
+    from lpjax.core.methods import make_method
+    from lpjax.models import MODELS
+
+    x, y = _example(spec)
+
+    def peaks(num_stages, method_name):
+        builder = MODELS[spec["model"]]
+        network = builder(**_builder_options(spec, builder), rngs=nnx.Rngs(0))
+        split = "balanced_memory" if num_stages > 1 else None
+        model = stage_network(network, num_stages=num_stages, split_points=split, example=(x, y), rngs=nnx.Rngs(1))
+        trainer = Trainer(model, method=make_method(method_name), optimizer=optax.adam(1e-3))
+        return stage_peaks(trainer, x, y), (model.split.points if model.split else [])
+
+    (backprop,), _ = peaks(1, "backprop")
+    row = {"name": name, "model": spec["model"], "batch": int(spec["batch"]), "backprop_bytes": backprop,
+           "method": method, "local": {}}
+    for k in stages:
+        per_stage, points = peaks(int(k), method)
+        largest = None if None in per_stage else max(per_stage)
+        row["local"][int(k)] = {"stage_bytes": per_stage, "largest": largest, "split_points": points,
+                                "ratio": None if largest is None or not backprop else largest / backprop}
+    return row
+
+
+def memory_table(memory: dict, method: str = "chunked") -> list:
+    """``memory_case`` of every model in a sweep's ``memory`` section ({stages, models})."""
+    stages = tuple(memory.get("stages", (2, 4, 8)))
+    return [memory_case(name, spec, stages, method) for name, spec in memory["models"].items()]
+
+
+def memory_verdict(rows: list) -> dict:
+    ratios = {r["name"]: r["local"].get(4, {}).get("ratio") for r in rows}
+    done = [v for v in ratios.values() if v is not None]
+    return {"ratios_k4": ratios, "goal": MEMORY_GOAL, "paper": PAPER_MEMORY,
+            "reproduced": bool(done) and all(v <= MEMORY_GOAL for v in done)}
+
+
+# -- all together ----------------------------------------------------------------------------------------
+def findings(summary: dict, records: list, sweep: dict) -> dict:
+    spec = sweep.get("findings") or {}
+    missing = defaultdict(int)  # problem -> planned runs not in results.jsonl (an interim report)
+    for run_id in summary.get("missing_runs", ()):
+        problem = next((p for p in sweep["problems"] if run_id.startswith(p + "_")), None)
+        missing[problem] += 1
+    out = {"pareto": pareto_finding(summary, records, spec.get("pareto", ())),
+           "alignment": alignment_finding(summary, spec.get("pareto", ())),
+           "capacity": [c for c in (capacity_finding(records, p) for p in _as_list(spec.get("capacity", ()))) if c],
+           "ranking": [r for r in (ranking_finding(records, p) for p in _as_list(spec.get("ranking", ()))) if r],
+           "missing": dict(missing)}
+    for key in ("pareto", "capacity", "ranking"):
+        for row in out[key]:
+            row["missing_runs"] = missing.get(row["problem"], 0)
+    if summary.get("memory"):
+        out["memory"] = memory_verdict(summary["memory"])
+    return out
+
+
+def _fmt(value, fmt=".2f", suffix=""):
+    return "-" if value is None else f"{format(value, fmt)}{suffix}"
+
+
+def _fastest_text(f: dict) -> str:
+    if f["ratio"] is None:
+        return "-"
+    return (f"{f['ratio']:.2f}x ({f['label']} at batch {f['batch_size']} against backprop at batch "
+            f"{f['backprop_batch_size']})")
+
+
+def _verdict(ok, row=None) -> str:
+    if row is not None and row.get("missing_runs"):
+        return f"**not measured yet** ({row['missing_runs']} runs missing; figures so far)"
+    return "**reproduced**" if ok else "**not reproduced**"
+
+
+def render(found: dict, memory_rows: list | None = None) -> list:
+    """The report's "Paper findings" section, as markdown lines."""
+    lines = ["## Paper findings (Laskin, Metz et al. 2020)", "",
+             f"Command: `{COMMAND}`. Every figure below is measured by this run; the paper's figure is "
+             "quoted beside it, and the criterion for \"reproduced\" is stated with each finding.", "",
+             "| finding | ours | paper | verdict |", "|---|---|---|---|"]
+    for row in found["pareto"]:
+        lines.append(f"| F1 Pareto crossover, {row['problem']} (best local / backprop ideal time to target, "
+                     f"batch {row['batch_size'] or '-'}; goal <= {row['goal']}) | {_fmt(row['ideal_time_ratio'], '.2f', 'x')} "
+                     f"({row['best_local'] or 'no local method reached the target'}; compute "
+                     f"{_fmt(row['compute_ratio'], '.2f', 'x')}, steps {_fmt(row['steps_ratio'], '.2f', 'x')}); "
+                     f"least over all batch sizes {_fastest_text(row['fastest'])} | {row['paper']} | "
+                     f"{_verdict(row['reproduced'], row)} |")
+    if found["alignment"]:
+        falls = sum(r["falls"] for r in found["alignment"])
+        lines.append(f"| F2 alignment falls with distance from the output (stage 0 below the second-to-last) | "
+                     f"{falls} of {len(found['alignment'])} local methods | falls with depth | "
+                     f"{_verdict(falls == len(found['alignment']))} |")
+    for c in found["capacity"]:
+        local = ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in sorted(c["local"].items()))
+        lines.append(f"| F3 random-label train accuracy, {c['problem']} (backprop above every local method by "
+                     f">= {CAPACITY_GAP}) | backprop {_fmt(c['backprop'], '.2f')}; {local} | {c['paper']} | "
+                     f"{_verdict(c['reproduced'], c)} |")
+    for r in found["ranking"]:
+        unit = " pt" if r["gap_goal"] is not None else " nats"
+        goal = f"; backprop - best local <= {r['gap_goal']} pt" if r["gap_goal"] is not None else ""
+        ok = r["ordering_as_paper"] and (r["gap_goal"] is None or (r["gap_best"] is not None
+                                                                   and r["gap_best"] <= r["gap_goal"]))
+        lines.append(f"| F4 ranking, {r['problem']} ({r['metric']}; chunked closest, greedy furthest{goal}) | "
+                     f"order {' > '.join(r['order'])}; backprop - best local {_fmt(r['gap_best'], '.2f', unit)}, "
+                     f"backprop - greedy {_fmt(r['gap_greedy'], '.2f', unit)} | chunked closest to backprop, "
+                     f"greedy furthest | {_verdict(ok, r)} |")
+    if "memory" in found:
+        m = found["memory"]
+        ours = ", ".join(f"{k} {_fmt(v, '.2f', 'x')}" for k, v in m["ratios_k4"].items())
+        lines.append(f"| Memory per device, largest local stage / backprop at K = 4 (goal <= {m['goal']}) | {ours} | "
+                     f"{m['paper']} | {_verdict(m['reproduced'])} |")
+    lines.append("")
+
+    if found["pareto"]:
+        lines += ["### F1: ideal time per step, each local method against backprop", "",
+                  "The slowest stage's FLOPs per example (balanced cut) over backprop's whole network: the best a "
+                  "method can do per step, before any extra steps it needs.", "",
+                  "| problem | batch | critical batch (backprop) | " + "per-step ratio by method |", "|---|---|---|---|"]
+        for row in found["pareto"]:
+            ratios = ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in row["per_step_ratio"].items())
+            lines.append(f"| {row['problem']} | {row['batch_size']} | {_fmt(row['critical_batch_size'], '.0f')} | "
+                         f"{ratios} |")
+        lines.append("")
+    for r in found["ranking"]:
+        lines += [f"### F4: {r['problem']}, {r['metric']}, mean ± std over seeds", "",
+                  "| method | mean | std | seeds |", "|---|---|---|---|"]
+        for label in ["backprop", *r["order"]]:
+            mean, std, n = r["rows"][label]
+            lines.append(f"| {label} | {_fmt(mean, '.3f')} | {_fmt(std, '.3f')} | {n} |")
+        lines.append("")
+    if memory_rows:
+        lines += memory_lines(memory_rows)
+    return lines
+
+
+def memory_lines(rows: list) -> list:
+    stages = sorted({k for r in rows for k in r["local"]})
+    lines = ["### Memory per device (XLA memory analysis of the compiled stage programs)", "",
+             "Peak bytes of one device's programs (arguments + outputs + temporaries - aliased): backprop holds "
+             f"the whole network and its activations; a local method ({rows[0]['method'] if rows else 'chunked'}, "
+             "memory-balanced cut) holds one stage. Nothing is trained.", "",
+             "| model | batch | backprop, 1 device | " + " | ".join(f"K = {k}: largest stage" for k in stages) + " |",
+             "|---|---|---|" + "---|" * len(stages)]
+    for r in rows:
+        cells = []
+        for k in stages:
+            c = r["local"].get(k, {})
+            cells.append("-" if c.get("largest") is None else
+                         f"{format_bytes(c['largest'])} ({_fmt(c['ratio'], '.2f', 'x')})")
+        base = format_bytes(r["backprop_bytes"])
+        lines.append(f"| {r['name']} | {r['batch']} | {base} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def format_bytes(value) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"

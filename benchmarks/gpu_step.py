@@ -9,7 +9,7 @@ same process (alternating rounds):
   into that layer only, adam update): the step device k runs in a greedy pipeline. The slowest stage
   sets the pace of the pipeline.
 
-Both are lpjax's own per-stage kernels (``StageKernels.forward`` + ``update``), the backprop one
+Both are lpjax's own per-stage rules (``StageRule.forward`` + ``update``), the backprop one
 built on the network cut into a single stage. The models have no dtype option, so the benchmark casts
 the stage states' parameters, batch statistics and gradient buffers and the image inputs to bfloat16
 (adam's moments stay float32, as in the usual mixed-precision setup); matmuls and convolutions then
@@ -46,7 +46,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lpjax  # noqa: E402
 from lpjax.research.costs import cost_dict  # noqa: E402
-from lpjax.core.stage_rule import StageKernels  # noqa: E402
+from lpjax.core.stage_rule import StageRule  # noqa: E402
 from lpjax.core.losses import softmax_cross_entropy  # noqa: E402
 
 try:
@@ -104,14 +104,14 @@ def bf16_state(state):
 class Step:
     """One stage's jitted training step (forward, own loss, backward, update) on fixed inputs."""
 
-    def __init__(self, label, kern, x, y):
+    def __init__(self, label, rule, x, y):
         self.label = label
-        state = bf16_state(kern.init_state())
+        state = bf16_state(rule.init_state())
         x = to_bf16(jnp.asarray(x))
 
         def step(state, x, y):
-            state, _, _, _, metrics = kern.forward(state, x, y, True)
-            return kern.update(state), metrics["loss"]
+            state, _, _, _, metrics = rule.forward(state, x, y, True)
+            return rule.update(state), metrics["loss"]
 
         compiled = jax.jit(step, donate_argnums=0).lower(state, x, y).compile()
         self.flops = float(cost_dict(compiled.cost_analysis()).get("flops", 0.0))
@@ -132,18 +132,18 @@ def build_steps(case, stage_ids):
     """The backprop step (network as one stage) and the greedy steps of ``stage_ids`` (one layer each)."""
     tx = optax.adam(1e-4)
     whole = lpjax.stage_network(case.network, num_stages=1, rngs=nnx.Rngs(1))
-    steps = [Step("backprop (whole network)", StageKernels(whole[0], 0, 1, lpjax.Backprop(), tx,
+    steps = [Step("backprop (whole network)", StageRule(whole[0], 0, 1, lpjax.Backprop(), tx,
                                                            softmax_cross_entropy), case.x, case.y)]
     layers = len(case.network.layers)
     staged = lpjax.stage_network(case.network, num_stages=layers, rngs=nnx.Rngs(2))
-    kernels = [StageKernels(stage, k, layers, lpjax.Greedy(), tx, softmax_cross_entropy)
+    rules = [StageRule(stage, k, layers, lpjax.Greedy(), tx, softmax_cross_entropy)
                for k, stage in enumerate(staged)]
     h = to_bf16(jnp.asarray(case.x))
-    for k, kern in enumerate(kernels):
+    for k, rule in enumerate(rules):
         if k in stage_ids:
-            steps.append(Step(f"greedy stage {k} ({type(case.network.layers[k]).__name__})", kern, h, case.y))
+            steps.append(Step(f"greedy stage {k} ({type(case.network.layers[k]).__name__})", rule, h, case.y))
         if k + 1 < layers and max(stage_ids) > k:
-            h, _ = jax.jit(kern.predict)(bf16_state(kern.init_state()), h)  # the next stage's input
+            h, _ = jax.jit(rule.predict)(bf16_state(rule.init_state()), h)  # the next stage's input
     return steps, layers
 
 

@@ -24,7 +24,7 @@ XLA's bytes accessed per step are 247.6 MB against the hand-written step's 232.9
 being one read of every gradient for the norm that each stage's non-finite check and ``grad_norm``
 metric need, and XLA's CPU backend does not fuse that reduction with the dot that writes the
 gradient (its reductions run alone, at 8-14 GB/s here). Measured in one process, two instances of
-each, with the norm replaced by a constant (``StageKernels.update`` patched: only a measurement, it
+each, with the norm replaced by a constant (``StageRule.update`` patched: only a measurement, it
 skips the check): lpjax then ran at 0.98x and 1.02x the hand-written step, against 1.05x and 1.07x
 with it. The cond that skips a non-finite update costs nothing measurable on top: applying the
 update unconditionally with the norm still computed was no faster, and a ``jnp.where`` select of old

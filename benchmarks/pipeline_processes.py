@@ -29,7 +29,7 @@ Every configuration trains the same model from the same weights on the same batc
 - ``local 1x1 pair``: (diagnostic) two independent copies of ``local 1x1`` at once, one per core. Each
   copy does exactly the lone 1x1's work, so 2 x (1x1 time / pair time) is the most two cores of this
   machine give for this work when both are busy: the hardware ceiling for stage parallelism. On the
-  2-vCPU KVM machine here the same XLA kernels run slower while the other core is busy (shared cache
+  2-vCPU KVM machine here the same XLA rules run slower while the other core is busy (shared cache
   and memory bandwidth, or host cores the hypervisor shares), so the ceiling is below 2.0x.
 
 All worker processes start first and stay up (idle ones block on a pipe); the parent then runs one

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
 
 
 def _run(argv) -> int:
+    from lpjax.training import process_hooks
+
+    process_hooks.install()  # the command line's own: orbax's late tracebacks after a reported failure
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ["launch"]:  # its own options; everything after '--' belongs to the children
         from lpjax.distributed.launch import main as launch

@@ -79,7 +79,7 @@ def test_split_points_cut_where_asked():
 
 def test_per_stage_learning_rates_give_one_optimizer_per_stage():
     experiment = build_experiment(tiny(optimizer__learning_rates=(0.1, 0.01), optimizer__name="sgd"))
-    first, second = (kern.tx for kern in experiment.trainer.kernels)
+    first, second = (rule.tx for rule in experiment.trainer.rules)
     assert first is not second
     params, grads = {"w": jnp.ones(())}, {"w": jnp.ones(())}
     step_0 = first.update(grads, first.init(params), params)[0]["w"]

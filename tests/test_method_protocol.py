@@ -1,4 +1,4 @@
-"""The public method protocol: the built-in methods as declarations, the registry, the kernels' surface."""
+"""The public method protocol: the built-in methods as declarations, the registry, the rules' surface."""
 
 import dataclasses
 import pathlib
@@ -72,11 +72,11 @@ def test_public_kernel_surface_reproduces_the_forward_rule():
     trainer = lpjax.Trainer(tiny_model(), method=lpjax.Chunked(loss_weights=(0.5, 2.0, 1.0)),
                             optimizer=optax.sgd(0.1))
     h = x
-    for kern in trainer.kernels:
-        state = kern.init_state()
-        _, h_rule, _, _, metrics = kern.forward(state, h, y, True)
-        h_pub, _ = kern.apply_body(state.params["body"], state.rest["body"], h)
-        loss, (logits, _) = kern.head_loss(state.params["head"], state.rest["head"], h_pub, y)
+    for rule in trainer.rules:
+        state = rule.init_state()
+        _, h_rule, _, _, metrics = rule.forward(state, h, y, True)
+        h_pub, _ = rule.apply_body(state.params["body"], state.rest["body"], h)
+        loss, (logits, _) = rule.head_loss(state.params["head"], state.rest["head"], h_pub, y)
         np.testing.assert_allclose(h_pub, h_rule, rtol=0, atol=0)
         np.testing.assert_allclose(loss, metrics["loss"], rtol=1e-6)
         assert logits.shape == (len(y), 5)

@@ -73,7 +73,7 @@ def test_nan_in_bubbles_never_reaches_parameters(method, schedule):
     reference = lpjax.Trainer(tiny_model(4), method=method, optimizer=optax.adam(1e-2), schedule=schedule)
     poisoned = lpjax.Trainer(tiny_model(4), method=method, optimizer=optax.adam(1e-2), schedule=schedule,
                              layout=lpjax.Layout(stages=4, executor="spmd"))
-    poisoned.executor = SpmdExecutor(poisoned.kernels, schedule, poisoned.executor.mesh, bubble_fill=np.nan)
+    poisoned.executor = SpmdExecutor(poisoned.rules, schedule, poisoned.executor.mesh, bubble_fill=np.nan)
     metrics = []
     for trainer in (reference, poisoned):
         metrics.append([])

@@ -441,9 +441,9 @@ def test_an_abandoned_orbax_task_is_silenced_whatever_its_repr_names(capfd):
     import gc
     import logging
 
-    from lpjax.training.checkpoint import _quiet_orbax_errors
+    from lpjax.training import process_hooks
 
-    _quiet_orbax_errors()
+    process_hooks.install()
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
     namespace = {}
     exec(compile("async def write_fragment():\n    raise ValueError('No space left on device')\n", orbax_file, "exec"),

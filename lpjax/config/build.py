@@ -77,7 +77,7 @@ from lpjax.config.checks import (boolean, builder_sizes, finite_everywhere, int_
                             non_negative_int, one_of, positive_int, required)
 from lpjax.data import DATASETS, load_dataset, steps_per_epoch
 from lpjax.errors import ConfigError
-from lpjax.executors.layout import Layout
+from lpjax.executors.layout import EXECUTORS as LAYOUT_EXECUTORS, Layout
 from lpjax.core.methods import METHODS, make_method
 from lpjax.models import MODELS
 from lpjax.config.optimizer import build_optimizers, learning_rate_schedules
@@ -85,7 +85,7 @@ from lpjax.core.schedules import SCHEDULES, make_schedule
 from lpjax.core.staging import stage_network
 from lpjax.training.trainer import Trainer
 
-EXECUTORS = ("reference", "mpmd", "spmd")
+EXECUTORS = ("reference", *LAYOUT_EXECUTORS)  # "reference": no layout, one device
 NONFINITE_POLICIES = ("halt", "skip")
 OPEN_SECTIONS = ("dataset", "model")  # free-form: their extra keys are loader / builder keywords
 

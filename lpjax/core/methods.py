@@ -5,7 +5,7 @@ With stages k = 0..K-1, stage k's loss ``L_k = λ_k ℓ(G_k(h_k), y)`` backpropa
 ``k-w+1 .. k``. So the gradient of stage k's body sums ``∂L_j/∂θ_k`` over the *sources*
 ``j = k .. k+w-1`` (those with λ_j ≠ 0), and its head gets ``∂L_k/∂φ_k``.
 
-A ``Method`` declares everything the kernels, schedules and executors need, and nothing else:
+A ``Method`` declares everything the update rules (core/stage_rule.py), schedules and executors need, and nothing else:
 
 - ``losses`` and ``loss_weights``: which stages' heads carry a loss and with what weight λ_k
   (``EVERY_STAGE``: one per stage, weight 1 unless given; ``LAST_STAGE``: only the final head);
@@ -22,7 +22,7 @@ A ``Method`` declares everything the kernels, schedules and executors need, and 
   the bodies) plus, for a shared state, the rule that only its owner's loss trains it.
 
 Backprop is not a special case: it is ``losses=LAST_STAGE, window=None, needs_flush=True,
-optimizer=ONE_TREE``. A method knows nothing about devices or order; the kernels turn it into
+optimizer=ONE_TREE``. A method knows nothing about devices or order; the update rules turn it into
 per-stage functions and the schedules decide when they run.
 
 ``register_method(name)`` adds a factory to ``METHODS``; config strings (``method.name``) are looked up

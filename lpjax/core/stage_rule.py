@@ -104,7 +104,7 @@ def _split(module):
     return graphdef, params, rest
 
 
-class StageKernels:
+class StageRule:
     """The update rule of stage ``k`` of ``K`` for one method, as pure functions."""
 
     def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None):

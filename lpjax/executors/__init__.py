@@ -5,18 +5,18 @@ from lpjax.executors.dataflow import DataflowExecutor
 from lpjax.executors.placement import PerStageMeshes, SingleDevice, make_stage_mesh
 
 
-def make_executor(kernels, schedule, layout=None):
+def make_executor(rules, schedule, layout=None):
     """The reference executor when ``layout`` is None, else the layout's executor."""
     if layout is None:
-        return DataflowExecutor(kernels, schedule, SingleDevice())
-    if layout.stages != len(kernels):
-        raise ConfigError(f"layout has {layout.stages} stages but the model has {len(kernels)}; make them equal")
+        return DataflowExecutor(rules, schedule, SingleDevice())
+    if layout.stages != len(rules):
+        raise ConfigError(f"layout has {layout.stages} stages but the model has {len(rules)}; make them equal")
     mesh = make_stage_mesh(layout.stages, layout.data)
     if layout.executor == "mpmd":
-        return DataflowExecutor(kernels, schedule, PerStageMeshes(mesh))
+        return DataflowExecutor(rules, schedule, PerStageMeshes(mesh))
     from lpjax.executors.spmd.executor import SpmdExecutor  # only homogeneous models can use it
 
-    return SpmdExecutor(kernels, schedule, mesh)
+    return SpmdExecutor(rules, schedule, mesh)
 
 
 __all__ = ["DataflowExecutor", "PerStageMeshes", "SingleDevice", "make_executor", "make_stage_mesh"]

@@ -1,4 +1,4 @@
-"""Interprets a schedule's task table, stage by stage, with the method's per-stage kernels.
+"""Interprets a schedule's task table, stage by stage, with the method's per-stage rules.
 
 The same interpreter is the reference executor (every stage on one device, tasks in table order)
 and the per-stage MPMD executor (stage k jitted on its own devices, activations and cotangents moved
@@ -10,7 +10,7 @@ consumes, whether it starts its step and whether it updates (``lpjax/core/schedu
 stored activations and residuals wait in dictionaries until the task that consumes them, across
 ``feed``, ``drain`` and evaluation alike. The one thing the table leaves to executors is *how* a
 one-tree optimizer (backprop) updates: every stage's update task of the step marks it due, and
-once all are due the stages step together with the global gradient norm (``StageKernels.update``);
+once all are due the stages step together with the global gradient norm (``StageRule.update``);
 a flushed step runs nothing on a stage after its update task, so this is the same step.
 
 With every stage on one device and a flushing schedule (Sequential, GPipe, 1F1B), the reference
@@ -57,8 +57,8 @@ from lpjax.executors.placement import SingleDevice
 
 
 class DataflowExecutor:
-    def __init__(self, kernels, schedule, placement, *, whole_steps=None):
-        self.kernels = kernels
+    def __init__(self, rules, schedule, placement, *, whole_steps=None):
+        self.rules = rules
         self.schedule = schedule
         self.placement = placement
         # One compiled program per step (see _run_whole_step): every stage on one device and a
@@ -67,10 +67,10 @@ class DataflowExecutor:
         self.whole_steps = (isinstance(placement, SingleDevice) and schedule.synchronous and schedule.microbatches == 1
                             if whole_steps is None else whole_steps)
         self._tracing = False  # inside _traced_step: values are tracers of one program
-        self.num_stages = len(kernels)
-        self.states = [placement.put_state(k, kern.init_state()) for k, kern in enumerate(kernels)]
-        self.flow = Flow(tuple(tuple(kern.sources) for kern in kernels))
-        self.one_tree = kernels[0].one_tree
+        self.num_stages = len(rules)
+        self.states = [placement.put_state(k, rule.init_state()) for k, rule in enumerate(rules)]
+        self.flow = Flow(tuple(tuple(rule.sources) for rule in rules))
+        self.one_tree = rules[0].one_tree
         self._due = set()  # one-tree stages whose update task of this step has run
         self.done = [0] * self.num_stages
         self.fed = 0
@@ -120,8 +120,8 @@ class DataflowExecutor:
             m = self.fed
             self.inputs[(0, m)] = self.placement.put_batch(0, x)
             placed = {}  # one copy of the labels per distinct placement, not per stage
-            for k, kern in enumerate(self.kernels):
-                if kern.trains_head:
+            for k, rule in enumerate(self.rules):
+                if rule.trains_head:
                     where = self.placement.batch_sharding(k)
                     if where not in placed:
                         placed[where] = self.placement.put_batch(k, y)
@@ -154,9 +154,9 @@ class DataflowExecutor:
 
     def _shared_cell(self, kind, k):
         if (kind, k) not in self._cells:
-            kern = self.kernels[k]
-            self._cells[(kind, k)] = (jax.jit(kern.readout) if kind == "readout" else
-                                      self._flat(k, kern.with_readout, donate_argnums=(0,)))
+            rule = self.rules[k]
+            self._cells[(kind, k)] = (jax.jit(rule.readout) if kind == "readout" else
+                                      self._flat(k, rule.with_readout, donate_argnums=(0,)))
         return self._cells[(kind, k)]
 
     def host_states(self):
@@ -188,14 +188,14 @@ class DataflowExecutor:
 
     def _execute(self, task):
         k, m = task.stage, task.microbatch
-        kern = self.kernels[k]
+        rule = self.rules[k]
         missing = [(j, about) for j, about in task.consumes if (k, j, about) not in self.messages]
         if missing:
             raise AssertionError(f"{task.label()} at stage {k} consumes {missing} before they were sent")
         present = tuple(j for j, _ in task.consumes)
         cotangents = {j: self.messages.pop((k, j, about)) for j, about in task.consumes}
         residuals = {j: self._residual(k, j, about) for j, about in task.consumes}
-        if task.runs_forward and kern.sources and k not in self._residual_trees:
+        if task.runs_forward and rule.sources and k not in self._residual_trees:
             self._residual_trees[k] = self._residual_tree(k, m)
         update_here = task.update and not self.one_tree
         cell = self._cell(k, task.phase, present, update_here, task.first)
@@ -211,7 +211,7 @@ class DataflowExecutor:
             if own_dx is not None:
                 self.messages[(k - 1, k, m)] = self._put_batch(k - 1, own_dx)
             if residual is not None:
-                self.residuals[(k, m)] = [residual, len(kern.sources)]
+                self.residuals[(k, m)] = [residual, len(rule.sources)]
             self.log.append((k, m, metrics))
         about = dict(task.consumes)
         for j, dx in passed.items():
@@ -303,18 +303,18 @@ class DataflowExecutor:
 
     def _sq_norm_cell(self, k):
         if ("sq", k) not in self._cells:
-            kern, treedef = self.kernels[k], self._treedefs[k]
-            self._cells[("sq", k)] = jax.jit(lambda leaves: kern.grad_sq_norm(jax.tree.unflatten(treedef, leaves)))
+            rule, treedef = self.rules[k], self._treedefs[k]
+            self._cells[("sq", k)] = jax.jit(lambda leaves: rule.grad_sq_norm(jax.tree.unflatten(treedef, leaves)))
         return self._cells[("sq", k)]
 
     def _update_cell(self, k):
         if ("update", k) not in self._cells:
-            self._cells[("update", k)] = self._flat(k, self.kernels[k].update, donate_argnums=(0,))
+            self._cells[("update", k)] = self._flat(k, self.rules[k].update, donate_argnums=(0,))
         return self._cells[("update", k)]
 
     def _residual_tree(self, k, m):
         x, y = self.inputs[(k, m)], self.labels.get((k, m))
-        residual = jax.eval_shape(self.kernels[k].forward, self._state(k), x, y)[3]
+        residual = jax.eval_shape(self.rules[k].forward, self._state(k), x, y)[3]
         return jax.tree.structure(residual)
 
     def _residual(self, k, j, m):
@@ -328,29 +328,29 @@ class DataflowExecutor:
     def _cell(self, k, phase, present, update, fresh):
         key = (k, phase, present, update, fresh)
         if key not in self._cells:
-            kern = self.kernels[k]
+            rule = self.rules[k]
             tree = self._residual_trees.get(k)
             if phase == BACKWARD:
-                fn = functools.partial(_backward_cell, kern, update, tree)
+                fn = functools.partial(_backward_cell, rule, update, tree)
             else:
-                fn = functools.partial(_forward_cell, kern, update, fresh, tree)
+                fn = functools.partial(_forward_cell, rule, update, fresh, tree)
             # the stage state is replaced by the cell's output, so XLA may reuse its buffers
             self._cells[key] = self._flat(k, fn, donate_argnums=(0,))
         return self._cells[key]
 
 
-def _forward_cell(kern, update, fresh, tree, state, x, y, residuals, cotangents):
-    state, h, own_dx, residual, metrics = kern.forward(state, x, y, fresh)
-    state, passed = kern.backward(state, _rebuild(tree, residuals), cotangents)
+def _forward_cell(rule, update, fresh, tree, state, x, y, residuals, cotangents):
+    state, h, own_dx, residual, metrics = rule.forward(state, x, y, fresh)
+    state, passed = rule.backward(state, _rebuild(tree, residuals), cotangents)
     if update:
-        state = kern.update(state)
+        state = rule.update(state)
     return state, h, own_dx, None if residual is None else jax.tree.leaves(residual), passed, metrics
 
 
-def _backward_cell(kern, update, tree, state, residuals, cotangents):
-    state, passed = kern.backward(state, _rebuild(tree, residuals), cotangents)
+def _backward_cell(rule, update, tree, state, residuals, cotangents):
+    state, passed = rule.backward(state, _rebuild(tree, residuals), cotangents)
     if update:
-        state = kern.update(state)
+        state = rule.update(state)
     return state, passed
 
 

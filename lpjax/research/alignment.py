@@ -28,28 +28,28 @@ def gradient_alignment(trainer, x, y) -> list:
     ``None`` for a stage whose local or true gradient is zero (no loss reaches it, or no parameters).
     """
     if trainer not in _PROBES:
-        _PROBES[trainer] = jax.jit(_make_probe(trainer.kernels, trainer.method))
+        _PROBES[trainer] = jax.jit(_make_probe(trainer.rules, trainer.method))
     # executors may keep stages on different devices; the probe runs on one
     states = jax.device_get(list(trainer.stage_states))
     cosines = jax.device_get(_PROBES[trainer](states, np.asarray(x), np.asarray(y)))
     return [None if not np.isfinite(c) else float(c) for c in cosines]
 
 
-def _make_probe(kernels, method):
-    num_stages = len(kernels)
+def _make_probe(rules, method):
+    num_stages = len(rules)
     reach = method.reach(num_stages)
-    weights = [kern.weight for kern in kernels]
+    weights = [rule.weight for rule in rules]
 
     def body(k, states, bp, h):
-        kern = kernels[k]
-        return kern.apply_body(bp, states[k].rest["body"], h)[0]
+        rule = rules[k]
+        return rule.apply_body(bp, states[k].rest["body"], h)[0]
 
     def loss_through(first, last, states, body_params, h, y, weight):
         """``weight · L_last`` with the gradient flowing through the bodies of stages first..last."""
         for offset, bp in enumerate(body_params):
             h = body(first + offset, states, bp, h)
-        kern = kernels[last]
-        return weight * kern.head_loss(states[last].params["head"], states[last].rest["head"], h, y)[0]
+        rule = rules[last]
+        return weight * rule.head_loss(states[last].params["head"], states[last].rest["head"], h, y)[0]
 
     def probe(states, x, y):
         bodies = [s.params["body"] for s in states]

@@ -110,19 +110,19 @@ def _split(module):
 def measure_layers(network, x, y, *, loss="softmax_cross_entropy", tx=None) -> LayerCosts:
     """Per-layer costs of ``network`` (a ``lpjax.models.Network``) at inputs shaped like ``x`` and labels
     like ``y`` (arrays or ShapeDtypeStructs, batch first). Nothing runs: programs are only lowered."""
-    from lpjax.research.costs import _abstract, analyse
+    from lpjax.research.costs import abstract_like, analyse
     from lpjax.core.losses import get_loss
 
     loss_fn = get_loss(loss)
     tx = tx or optax.adam(1e-3)
-    x, y = _abstract(x), _abstract(y)
+    x, y = abstract_like(x), abstract_like(y)
     batch = x.shape[0]
     rngs = nnx.Rngs(0)
     out = LayerCosts([], [], [], [], [])
     h = x
     for i, layer in enumerate(network.layers):
         graphdef, params, rest = _split(layer)
-        params, rest = _abstract(params), _abstract(rest)
+        params, rest = abstract_like(params), abstract_like(rest)
 
         def body(p, r, inp, graphdef=graphdef):
             return nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))(inp)
@@ -146,7 +146,7 @@ def measure_layers(network, x, y, *, loss="softmax_cross_entropy", tx=None) -> L
         out.memory.append(_state_bytes(params, rest, tx) + _bytes(residuals) + _bytes(out_shape))
 
         head_def, head_params, head_rest = _split(network.make_head(i, rngs))
-        head_params, head_rest = _abstract(head_params), _abstract(head_rest)
+        head_params, head_rest = abstract_like(head_params), abstract_like(head_rest)
 
         def head_loss(p, r, hidden, labels, head_def=head_def):
             logits = nnx.merge(head_def, p, jax.tree.map(lambda a: a, r))(hidden)
@@ -173,9 +173,9 @@ _MEASURED = {}  # layer costs by network structure and input shapes: a sweep cut
 def _structure_key(network, x, y, loss, tx):
     """Layer types, static attributes and parameter shapes (not values), input and label shapes."""
     try:
-        from lpjax.research.costs import _abstract
+        from lpjax.research.costs import abstract_like
         layers = tuple((nnx.graphdef(layer), str(jax.tree.map(lambda a: (a.shape, str(a.dtype)),
-                                                              _abstract(nnx.state(layer)))))
+                                                              abstract_like(nnx.state(layer)))))
                        for layer in network.layers)
         key = (layers, tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype),
                tuple(np.shape(y)), str(y.dtype), loss if isinstance(loss, str) else id(loss), tx is None)

@@ -182,14 +182,15 @@ def _peak_bytes(compiled):
                - mem.alias_size_in_bytes)
 
 
-def _abstract(tree):
+def abstract_like(tree):
+    """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct`` (abstract values pass through)."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype)
                         if not isinstance(a, jax.ShapeDtypeStruct) else a, tree)
 
 
 # -- per stage ---------------------------------------------------------------------------------------
-def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
-    """``(StageCost, output shape)`` of one ``StageKernels`` at the input ``x`` and labels ``y``
+def stage_costs(rule, state, x, y, *, compile: bool = True) -> tuple:
+    """``(StageCost, output shape)`` of one ``StageRule`` at the input ``x`` and labels ``y``
     (arrays or ShapeDtypeStructs with the batch as leading axis); ``compile`` as in ``analyse``."""
     analyse_ = functools.partial(analyse, compile=compile)
     batch = x.shape[0]
@@ -200,7 +201,7 @@ def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
     body_rest, head_rest = rest["body"], rest["head"]
 
     def body(bp, br, inp):
-        return kern.apply_body(bp, br, inp)[0]
+        return rule.apply_body(bp, br, inp)[0]
 
     def body_and_grads(bp, br, inp, cotangent, with_input):
         if not with_input:
@@ -211,35 +212,36 @@ def stage_costs(kern, state, x, y, *, compile: bool = True) -> tuple:
 
     def head_loss_grads(hp, hr, h, labels):
         def loss(p, hidden):
-            return kern.weight * kern.head_loss(p, hr, hidden, labels)[0]
+            return rule.weight * rule.head_loss(p, hr, hidden, labels)[0]
         return jax.value_and_grad(loss, argnums=(0, 1))(hp, h)
 
     h = jax.eval_shape(body, params["body"], body_rest, x)
     forward = analyse_(body, params["body"], body_rest, x)
     # one backward pass per loss reaching the body; the input gradient only where it is passed on
-    needs = [kern.sends_own_gradient] if kern.trains_head else []
-    needs += [kern.passes_on[j] for j in kern.sources]
-    if kern.k == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+    needs = [rule.sends_own_gradient] if rule.trains_head else []
+    needs += [rule.passes_on[j] for j in rule.sources]
+    if rule.k == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
         needs = [False] * len(needs)
     backward = Cost()
     for with_input in sorted(set(needs)):
         both = analyse_(functools.partial(body_and_grads, with_input=with_input), params["body"], body_rest, x, h)
         backward.flops += (both - forward).flops * needs.count(with_input)
         backward.bytes += (both - forward).bytes * needs.count(with_input)
-    head = analyse_(head_loss_grads, params["head"], head_rest, h, y) if kern.trains_head else Cost()
-    update = analyse_(kern.update, state)
+    head = analyse_(head_loss_grads, params["head"], head_rest, h, y) if rule.trains_head else Cost()
+    update = analyse_(rule.update, state)
     if compile:
-        training = analyse(lambda s, inp, lab: _forward_leaves(kern, s, inp, lab), state, x, y)
+        training = analyse(lambda s, inp, lab: forward_leaves(rule, s, inp, lab), state, x, y)
         peaks = [c.peak_bytes for c in (training, update)]
     else:
         peaks = [None]
-    cost = StageCost(stage=kern.k, batch=batch, forward=forward, backward=backward, head=head, update=update,
+    cost = StageCost(stage=rule.k, batch=batch, forward=forward, backward=backward, head=head, update=update,
                      backward_passes=len(needs), peak_bytes=None if None in peaks else max(peaks))
     return cost, h
 
 
-def _forward_leaves(kern, state, x, y):
-    state, h, own_dx, residual, metrics = kern.forward(state, x, y, True)
+def forward_leaves(rule, state, x, y):
+    """A stage's training forward with its residual flattened to leaves: what a cost analysis lowers."""
+    state, h, own_dx, residual, metrics = rule.forward(state, x, y, True)
     return state, h, own_dx, jax.tree.leaves(residual), metrics
 
 
@@ -247,13 +249,13 @@ def step_cost(trainer, x, y, *, compile: bool = True) -> StepCost:
     """Costs of one training step of ``trainer`` (its method and stages) on a batch shaped like
     ``(x, y)``; ``x`` and ``y`` may be arrays or ``jax.ShapeDtypeStruct``s. ``compile=False``: FLOPs
     of the lowered programs only, no peak memory (``analyse``)."""
-    x, y = _abstract(x), _abstract(y)
+    x, y = abstract_like(x), abstract_like(y)
     if not x.shape or x.shape[0] < 1:
         raise ConfigError(f"cost accounting needs a batch with a leading batch axis, got input shape {x.shape}")
     stages, h = [], x
-    for kern in trainer.kernels:
-        state = jax.eval_shape(kern.init_state)
-        cost, h = stage_costs(kern, state, h, y, compile=compile)
+    for rule in trainer.rules:
+        state = jax.eval_shape(rule.init_state)
+        cost, h = stage_costs(rule, state, h, y, compile=compile)
         stages.append(cost)
     return StepCost(method=trainer.method.name, batch=x.shape[0], stages=stages,
                     data_parallel_only=trainer.method.needs_flush)

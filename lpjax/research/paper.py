@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lpjax.research.costs import _forward_leaves, analyse
+from lpjax.research.costs import forward_leaves, analyse
 
 COMMAND = "lpjax bench --suite paper --workdir runs/bench_paper"
 # Goals from issue 13 and the paper's figures (arXiv 2012.03837; InfoPro for memory)
@@ -185,13 +185,13 @@ def stage_peaks(trainer, x, y) -> list:
     """Peak bytes per stage: the larger of its compiled training step (forward, own loss, backward, VJP
     residuals it keeps) and its optimizer update, from XLA's memory analysis."""
     peaks, h = [], x
-    for kern in trainer.kernels:
-        state = jax.eval_shape(kern.init_state)
-        training = analyse(lambda s, inp, lab, kern=kern: _forward_leaves(kern, s, inp, lab), state, h, y)
-        update = analyse(kern.update, state)
+    for rule in trainer.rules:
+        state = jax.eval_shape(rule.init_state)
+        training = analyse(lambda s, inp, lab, rule=rule: forward_leaves(rule, s, inp, lab), state, h, y)
+        update = analyse(rule.update, state)
         peaks.append(None if None in (training.peak_bytes, update.peak_bytes)
                      else max(training.peak_bytes, update.peak_bytes))
-        h = jax.eval_shape(lambda s, inp, lab, kern=kern: kern.forward(s, inp, lab, True)[1], state, h, y)
+        h = jax.eval_shape(lambda s, inp, lab, rule=rule: rule.forward(s, inp, lab, True)[1], state, h, y)
     return peaks
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from lpjax.distributed import multihost
 from lpjax.training import workdir as files
+from lpjax.training import process_hooks
 from lpjax.training.checkpoint import Checkpointer
 from lpjax.config.build import build_experiment, resolve, stage_layers
 from lpjax.config.checks import boolean, non_negative_int, one_of, positive_int
@@ -111,6 +112,7 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
     different model, method or data is refused with ``ConfigError``. Learning rates are logged per
     stage when the optimizer exposes them (``optax.inject_hyperparams``).
     """
+    process_hooks.install()  # lpjax.fit reports failures in one line, as the command line does
     data = _as_data_source(data)
     settings = {
         "seed": non_negative_int(seed, "seed"),
@@ -408,7 +410,7 @@ def _results(run, train, test, train_time, total_time) -> dict:
             "stage": k,
             "layers": list(span),
             # backprop trains only the last head; the others keep their initial weights
-            "head_trained": bool(trainer.kernels[k].trains_head),
+            "head_trained": bool(trainer.rules[k].trains_head),
             "parameters": counts[k],
             "train_loss": train[k]["loss"],
             "train_accuracy": train[k]["accuracy"],

@@ -7,7 +7,7 @@ from flax import nnx
 
 from lpjax.errors import ConfigError
 from lpjax.executors import make_executor
-from lpjax.core.stage_rule import StageKernels
+from lpjax.core.stage_rule import StageRule
 from lpjax.core.losses import check_logits_match_labels, get_loss
 from lpjax.core.methods import Method
 from lpjax.core.optimizers import per_stage_optimizers
@@ -46,9 +46,9 @@ class Trainer:
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
         optimizers = per_stage_optimizers(optimizer, len(model), method)
-        self.kernels = [StageKernels(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path)
+        self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path)
                         for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
-        self.executor = make_executor(self.kernels, self.schedule, layout)
+        self.executor = make_executor(self.rules, self.schedule, layout)
         self.steps = 0
         self.stage_examples = [0] * len(model)  # examples each stage has run forward so far
         self._done_seen, self._microbatch_rows = [0] * len(model), 0
@@ -58,7 +58,7 @@ class Trainer:
 
     @property
     def num_stages(self):
-        return len(self.kernels)
+        return len(self.rules)
 
     @property
     def microbatches(self):
@@ -194,12 +194,12 @@ class Trainer:
     def check_shapes(self, x, y):
         """Fail before compiling anything if a head's output cannot be scored against the labels."""
         h = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
-        for k, kern in enumerate(self.kernels):
+        for k, rule in enumerate(self.rules):
             try:
-                h, logits = jax.eval_shape(kern.predict, jax.eval_shape(kern.init_state), h)
+                h, logits = jax.eval_shape(rule.predict, jax.eval_shape(rule.init_state), h)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"stage {k} cannot take an input of shape {h.shape}: {str(err).splitlines()[0]}") from None
-            if kern.trains_head or k == self.num_stages - 1:
+            if rule.trains_head or k == self.num_stages - 1:
                 check_logits_match_labels(logits.shape, np.shape(y), self.num_classes, where=f"stage {k}'s head")
         self._checked_shapes = True
 
@@ -240,7 +240,7 @@ class Trainer:
         place, outputs, h = self.executor.placement, [], x
         for k in range(self.num_stages):
             if k not in self._logits:
-                self._logits[k] = jax.jit(self.kernels[k].predict)
+                self._logits[k] = jax.jit(self.rules[k].predict)
             h, logits = self._logits[k](self.executor.states[k], place.put_state(k, h))
             outputs.append(logits)
         return outputs
@@ -293,10 +293,10 @@ class Trainer:
 
     def _predict_fn(self, k):
         if k not in self._predict:
-            kern = self.kernels[k]
+            rule = self.rules[k]
 
             def predict(state, x, y):
-                h, logits = kern.predict(state, x)
+                h, logits = rule.predict(state, x)
                 n = y.size
                 return h, self.loss_fn(logits, y) * n, (jnp.argmax(logits, -1) == y).sum()
 

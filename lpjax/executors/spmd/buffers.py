@@ -108,7 +108,7 @@ def zeros(lengths, lead=()):
     return {group: jnp.zeros((*lead, length), group) for group, length in lengths.items()}
 
 
-class SlotLayout:
+class SlotFormat:
     """Stages' trees in shared per-leaf arrays ("slots"): leaf i of stage k lives in slot
     ``slots[k][i]``, an array of the leaf's own shape and dtype, so packing and unpacking copy
     nothing. Stages whose leaves have the same shapes share every slot; a leaf no earlier stage has
@@ -160,7 +160,7 @@ class SlotLayout:
         return jax.tree.unflatten(self.treedefs[k], leaves)
 
 
-class FlatLayout:
+class FlatFormat:
     """Stages' trees packed into one flat buffer per dtype (``TreePacker``), padded to the longest."""
 
     def __init__(self, examples):
@@ -185,8 +185,8 @@ class FlatLayout:
         return self.packers[k].unpack(buffers)
 
 
-def shared_layout(examples, slack=1.25):
-    """``SlotLayout`` for the stages' trees (``examples``, one per stage) unless its slots take more
-    than ``slack`` times the memory of flat packing (stages of different shapes), then ``FlatLayout``."""
-    slots, flat = SlotLayout(examples), FlatLayout(examples)
+def shared_format(examples, slack=1.25):
+    """``SlotFormat`` for the stages' trees (``examples``, one per stage) unless its slots take more
+    than ``slack`` times the memory of flat packing (stages of different shapes), then ``FlatFormat``."""
+    slots, flat = SlotFormat(examples), FlatFormat(examples)
     return slots if slots.bytes <= slack * flat.bytes else flat

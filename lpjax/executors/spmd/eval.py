@@ -145,15 +145,15 @@ class MeshEvaluator:
         # each stage's output shape at this row count, to size the activation message
         h = jax.ShapeDtypeStruct((rows, *x_row), x_dtype)
         packers = []
-        for k, kern in enumerate(ex.kernels):
+        for k, rule in enumerate(ex.rules):
             state = jax.eval_shape(lambda k=k: ex.state_packers[k].unpack(zeros(ex.state_lengths)))
-            h, _ = jax.eval_shape(kern.predict, state, h)
+            h, _ = jax.eval_shape(rule.predict, state, h)
             packers.append(TreePacker(h))
         lengths = common_lengths(packers[:-1])
 
         def score(k, written, fixed, received, x, y, mask):
             state = ex.stage_state(k, written, fixed)  # this device's own stage only
-            h, logits = ex.kernels[k].predict(state, x if k == 0 else packers[k - 1].unpack(received))
+            h, logits = ex.rules[k].predict(state, x if k == 0 else packers[k - 1].unpack(received))
             # per row, so padded rows can be left out; loss_fn is a mean over label positions
             per_row = jax.vmap(lambda logit, label: loss_fn(logit[None], label[None]))(logits, y) * positions
             loss = jnp.where(mask > 0, per_row, 0.0).sum().astype(jnp.float32)

@@ -26,7 +26,7 @@ it, as in the dataflow executor. Stages of different shapes share the state buff
 flattening and padding (``packing.py``). The state lives on the mesh as two buffers, what tasks
 write (gradient sum, statistics) and what only the optimizer step writes (parameters, optimizer
 state), stacked over ``stage`` and kept as per-leaf arrays when the stages' leaves have the same
-shapes (``packing.shared_layout``), so a host call neither splits nor joins it; only a sharded
+shapes (``packing.shared_format``), so a host call neither splits nor joins it; only a sharded
 checkpoint sees the flat per-dtype format (``_flat_state``). Residual slots leave out weights and
 constants (``residuals.py``). A host call's input stream is sharded over ``stage`` too: only stage
 0 reads it, so the other stages' devices keep a zeros shard from call to call (``_input_stream``).
@@ -34,7 +34,7 @@ Why loops and not a ``lax.switch``: XLA copies what a conditional passes through
 ``_scan``).
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
-global gradient norm from a ``psum`` over ``stage`` (``StageKernels.update``). With a ``data`` axis
+global gradient norm from a ``psum`` over ``stage`` (``StageRule.update``). With a ``data`` axis
 the floating state is averaged over the row after every clock, outside the per-stage branches so
 every device runs the same collectives; gradients then equal the whole-microbatch gradient, while
 BatchNorm statistics are per-slice averages. Every stage sends a message every clock (a
@@ -57,7 +57,7 @@ from lpjax.errors import ConfigError
 from lpjax.core.stage_rule import StageState
 from lpjax.core.schedules import Flow
 from lpjax.executors.spmd.lowering import FORWARD_OP, IDLE, LOCAL_OP, RUNS_FORWARD, Lowering, count_capacities
-from lpjax.executors.spmd.buffers import TreePacker, common_lengths, shared_layout, zeros
+from lpjax.executors.spmd.buffers import TreePacker, common_lengths, shared_format, zeros
 from lpjax.executors.spmd.residuals import plan_residual
 from lpjax.executors.placement import PerStageMeshes, data_shard
 
@@ -105,9 +105,9 @@ def _put(box, slot, value):
 class SpmdExecutor:
     PER_SLICE = ("acts", "cots", "res")  # mailboxes: one copy per device of the row
 
-    def __init__(self, kernels, schedule, mesh, *, bubble_fill=0.0):
-        self.kernels, self.schedule, self.mesh = kernels, schedule, mesh
-        self.num_stages = K = len(kernels)
+    def __init__(self, rules, schedule, mesh, *, bubble_fill=0.0):
+        self.rules, self.schedule, self.mesh = rules, schedule, mesh
+        self.num_stages = K = len(rules)
         self.placement = PerStageMeshes(mesh)
         self.num_data = self.placement.num_data
         # the rows of each microbatch this process feeds: a block of the data axis when it holds
@@ -115,24 +115,24 @@ class SpmdExecutor:
         self.data_shard = data_shard(mesh)
         self.local_slices = self.num_data // self.data_shard[1]  # data slices this process feeds
         self.bubble_fill = bubble_fill
-        self.flow = Flow(tuple(tuple(kern.sources) for kern in kernels))
-        self.one_tree = kernels[0].one_tree
-        self.lowering = Lowering(self.flow, [kern.sends_own_gradient for kern in kernels],
-                                 [kern.passes_on for kern in kernels])
+        self.flow = Flow(tuple(tuple(rule.sources) for rule in rules))
+        self.one_tree = rules[0].one_tree
+        self.lowering = Lowering(self.flow, [rule.sends_own_gradient for rule in rules],
+                                 [rule.passes_on for rule in rules])
         self.S = self.lowering.S
         # the cotangent messages (lowering.py: 0 a stage's own, 1 + i its source i's passed on) that
         # some stage sends; only those take room in the messages every clock moves
         self.messages = [o for o in range(1 + self.S) if any(
-            kern.sends_own_gradient if o == 0 else o <= len(kern.sources) and kern.passes_on[kern.sources[o - 1]]
-            for kern in kernels)]
-        initial = [kern.init_state() for kern in kernels]
+            rule.sends_own_gradient if o == 0 else o <= len(rule.sources) and rule.passes_on[rule.sources[o - 1]]
+            for rule in rules)]
+        initial = [rule.init_state() for rule in rules]
         self.state_packers = [TreePacker(s) for s in initial]
         self.state_lengths = common_lengths(self.state_packers)
         # inside a host call's scan the state lives as two buffers (see _scan): what tasks write
         # and what only the optimizer step writes
-        # (per-leaf arrays when the stages' leaves have the same shapes: packing.shared_layout)
-        self.task_layout = shared_layout([_part(s, TASK_FIELDS) for s in initial])
-        self.fixed_layout = shared_layout([_part(s, FIXED_FIELDS) for s in initial])
+        # (per-leaf arrays when the stages' leaves have the same shapes: packing.shared_format)
+        self.task_format = shared_format([_part(s, TASK_FIELDS) for s in initial])
+        self.fixed_format = shared_format([_part(s, FIXED_FIELDS) for s in initial])
         self.buffers = self._stacked_state(initial)
         self.done = [0] * K
         self.fed = 0
@@ -155,15 +155,15 @@ class SpmdExecutor:
         h = jax.ShapeDtypeStruct(x.shape, x.dtype)
         y_abs = jax.ShapeDtypeStruct(y.shape, y.dtype)
         self.act_packers, self.res_plans = [], []
-        for k, (kern, packer) in enumerate(zip(self.kernels, self.state_packers)):
+        for k, (rule, packer) in enumerate(zip(self.rules, self.state_packers)):
             state = jax.eval_shape(lambda: packer.unpack(zeros(self.state_lengths)))
-            h, plan = plan_residual(kern, state, h, y_abs if kern.trains_head else None, self.schedule.synchronous)
+            h, plan = plan_residual(rule, state, h, y_abs if rule.trains_head else None, self.schedule.synchronous)
             self.act_packers.append(TreePacker(h))
             self.res_plans.append(plan)
         self.act_lengths = common_lengths(self.act_packers[:-1])
         # what each stage stores of its residual (residuals.py), in per-leaf arrays when the stages'
-        # leaves have the same shapes (packing.shared_layout)
-        self.res_layout = shared_layout([[] if plan is None else plan.stored for plan in self.res_plans])
+        # leaves have the same shapes (packing.shared_format)
+        self.res_format = shared_format([[] if plan is None else plan.stored for plan in self.res_plans])
         for group in self.act_lengths:
             if not jnp.issubdtype(group, jnp.floating):
                 raise ConfigError(f"the spmd executor moves floating activations only, got {group}; use executor 'mpmd'")
@@ -183,7 +183,7 @@ class SpmdExecutor:
         # one more row than slots: the scratch row that messages nobody keeps are written to (_put)
         fresh = {"acts": zeros(self.act_lengths, (K, D, wanted[0] + 1)),
                  "cots": zeros(self.act_lengths, (K, D, wanted[1] + 1)),
-                 "res": self.res_layout.zeros((K, D, wanted[2] + 1))}
+                 "res": self.res_format.zeros((K, D, wanted[2] + 1))}
         fresh = jax.tree.map(np.array, jax.device_get(fresh))
         if self.capacity != (0, 0, 0):
             for name, old in zip(self.PER_SLICE, self.capacity):
@@ -227,7 +227,7 @@ class SpmdExecutor:
         self.drain()
         if "refresh" not in self._programs:
             K = self.num_stages
-            owner = self.kernels[K - 1]
+            owner = self.rules[K - 1]
             initial = self.state_packers[K - 1].unpack(zeros(self.state_lengths))
             readout = TreePacker(jax.eval_shape(lambda: owner.readout(initial)))
             lengths = readout.sizes
@@ -240,7 +240,7 @@ class SpmdExecutor:
             def write(k, written, fixed, flat):
                 if k == K - 1:
                     return written, fixed
-                after = self.kernels[k].with_readout(self.stage_state(k, written, fixed), readout.unpack(flat))
+                after = self.rules[k].with_readout(self.stage_state(k, written, fixed), readout.unpack(flat))
                 return self._parts(k, after)
 
             def refresh(state):
@@ -464,7 +464,7 @@ class SpmdExecutor:
                     x = self.inputs.pop(m)
                     if stream_x is not None:
                         stream_x[control["input"][t, 0]] = x
-                if self.kernels[k].trains_head:
+                if self.rules[k].trains_head:
                     stream_y[t, k] = self.labels[m]
                 if k == K - 1:
                     self.labels.pop(m)
@@ -611,7 +611,7 @@ class SpmdExecutor:
 
     # -- the state split in two: what tasks write and what only the optimizer step writes ---------
     def _parts(self, k, state):
-        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), self.fixed_layout.pack(k, _part(state, FIXED_FIELDS))
+        return self.task_format.pack(k, _part(state, TASK_FIELDS)), self.fixed_format.pack(k, _part(state, FIXED_FIELDS))
 
     def _split(self, k, state_buffer):
         return self._parts(k, self.state_packers[k].unpack(state_buffer))
@@ -621,18 +621,18 @@ class SpmdExecutor:
 
     def stage_state(self, k, written, fixed):
         """Stage k's ``StageState`` from its rows of the two state buffers (no copy for per-leaf layouts)."""
-        return StageState(**self.task_layout.unpack(k, written), **self.fixed_layout.unpack(k, fixed))
+        return StageState(**self.task_format.unpack(k, written), **self.fixed_format.unpack(k, fixed))
 
     def _update_fixed(self, k, fixed, written, total_sq=None):
         """The optimizer step on the split state (``total_sq``: the whole model's squared gradient
         norm, for a one-tree optimizer); returns the new read-only part."""
         state = self.stage_state(k, written, fixed)
-        after = self.kernels[k].update(state, total_sq)
+        after = self.rules[k].update(state, total_sq)
         _check_unchanged(state, after, TASK_FIELDS, "an optimizer step")
-        return self.fixed_layout.pack(k, _part(after, FIXED_FIELDS))
+        return self.fixed_format.pack(k, _part(after, FIXED_FIELDS))
 
     def _sq_norm(self, k, written, fixed):
-        return self.kernels[k].grad_sq_norm(self.stage_state(k, written, fixed)).astype(jnp.float32)
+        return self.rules[k].grad_sq_norm(self.stage_state(k, written, fixed)).astype(jnp.float32)
 
     # -- one stage, one clock ----------------------------------------------------------------
     def _task_branches(self, k):
@@ -640,7 +640,7 @@ class SpmdExecutor:
         consume (lowering.py). A stage without sources never gets LOCAL_OP (it has nothing to
         consume), so its forward is not traced a third time."""
         branches = [functools.partial(self._task, k, True, False), functools.partial(self._task, k, False, True)]
-        if self.kernels[k].sources:
+        if self.rules[k].sources:
             branches.append(functools.partial(self._task, k, True, True))
         return branches
 
@@ -652,33 +652,33 @@ class SpmdExecutor:
         it sends written in, its residual mailbox with the residual it stores written to slot
         ``store``, its metrics, and the incoming mailboxes (read only; passed through the loop's
         carry so that the receives after it update them in place without a copy)."""
-        kern = self.kernels[k]
+        rule = self.rules[k]
         state = unpacked = self.stage_state(k, written, fixed)
         consumed = []
-        for i, j in enumerate(kern.sources if consume else ()):
-            res = self.res_plans[k].rebuild(self.res_layout.unpack(k, _row(res_box, ctrl["consume_res"][i])), state)
+        for i, j in enumerate(rule.sources if consume else ()):
+            res = self.res_plans[k].rebuild(self.res_format.unpack(k, _row(res_box, ctrl["consume_res"][i])), state)
             cot = self.act_packers[k].unpack(_row(mail["cots"], ctrl["consume_cot"][i]))
             consumed.append((i, j, res, cot, ctrl["consume_cot"][i] >= 0))
         if forward:
             x = _row(xs, ctrl["input"]) if k == 0 else self.act_packers[k - 1].unpack(_row(mail["acts"], ctrl["input"]))
-            state, h, own_dx, residual, metrics = kern.forward(state, x, y if kern.trains_head else None,
+            state, h, own_dx, residual, metrics = rule.forward(state, x, y if rule.trains_head else None,
                                                                ctrl["first"] != 0)
             metrics = {name: value.astype(jnp.float32) for name, value in metrics.items()}
             if residual is not None:
-                stored = self.res_layout.pack(k, self.res_plans[k].to_store(unpacked, residual, self.schedule.synchronous))
+                stored = self.res_format.pack(k, self.res_plans[k].to_store(unpacked, residual, self.schedule.synchronous))
                 res_box = _put(res_box, ctrl["store"], stored)  # after this task's reads of it
             if k + 1 < self.num_stages:
                 act_out = self.act_packers[k].pack(h, self.act_lengths)
             if own_dx is not None:
                 cot_out = self._message(cot_out, 0, self.act_packers[k - 1].pack(own_dx, self.act_lengths), True)
         for i, j, res, cot, present in consumed:
-            new_state, passed = kern.backward(state, {j: res}, {j: cot})
+            new_state, passed = rule.backward(state, {j: res}, {j: cot})
             # backward only adds to the gradient sum: select that, not the whole state
             state = dataclasses.replace(state, grad_sum=_where(present, new_state.grad_sum, state.grad_sum))
             if j in passed:
                 cot_out = self._message(cot_out, 1 + i, self.act_packers[k - 1].pack(passed[j], self.act_lengths), present)
         _check_unchanged(unpacked, state, FIXED_FIELDS, "a task")
-        return self.task_layout.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, res_box, metrics, mail
+        return self.task_format.pack(k, _part(state, TASK_FIELDS)), act_out, cot_out, res_box, metrics, mail
 
     def _message(self, out, o, packed, valid):
         row = self.messages.index(o)
@@ -689,7 +689,7 @@ class SpmdExecutor:
         return {"loss": nan, "accuracy": nan}
 
 
-# What forward and backward tasks write (StageKernels.forward/backward); the other fields only
+# What forward and backward tasks write (StageRule.forward/backward); the other fields only
 # change in the optimizer step. _check_unchanged enforces this at trace time.
 TASK_FIELDS = ("rest", "grad_sum", "grad_count")
 FIXED_FIELDS = tuple(f.name for f in dataclasses.fields(StageState) if f.name not in TASK_FIELDS)

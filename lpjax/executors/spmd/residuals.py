@@ -1,6 +1,6 @@
 """What the SPMD executor stores of a stage's VJP residual per microbatch, and how it rebuilds the rest.
 
-A body's VJP residual (``StageKernels.forward``) holds its weights and, for ReLU and the like,
+A body's VJP residual (``StageRule.forward``) holds its weights and, for ReLU and the like,
 constant arrays (the zeros a ``select`` picks against in the backward pass). Neither is worth a
 residual slot per microbatch, written at every forward and read at every backward:
 
@@ -53,13 +53,13 @@ class ResidualPlan:
         return jax.tree.unflatten(self.treedef, leaves)
 
 
-def plan_residual(kern, state, x, y, weights_shared):
-    """Trace stage ``kern``'s forward once on abstract ``state, x, y``; returns its activation's
+def plan_residual(rule, state, x, y, weights_shared):
+    """Trace stage ``rule``'s forward once on abstract ``state, x, y``; returns its activation's
     shapes and its ``ResidualPlan`` (None when the stage keeps no residual)."""
     found = {}
 
     def probe(state, x, y):
-        _, h, _, residual, _ = kern.forward(state, x, y)
+        _, h, _, residual, _ = rule.forward(state, x, y)
         if residual is None:
             return h, []
         found["treedef"] = jax.tree.structure(residual)

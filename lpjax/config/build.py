@@ -45,6 +45,8 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     nonfinite               skip | halt: what a non-finite loss or gradient does. Either way the
                             stage's update is skipped (its state never becomes non-finite) and
                             counted; halt then stops the run with exit code 1
+    remat                   none | nothing_saved | dots_saved | dots_no_batch_saved: what each stage's
+                            forward keeps for its backward (lpjax/core/remat.py); the rest is recomputed
     probe.alignment_every   steps between gradient-alignment probes (0: off); see lpjax.research.alignment
     distributed.*           several hosts (lpjax/distributed/multihost.py): coordinator ("host:port"),
                             num_processes, process_id (all three, or none: then LPJAX_* variables
@@ -78,6 +80,7 @@ from lpjax.config.checks import (boolean, builder_sizes, finite_everywhere, int_
 from lpjax.data import DATASETS, load_dataset, steps_per_epoch
 from lpjax.errors import ConfigError
 from lpjax.executors.layout import EXECUTORS as LAYOUT_EXECUTORS, Layout
+from lpjax.core.remat import REMAT_POLICIES
 from lpjax.core.methods import METHODS, make_method
 from lpjax.models import MODELS
 from lpjax.config.optimizer import build_optimizers, learning_rate_schedules
@@ -120,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
         "eval_batch_size": 500,
         "checkpoint": {"every_steps": 500, "keep": 3, "asynchronous": True},
         "nonfinite": "halt",
+        "remat": "none",
         "probe": {"alignment_every": 0},
         "distributed": {"coordinator": placeholder(str), "num_processes": placeholder(int),
                         "process_id": placeholder(int), "auto_detect": True, "init_timeout_s": 300,
@@ -174,7 +178,7 @@ def build_experiment(config) -> Experiment:
     optimizer = build_optimizers(ml_collections.ConfigDict(cfg["optimizer"]), num_stages, num_steps, method)
     layout = _layout(cfg, num_stages)
     trainer = Trainer(model, method=method, optimizer=optimizer, schedule=schedule, layout=layout,
-                      num_classes=dataset.num_classes)
+                      num_classes=dataset.num_classes, remat=cfg["remat"])
     _dry_run_checks(trainer, dataset, cfg["batch_size"])
     return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
                       num_steps=num_steps, stage_layers=stage_layers(model), split=model.split,
@@ -213,6 +217,7 @@ def _check_plain_values(cfg) -> None:
     positive_int(cfg["checkpoint"]["keep"], "checkpoint.keep")
     boolean(cfg["checkpoint"]["asynchronous"], "checkpoint.asynchronous")
     one_of(cfg["nonfinite"], NONFINITE_POLICIES, "nonfinite")
+    one_of(cfg["remat"], tuple(REMAT_POLICIES), "remat")
     non_negative_int(cfg["probe"]["alignment_every"], "probe.alignment_every")
     if cfg["num_steps"] is not None:
         positive_int(cfg["num_steps"], "num_steps")

@@ -86,7 +86,7 @@ class Method:
         if isinstance(self.shared, dict):  # dataclasses.asdict(method) round-trips
             object.__setattr__(self, "shared", SharedReadout(**self.shared))
         if self.shared is not None and not isinstance(self.shared, SharedReadout):
-            raise ConfigError(f"shared must be an lpjax.core.methods.SharedReadout, got {self.shared!r}")
+            raise ConfigError(f"shared must be an lpjax.SharedReadout, got {self.shared!r}")
         if self.shared is not None and self.losses == LAST_STAGE:
             raise ConfigError(f"{self.name} trains only the last head, so no auxiliary head reads a shared readout; "
                               f"drop method.shared_readout or pick a local method (greedy, chunked, overlapping)")

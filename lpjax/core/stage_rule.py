@@ -33,6 +33,7 @@ as an explicit cotangent message, which is what makes the window exact.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -42,6 +43,7 @@ from flax import nnx
 
 from lpjax.core.losses import accuracy
 from lpjax.core.methods import ONE_TREE
+from lpjax.core.remat import check_remat, rematerialised
 from lpjax.core.shared_readout import get_readout, set_readout
 
 
@@ -107,8 +109,9 @@ def _split(module):
 class StageRule:
     """The update rule of stage ``k`` of ``K`` for one method, as pure functions."""
 
-    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None):
+    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None, remat="none"):
         self.k, self.num_stages = k, num_stages
+        self.remat = check_remat(remat)  # lpjax/core/remat.py: what the forward keeps for the backward
         # shared readout (lpjax/core/shared_readout.py): where this stage's head keeps the readout; the
         # last stage owns it (a Param), the others hold a read-only copy in their non-trainable state
         self.readout_path = readout_path
@@ -195,12 +198,13 @@ class StageRule:
         needs_input_grad = self.sends_own_gradient
         if not needs_input_grad:
             x = jax.lax.stop_gradient(x)
-        body_fn = lambda bp, inp: self.apply_body(bp, rest["body"], inp)
+        body_fn = rematerialised(lambda bp, inp: self.apply_body(bp, rest["body"], inp), self.remat)
         h, body_vjp, new_body_rest = jax.vjp(body_fn, params["body"], x, has_aux=True)
         new_rest = dict(rest, body=_keep_if_finite(new_body_rest, rest["body"]))
         grads = jax.tree.map(jnp.zeros_like, state.grad_sum)
         own_dx, metrics = None, self._no_metrics()
         if self.trains_head:
+            @functools.partial(rematerialised, name=self.remat)
             def weighted_loss(hp, hidden):
                 loss, aux = self.head_loss(hp, rest["head"], hidden, y)
                 return self.weight * loss, aux

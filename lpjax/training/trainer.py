@@ -29,9 +29,9 @@ class Trainer:
     """
 
     def __init__(self, model, *, method: Method, optimizer, loss="softmax_cross_entropy",
-                 schedule: Schedule | None = None, layout=None, num_classes: int | None = None):
+                 schedule: Schedule | None = None, layout=None, num_classes: int | None = None, remat: str = "none"):
         if not isinstance(method, Method):
-            raise ConfigError(f"method must be an lpjax method such as lpjax.core.methods.Greedy(), got {method!r}")
+            raise ConfigError(f"method must be an lpjax method such as lpjax.Greedy(), got {method!r}")
         method.check(model)
         self.model, self.method = model, method
         self.schedule = schedule or Sequential(1)
@@ -46,7 +46,7 @@ class Trainer:
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
         optimizers = per_stage_optimizers(optimizer, len(model), method)
-        self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path)
+        self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path, remat=remat)
                         for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
         self.executor = make_executor(self.rules, self.schedule, layout)
         self.steps = 0

@@ -3,6 +3,7 @@
 from .base import Network
 from .heads import FlattenLinear, LMHead, PoolLinear
 from .mlp import deep_mlp, mlp
+from .precision import set_precision, with_precision
 from .resnet import cifar_resnet, mnist_resnet, resnet, resnet18, resnet32, resnet50, resnet110
 from .transformer import transformer_lm
 
@@ -30,5 +31,5 @@ def build(name: str, **kwargs) -> Network:
 __all__ = [
     "Network", "PoolLinear", "FlattenLinear", "LMHead", "mlp", "deep_mlp", "resnet", "cifar_resnet",
     "resnet18", "resnet32", "resnet110", "resnet50", "mnist_resnet", "transformer_lm",
-    "MODELS", "build",
+    "MODELS", "build", "set_precision", "with_precision",
 ]

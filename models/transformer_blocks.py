@@ -13,12 +13,15 @@ class TokenEmbedding(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.tokens = nnx.Embed(vocab_size, dim, embedding_init=init, rngs=rngs)
         self.positions = nnx.Param(init(rngs.params(), (seq_len, dim)))
+        self.dtype = None  # the compute dtype (models/precision.py); None: the parameters' own
+
 
     def __call__(self, tokens):
         length = tokens.shape[1]
         if length > self.positions.shape[0]:
             raise ValueError(f"sequence of {length} tokens exceeds seq_len {self.positions.shape[0]}")
-        return self.tokens(tokens) + self.positions[...][:length]
+        embedded = self.tokens(tokens) + self.positions[...][:length]
+        return embedded if self.dtype is None else embedded.astype(self.dtype)
 
 
 class CausalSelfAttention(nnx.Module):

@@ -47,6 +47,9 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
                             counted; halt then stops the run with exit code 1
     remat                   none | nothing_saved | dots_saved | dots_no_batch_saved: what each stage's
                             forward keeps for its backward (lpjax/core/remat.py); the rest is recomputed
+    precision.compute       float32 | bfloat16: what every layer computes in (lpjax/models/precision.py);
+                            losses and normalisation statistics stay in float32
+    precision.params        float32 | bfloat16: how parameters and optimizer state are stored
     probe.alignment_every   steps between gradient-alignment probes (0: off); see lpjax.research.alignment
     distributed.*           several hosts (lpjax/distributed/multihost.py): coordinator ("host:port"),
                             num_processes, process_id (all three, or none: then LPJAX_* variables
@@ -83,6 +86,7 @@ from lpjax.executors.layout import EXECUTORS as LAYOUT_EXECUTORS, Layout
 from lpjax.core.remat import REMAT_POLICIES
 from lpjax.core.methods import METHODS, make_method
 from lpjax.models import MODELS
+from lpjax.models.precision import DTYPES as PRECISIONS, with_precision
 from lpjax.config.optimizer import build_optimizers, learning_rate_schedules
 from lpjax.core.schedules import SCHEDULES, make_schedule
 from lpjax.core.staging import stage_network
@@ -124,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
         "checkpoint": {"every_steps": 500, "keep": 3, "asynchronous": True},
         "nonfinite": "halt",
         "remat": "none",
+        "precision": {"compute": "float32", "params": "float32"},
         "probe": {"alignment_every": 0},
         "distributed": {"coordinator": placeholder(str), "num_processes": placeholder(int),
                         "process_id": placeholder(int), "auto_detect": True, "init_timeout_s": 300,
@@ -218,6 +223,8 @@ def _check_plain_values(cfg) -> None:
     boolean(cfg["checkpoint"]["asynchronous"], "checkpoint.asynchronous")
     one_of(cfg["nonfinite"], NONFINITE_POLICIES, "nonfinite")
     one_of(cfg["remat"], tuple(REMAT_POLICIES), "remat")
+    for key in ("compute", "params"):
+        one_of(cfg["precision"][key], tuple(PRECISIONS), f"precision.{key}")
     non_negative_int(cfg["probe"]["alignment_every"], "probe.alignment_every")
     if cfg["num_steps"] is not None:
         positive_int(cfg["num_steps"], "num_steps")
@@ -317,6 +324,9 @@ def _build_network(cfg, dataset, rngs):
     if not all(hasattr(network, attr) for attr in ("layers", "make_head", "name")):
         raise ConfigError(f"model {name!r}: the builder returned a {type(network).__name__}, not an "
                           f"lpjax.models.Network(layers, make_head, natural_splits, name); see docs/extending.md")
+    precision = cfg["precision"]
+    if (precision["compute"], precision["params"]) != ("float32", "float32"):
+        network = with_precision(network, precision["compute"], precision["params"])
     return network
 
 

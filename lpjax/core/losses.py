@@ -11,7 +11,9 @@ from lpjax.errors import ConfigError
 
 
 def softmax_cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    # in float32 whatever the head computes in: a bfloat16 log-sum-exp over a large vocabulary loses
+    # the loss's low digits
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def accuracy(logits, labels):

@@ -2,8 +2,9 @@
 
 A sweep recipe (``recipes/sweeps/NAME.py``) has ``get_config()`` returning an ml_collections config:
 
-    problems.NAME.recipe          path of a training recipe; a relative path is looked up in the
-                                  working directory, then from the sweep file's folder upwards
+    problems.NAME.recipe          a training recipe: PATH or PATH:ARG (ARG goes to its get_config);
+                                  a relative path is looked up in the working directory, then from
+                                  the sweep file's folder upwards, then among the shipped recipes
     problems.NAME.overrides       nested config keys set on top of the recipe (e.g. {"model": {"width": 64}})
     problems.NAME.methods         {method: stages}, stages an int or a tuple of ints to sweep
     problems.NAME.batch_sizes     tuple of batch sizes
@@ -64,8 +65,10 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache as cc
 
+from lpjax.config import catalog
 from lpjax.config.build import build_experiment, merge_into
 from lpjax.config.checks import positive_int, positive_number
+from lpjax.config.recipe_file import load_recipe
 from lpjax.training.metrics_log import read_records
 from lpjax.research.costs import DEFAULT_COST_BATCH, experiment_cost
 from lpjax.errors import ConfigError
@@ -212,21 +215,36 @@ def _rates_per_batch(value, num_batches: int, key: str) -> list:
 
 
 def find_recipe(recipe: str, sweep_path: str | None) -> str:
-    """``recipe`` as given if it exists, else looked up from the sweep file's folder upwards."""
-    if os.path.isfile(recipe):
+    """The training recipe a sweep problem names, as a spec ``load_recipe`` takes.
+
+    Args:
+      recipe: ``PATH`` or ``PATH:ARG`` (ARG goes to ``get_config``), or a shipped recipe's name
+        (``mnist_mlp``, ``cifar10_resnet:18``; lpjax.config.catalog).
+      sweep_path: the sweep file, whose folder and its parents are searched for a relative PATH.
+
+    Returns:
+      ``PATH`` or ``PATH:ARG`` of an existing file: as given if it exists in the working directory,
+      else found from the sweep file's folder upwards, else the shipped recipe of that name. Raises
+      ConfigError when none exists.
+    """
+    path, colon, arg = recipe.partition(":")
+    if os.path.isfile(path):
         return recipe
-    if sweep_path and not os.path.isabs(recipe):
+    if sweep_path and not os.path.isabs(path):
         folder = os.path.dirname(os.path.abspath(sweep_path))
         while True:
-            candidate = os.path.join(folder, recipe)
+            candidate = os.path.join(folder, path)
             if os.path.isfile(candidate):
-                return candidate
+                return candidate + colon + arg
             parent = os.path.dirname(folder)
             if parent == folder:
                 break
             folder = parent
-    raise ConfigError(f"recipe {recipe!r} not found (looked in the working directory and above the sweep file); "
-                      f"give a path to an existing recipe file")
+    shipped = catalog.find_recipe(recipe)
+    if os.path.isfile(shipped.partition(":")[0]):
+        return shipped
+    raise ConfigError(f"recipe {recipe!r} not found (looked in the working directory, above the sweep file and "
+                      f"among the shipped recipes); give a path to an existing recipe file or a name from `lpjax recipes`")
 
 
 # -- planning -------------------------------------------------------------------------------------------
@@ -235,7 +253,9 @@ def plan_runs(sweep, sweep_path: str | None = None) -> list:
     cfg = check_sweep(sweep)
     specs = []
     for problem, p in sorted(cfg["problems"].items(), key=lambda item: (item[1].get("priority", 0), item[0])):
-        recipe = load_config_file(find_recipe(p["recipe"], sweep_path), what="recipe")
+        recipe, reason = load_recipe(find_recipe(p["recipe"], sweep_path))
+        if reason:
+            raise ConfigError(f"problems.{problem}.recipe: {reason}")
         base = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
         merge_into(base, p.get("overrides", {}))
         batches = _as_tuple(p["batch_sizes"], "batch_sizes")

@@ -226,12 +226,8 @@ def Greedy(loss_weights=None, *, window=None) -> Method:
 def Chunked(loss_weights=None, *, window=None) -> Method:
     """Window 1 with several layers per stage; the number of chunks is the number of stages.
 
-    Args:
-      loss_weights: optional, one weight >= 0 per stage.
-      window: only None or 1 (ConfigError otherwise).
-
-    Returns:
-      The ``Method``: every head a loss, window 1, any number of layers per stage.
+    Takes what ``Greedy`` takes, and returns the ``Method`` with every head a loss, window 1 and any
+    number of layers per stage.
     """
     _no_window("chunked", window)
     return Method("chunked", window=1, loss_weights=loss_weights)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lpjax.research import paper
+from lpjax.research import memory, paper
 from lpjax.research.bench import run_bench, suite_path
 from lpjax.research.sweep import check_sweep, load_config_file, plan_runs
 
@@ -136,17 +136,25 @@ def test_memory_benchmark_tiny(tmp_path, capsys):
     assert 0 < k4["largest"] < k2["largest"] < base
     assert len(k4["stage_bytes"]) == 4 and len(k4["split_points"]) == 3
     assert min(k4["stage_bytes"]) >= 4 * 32 * 10  # a stage holds at least its float32 head weights
+    for k in (k2, k4):  # the memory-balanced cut never holds more than the even cut, measured alike
+        assert k["largest"] <= k["even"]["largest"] and k["ratio"] == k["largest"] / base
+    # the breakdown's parts add up to each training program's peak, backprop's whole step included
+    for part in [row["backprop_breakdown"], *k4["breakdown"]]:
+        assert sum(part[key] for key in memory.PARTS) == part["training"] <= part["peak"]
+    assert row["backprop_breakdown"]["parameters"] + row["backprop_breakdown"]["head"] >= 4 * (64 * 32 + 3 * 32 * 32)
     printed = capsys.readouterr().out
     assert "| tiny_mlp | 16 |" in printed and "K = 4, largest local stage / backprop: tiny_mlp" in printed
+    assert "#### Where the bytes go, K = 4" in printed and "| tiny_mlp | stage 3 |" in printed
     assert module.main(["--tiny", "--case", "nope"]) == 2
 
 
 def test_memory_cases_pass_only_the_keywords_a_builder_takes():
     from lpjax.models import resnet32, transformer_lm
     spec = {"model": "resnet32", "input_shape": (32, 32, 3), "num_classes": 10, "batch": 128}
-    assert paper._builder_options(spec, resnet32) == {"num_classes": 10}
-    x, y = paper._example(spec)
+    assert memory.builder_options(spec, resnet32) == {"num_classes": 10}
+    x, y = memory.example_shapes(spec)
     assert x.shape == (128, 32, 32, 3) and y.shape == (128,)
     lm = {"model": "transformer_lm", "seq_len": 256, "dim": 256, "depth": 8, "heads": 4, "batch": 32}
-    assert paper._builder_options(lm, transformer_lm) == {"seq_len": 256, "dim": 256, "depth": 8, "heads": 4}
-    assert paper._example(lm)[0].shape == (32, 256)
+    assert memory.builder_options(lm, transformer_lm) == {"seq_len": 256, "dim": 256, "depth": 8, "heads": 4}
+    assert memory.example_shapes(lm)[0].shape == (32, 256)
+

@@ -11,16 +11,13 @@ A sweep recipe opts in with two sections (recipes/sweeps/paper.py):
 The criteria are written next to each verdict in the report, so a reader can disagree with them.
 """
 
-import inspect
 import math
 from collections import defaultdict
 
-import jax
 import numpy as np
-import optax
-from flax import nnx
 
-from lpjax.research.costs import forward_leaves, analyse
+# the memory table lives in lpjax.research.memory; the suite's report and bench reach it through here
+from lpjax.research.memory import MEMORY_GOAL, memory_lines, memory_table, memory_verdict  # noqa: F401
 
 COMMAND = "lpjax bench --suite paper --workdir runs/bench_paper"
 # Goals from issue 13 and the paper's figures (arXiv 2012.03837; InfoPro for memory)
@@ -29,8 +26,6 @@ PAPER_PARETO = {"mlp": "well under 0.5 (more than 2x faster)", "transformer": "a
 CAPACITY_GAP = 0.2  # backprop train accuracy above the best local method by at least this much
 PAPER_CAPACITY = "backprop 0.78 against local about 0.28 train accuracy after 100 epochs (figure, read off)"
 RANKING_GAP_PT = 0.5  # backprop - best local, test accuracy points
-MEMORY_GOAL = 0.3  # largest local stage / backprop single-device peak at K = 4
-PAPER_MEMORY = "InfoPro: -62.6 % at K = 4 (0.37x); SOLO: 7x less activation memory"
 
 
 def _kind(problem: str) -> str:
@@ -163,78 +158,6 @@ def ranking_finding(records: list, problem: str) -> dict | None:
             "gap_goal": RANKING_GAP_PT if use_accuracy else None, "ordering_as_paper": expected}
 
 
-# -- memory per device -----------------------------------------------------------------------------------
-def _example(spec: dict):
-    batch = int(spec["batch"])
-    if "seq_len" in spec:
-        tokens = jax.ShapeDtypeStruct((batch, int(spec["seq_len"])), np.int32)
-        return tokens, tokens
-    return (jax.ShapeDtypeStruct((batch, *spec["input_shape"]), np.float32),
-            jax.ShapeDtypeStruct((batch,), np.int32))
-
-
-def _builder_options(spec: dict, builder) -> dict:
-    """The builder's keywords from a memory case; ``input_shape`` only shapes the example where the
-    builder does not take it (the ResNets read in_channels)."""
-    accepted = inspect.signature(builder).parameters
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
-            if k not in ("model", "batch") and k in accepted}
-
-
-def stage_peaks(trainer, x, y) -> list:
-    """Peak bytes per stage: the larger of its compiled training step (forward, own loss, backward, VJP
-    residuals it keeps) and its optimizer update, from XLA's memory analysis."""
-    peaks, h = [], x
-    for rule in trainer.rules:
-        state = jax.eval_shape(rule.init_state)
-        training = analyse(lambda s, inp, lab, rule=rule: forward_leaves(rule, s, inp, lab), state, h, y)
-        update = analyse(rule.update, state)
-        peaks.append(None if None in (training.peak_bytes, update.peak_bytes)
-                     else max(training.peak_bytes, update.peak_bytes))
-        h = jax.eval_shape(lambda s, inp, lab, rule=rule: rule.forward(s, inp, lab, True)[1], state, h, y)
-    return peaks
-
-
-def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked") -> dict:
-    """Backprop's whole network on one device against the largest stage of a memory-balanced cut at each K."""
-    from lpjax import Trainer, stage_network
-    from lpjax.core.methods import make_method
-    from lpjax.models import MODELS
-
-    x, y = _example(spec)
-
-    def peaks(num_stages, method_name):
-        builder = MODELS[spec["model"]]
-        network = builder(**_builder_options(spec, builder), rngs=nnx.Rngs(0))
-        split = "balanced_memory" if num_stages > 1 else None
-        model = stage_network(network, num_stages=num_stages, split_points=split, example=(x, y), rngs=nnx.Rngs(1))
-        trainer = Trainer(model, method=make_method(method_name), optimizer=optax.adam(1e-3))
-        return stage_peaks(trainer, x, y), (model.split.points if model.split else [])
-
-    (backprop,), _ = peaks(1, "backprop")
-    row = {"name": name, "model": spec["model"], "batch": int(spec["batch"]), "backprop_bytes": backprop,
-           "method": method, "local": {}}
-    for k in stages:
-        per_stage, points = peaks(int(k), method)
-        largest = None if None in per_stage else max(per_stage)
-        row["local"][int(k)] = {"stage_bytes": per_stage, "largest": largest, "split_points": points,
-                                "ratio": None if largest is None or not backprop else largest / backprop}
-    return row
-
-
-def memory_table(memory: dict, method: str = "chunked") -> list:
-    """``memory_case`` of every model in a sweep's ``memory`` section ({stages, models})."""
-    stages = tuple(memory.get("stages", (2, 4, 8)))
-    return [memory_case(name, spec, stages, method) for name, spec in memory["models"].items()]
-
-
-def memory_verdict(rows: list) -> dict:
-    ratios = {r["name"]: r["local"].get(4, {}).get("ratio") for r in rows}
-    done = [v for v in ratios.values() if v is not None]
-    return {"ratios_k4": ratios, "goal": MEMORY_GOAL, "paper": PAPER_MEMORY,
-            "reproduced": bool(done) and all(v <= MEMORY_GOAL for v in done)}
-
-
 # -- all together ----------------------------------------------------------------------------------------
 def findings(summary: dict, records: list, sweep: dict) -> dict:
     spec = sweep.get("findings") or {}
@@ -306,7 +229,9 @@ def render(found: dict, memory_rows: list | None = None) -> list:
                      f"greedy furthest | {_verdict(ok, r)} |")
     if "memory" in found:
         m = found["memory"]
-        ours = ", ".join(f"{k} {_fmt(v, '.2f', 'x')}" for k, v in m["ratios_k4"].items())
+        even = m.get("even_k4") or {}
+        ours = ", ".join(f"{k} {_fmt(v, '.2f', 'x')} (even cut {_fmt(even.get(k), '.2f', 'x')})"
+                         for k, v in m["ratios_k4"].items())
         lines.append(f"| Memory per device, largest local stage / backprop at K = 4 (goal <= {m['goal']}) | {ours} | "
                      f"{m['paper']} | {_verdict(m['reproduced'])} |")
     lines.append("")
@@ -331,32 +256,3 @@ def render(found: dict, memory_rows: list | None = None) -> list:
     if memory_rows:
         lines += memory_lines(memory_rows)
     return lines
-
-
-def memory_lines(rows: list) -> list:
-    stages = sorted({k for r in rows for k in r["local"]})
-    lines = ["### Memory per device (XLA memory analysis of the compiled stage programs)", "",
-             "Peak bytes of one device's programs (arguments + outputs + temporaries - aliased): backprop holds "
-             f"the whole network and its activations; a local method ({rows[0]['method'] if rows else 'chunked'}, "
-             "memory-balanced cut) holds one stage. Nothing is trained.", "",
-             "| model | batch | backprop, 1 device | " + " | ".join(f"K = {k}: largest stage" for k in stages) + " |",
-             "|---|---|---|" + "---|" * len(stages)]
-    for r in rows:
-        cells = []
-        for k in stages:
-            c = r["local"].get(k, {})
-            cells.append("-" if c.get("largest") is None else
-                         f"{format_bytes(c['largest'])} ({_fmt(c['ratio'], '.2f', 'x')})")
-        base = format_bytes(r["backprop_bytes"])
-        lines.append(f"| {r['name']} | {r['batch']} | {base} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
-
-
-def format_bytes(value) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value} B"

@@ -27,7 +27,8 @@
   memorise the labels and the gap closes (README.md, "The paper suite").
 - F4, the ranking: test accuracy of the MNIST ResNet and test loss of the byte LM for backprop,
   chunked (2 and 3 stages), overlapping and greedy (4 stages), over 3 seeds.
-- Memory per device (lpjax.research.paper.memory_table): compiled-program peaks, no training.
+- Memory per device (lpjax.research.memory.memory_table): compiled-program peaks and where the bytes go,
+  no training.
 """
 
 import ml_collections
@@ -107,6 +108,8 @@ def get_config():
                       "ranking": ("f4_mnist_resnet", "f4_byte_lm")}
     # memory per device: compiled stage programs only, nothing is trained
     sweep.memory = {
+        # the accounting of lpjax.research.memory: a memory.json kept from another accounting is not reused
+        "accounting": "donated state; backprop's whole step; cut balanced by measured stage peaks",
         "stages": (2, 4, 8),
         "models": {
             "resnet32_cifar": {"model": "resnet32", "input_shape": (32, 32, 3), "num_classes": 10, "batch": 128},

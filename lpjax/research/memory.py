@@ -197,7 +197,7 @@ def memory_lines(rows: list) -> list:
                          f"even {format_bytes(even.get('largest'))} ({_ratio(even.get('ratio'))})")
         lines.append(f"| {r['name']} | {r['batch']} | {format_bytes(r['backprop_bytes'])} | " + " | ".join(cells) + " |")
     lines.append("")
-    return lines + breakdown_lines(rows)
+    return lines + breakdown_lines(rows, 4 if 4 in stages or not stages else stages[len(stages) // 2])
 
 
 def breakdown_lines(rows: list, num_stages: int = 4) -> list:

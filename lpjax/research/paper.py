@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from lpjax.research import analysis
 # the memory table lives in lpjax.research.memory; the suite's report and bench reach it through here
 from lpjax.research.memory import MEMORY_GOAL, memory_lines, memory_table, memory_verdict  # noqa: F401
 
@@ -65,7 +66,7 @@ def pareto_finding(summary: dict, records: list, problems) -> list:
                           if r["problem"] == problem and r["method"] == "backprop"), None)
         ratio = h["ideal_time_ratio"]
         fastest = fastest_to_target(summary["best"], problem)
-        rows.append({
+        rows.append({"by_batch": ratios_by_batch(summary["best"], problem),
             "problem": problem, "kind": kind, "batch_size": h["batch_size"], "critical_batch_size": crit,
             "best_local": local["label"] if local else None, "ideal_time_ratio": ratio,
             "compute_ratio": h["compute_ratio"], "steps_ratio": h["steps_ratio"],
@@ -74,6 +75,24 @@ def pareto_finding(summary: dict, records: list, problems) -> list:
             "goal": PARETO_GOALS[kind], "paper": PAPER_PARETO[kind],
             "reproduced": ratio is not None and ratio <= PARETO_GOALS[kind],
         })
+    return rows
+
+
+def ratios_by_batch(best: list, problem: str) -> list:
+    """The paper's figure, one row per batch size: each local method's ideal time to target over
+    backprop's at that batch size (None where either did not reach the target), the best of them,
+    and the steps each took."""
+    rows = []
+    for batch in sorted({e["batch_size"] for e in best if e["problem"] == problem}):
+        at = {e["label"]: e for e in best if e["problem"] == problem and e["batch_size"] == batch}
+        base = at.get("backprop")
+        ok = base is not None and base["reached"] and base["ideal_time"]
+        ratios = {label: (e["ideal_time"] / base["ideal_time"] if ok and e["reached"] else None)
+                  for label, e in sorted(at.items()) if label != "backprop"}
+        done = {label: v for label, v in ratios.items() if v is not None}
+        winner = min(done, key=done.get) if done else None
+        rows.append({"batch_size": batch, "ratios": ratios, "best_local": winner,
+                     "best_ratio": done.get(winner), "steps": {label: e["steps"] for label, e in sorted(at.items())}})
     return rows
 
 
@@ -153,9 +172,39 @@ def ranking_finding(records: list, problem: str) -> dict | None:
     gap_best = None if best is None else sign * (base - local[best][0])
     gap_greedy = None if greedy is None else sign * (base - local[greedy][0])
     expected = bool(order) and order[0].startswith("chunked") and order[-1].startswith("greedy")
+    # per seed, as "goodness" (accuracy points, or minus the loss): the paired comparisons need the seeds
+    per_seed = defaultdict(dict)
+    for r in records:
+        if r["problem"] == problem and r.get(key) is not None:
+            per_seed[r["label"]][r.get("seed")] = sign * scale * r[key]
+    paired = {label: analysis.paired_bootstrap(per_seed["backprop"], per_seed[label]) for label in order}
+    checks = order_checks(per_seed, order)
+    gap_goal = RANKING_GAP_PT if use_accuracy else None
+    resolved = bool(checks) and all(c["holds"] for c in checks)
     return {"problem": problem, "metric": "test accuracy (%)" if use_accuracy else "test loss (nats/byte)",
             "rows": rows, "order": order, "best_local": best, "gap_best": gap_best, "gap_greedy": gap_greedy,
-            "gap_goal": RANKING_GAP_PT if use_accuracy else None, "ordering_as_paper": expected}
+            "gap_goal": gap_goal, "ordering_as_paper": expected, "paired": paired, "checks": checks,
+            "contrary": [c for c in checks if c["high"] is not None and c["high"] < 0],
+            "reproduced": resolved and (gap_goal is None or (gap_best is not None and gap_best <= gap_goal))}
+
+
+def order_checks(per_seed: dict, order: list) -> list:
+    """The paper's order as paired comparisons ``better - worse`` over seeds (``per_seed``: label ->
+    {seed: goodness}; ``order``: the local labels): the closest chunked method above every other kind
+    of local method, and every local method above greedy. Each comparison ``holds`` when its
+    bootstrap interval (``analysis.paired_bootstrap``) lies above 0."""
+    chunked = [label for label in order if label.startswith("chunked")]
+    greedy = next((label for label in order if label.startswith("greedy")), None)
+    pairs = []
+    if chunked:
+        pairs += [(chunked[0], label) for label in order if not label.startswith("chunked")]
+    if greedy:
+        pairs += [(label, greedy) for label in order if label != greedy and (label, greedy) not in pairs]
+    checks = []
+    for better, worse in pairs:
+        b = analysis.paired_bootstrap(per_seed[better], per_seed[worse])
+        checks.append({"better": better, "worse": worse, **b, "holds": b["low"] is not None and b["low"] > 0})
+    return checks
 
 
 # -- all together ----------------------------------------------------------------------------------------
@@ -180,6 +229,25 @@ def findings(summary: dict, records: list, sweep: dict) -> dict:
 
 def _fmt(value, fmt=".2f", suffix=""):
     return "-" if value is None else f"{format(value, fmt)}{suffix}"
+
+
+def _interval(b, unit: str) -> str:
+    if not b or b.get("mean") is None:
+        return "-"
+    return f"{b['mean']:+.2f}{unit} [{b['low']:+.2f}, {b['high']:+.2f}] ({b['n']} seeds)"
+
+
+def _ranking_reason(r: dict, unit: str) -> str:
+    """Why the order is or is not the paper's, from the paired comparisons."""
+    if r["contrary"]:
+        return "the order differs from the paper's beyond the interval (a finding of ours): " + "; ".join(
+            f"{c['worse']} above {c['better']} by {-c['mean']:.2f}{unit} [{-c['high']:.2f}, {-c['low']:.2f}]"
+            for c in r["contrary"])
+    unresolved = [c for c in r.get("checks", []) if not c["holds"]]
+    if unresolved:
+        return "not resolved by the seeds: " + "; ".join(
+            f"{c['better']} - {c['worse']} {_interval(c, unit)}" for c in unresolved)
+    return "every comparison beyond its interval"
 
 
 def _fastest_text(f: dict) -> str:
@@ -221,12 +289,11 @@ def render(found: dict, memory_rows: list | None = None) -> list:
     for r in found["ranking"]:
         unit = " pt" if r["gap_goal"] is not None else " nats"
         goal = f"; backprop - best local <= {r['gap_goal']} pt" if r["gap_goal"] is not None else ""
-        ok = r["ordering_as_paper"] and (r["gap_goal"] is None or (r["gap_best"] is not None
-                                                                   and r["gap_best"] <= r["gap_goal"]))
-        lines.append(f"| F4 ranking, {r['problem']} ({r['metric']}; chunked closest, greedy furthest{goal}) | "
+        lines.append(f"| F4 ranking, {r['problem']} ({r['metric']}; chunked closest, greedy furthest, each "
+                     f"beyond the paired 95 % bootstrap interval over seeds{goal}) | "
                      f"order {' > '.join(r['order'])}; backprop - best local {_fmt(r['gap_best'], '.2f', unit)}, "
-                     f"backprop - greedy {_fmt(r['gap_greedy'], '.2f', unit)} | chunked closest to backprop, "
-                     f"greedy furthest | {_verdict(ok, r)} |")
+                     f"backprop - greedy {_fmt(r['gap_greedy'], '.2f', unit)}; {_ranking_reason(r, unit)} | "
+                     f"chunked closest to backprop, greedy furthest | {_verdict(r['reproduced'], r)} |")
     if "memory" in found:
         m = found["memory"]
         even = m.get("even_k4") or {}
@@ -245,13 +312,32 @@ def render(found: dict, memory_rows: list | None = None) -> list:
             ratios = ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in row["per_step_ratio"].items())
             lines.append(f"| {row['problem']} | {row['batch_size']} | {_fmt(row['critical_batch_size'], '.0f')} | "
                          f"{ratios} |")
+        lines += ["", "### F1: ideal time to target at every batch size, local / backprop", "",
+                  "As the paper's figure: at each batch size, each local method's ideal time to target (its best "
+                  "learning rate) over backprop's at the same batch size; steps to target in brackets.", "",
+                  "| problem | batch | backprop steps | best local | ratio by method (steps) |", "|---|---|---|---|---|"]
+        for row in found["pareto"]:
+            for b in row.get("by_batch", []):
+                ratios = ", ".join(f"{label} {_fmt(v, '.2f', 'x')} ({_fmt(b['steps'].get(label), 'd')})"
+                                   for label, v in b["ratios"].items())
+                best = "-" if b["best_local"] is None else f"{b['best_local']} {_fmt(b['best_ratio'], '.2f', 'x')}"
+                lines.append(f"| {row['problem']} | {b['batch_size']} | {_fmt(b['steps'].get('backprop'), 'd')} | "
+                             f"{best} | {ratios} |")
         lines.append("")
     for r in found["ranking"]:
+        unit = " pt" if r["gap_goal"] is not None else " nats"
         lines += [f"### F4: {r['problem']}, {r['metric']}, mean ± std over seeds", "",
-                  "| method | mean | std | seeds |", "|---|---|---|---|"]
+                  "Backprop - method: how much better backprop is (accuracy points, or nats of loss), the mean of "
+                  "the per-seed differences with its 95 % paired bootstrap interval.", "",
+                  "| method | mean | std | seeds | backprop - method [95 % interval] |", "|---|---|---|---|---|"]
         for label in ["backprop", *r["order"]]:
             mean, std, n = r["rows"][label]
-            lines.append(f"| {label} | {_fmt(mean, '.3f')} | {_fmt(std, '.3f')} | {n} |")
+            lines.append(f"| {label} | {_fmt(mean, '.3f')} | {_fmt(std, '.3f')} | {n} | "
+                         f"{_interval(r.get('paired', {}).get(label), unit)} |")
+        lines += ["", "The paper's order as paired comparisons (better - worse; holds when the interval is above 0):", ""]
+        lines += [f"- {c['better']} - {c['worse']}: {_interval(c, unit)}: "
+                  f"{'holds' if c['holds'] else 'the order is reversed' if c['high'] is not None and c['high'] < 0 else 'not resolved'}"
+                  for c in r.get("checks", [])]
         lines.append("")
     if memory_rows:
         lines += memory_lines(memory_rows)

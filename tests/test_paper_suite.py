@@ -59,7 +59,9 @@ def test_paper_suite_plan():
     # the MLP is deep and uniform, its input pooled so the first layer is not the widest
     model = by_problem["f1_mlp"][0].config["model"]
     assert model["name"] == "deep_mlp" and model["depth"] >= 8 and (28 // model["pool"]) ** 2 <= model["width"]
-    assert by_problem["f1_transformer"][0].config["model"]["depth"] >= 7  # 8 layers with the embedding: K = 8
+    # 8 blocks: 2 whole blocks per stage at K = 4; greedy one layer per stage, 9 with the embedding
+    assert by_problem["f1_transformer"][0].config["model"]["depth"] == 8
+    assert {s.stages for s in by_problem["f1_transformer"]} == {1, 2, 4, 9}
     assert {s.stages for s in by_problem["f1_mlp"]} == {1, 2, 4, 8}
     assert all(s.config["split_points"] == ("balanced" if s.stages > 1 else None) for s in by_problem["f1_mlp"])
     # F3: one run per method, shuffled labels, the same steps for every method
@@ -207,3 +209,25 @@ def test_ranking_is_reproduced_only_beyond_the_paired_interval():
     lines = "\n".join(paper.render({"pareto": [], "alignment": [], "capacity": [], "ranking": [reversed_]}))
     assert "the order differs from the paper's beyond the interval (a finding of ours): overlapping above chunked-2" in lines
     assert "chunked-2 - overlapping: -0.7" in lines and "the order is reversed" in lines
+
+
+def test_paper_long_suite_plans_the_same_findings_at_full_size():
+    """``--suite paper_long``: the quick suite's problems and findings, every problem trained longer or
+    over more seeds, with its expected run time per machine type in the report section."""
+    quick_path, long_path = suite_path("paper"), suite_path("paper_long")
+    quick, long = check_sweep(load_config_file(quick_path)), check_sweep(load_config_file(long_path))
+    assert set(long["problems"]) == set(quick["problems"]) and long["memory"] == quick["memory"]
+    assert {k: v for k, v in long["findings"].items() if k != "expected_time"} == quick["findings"]
+    assert set(long["findings"]["expected_time"]) == {"2 idle CPU cores", "1 GPU (H100 or H200)"}
+    runs = {name: plan_runs(sweep, path) for name, sweep, path in (("quick", quick, quick_path),
+                                                                   ("long", long, long_path))}
+    for problem in quick["problems"]:
+        def work(specs):
+            return sum(s.num_steps * s.batch_size for s in specs if s.problem == problem)
+        assert work(runs["long"]) > 2 * work(runs["quick"]), problem
+    lm = [s for s in runs["long"] if s.problem == "f1_transformer"]
+    assert {s.stages for s in lm} == {1, 2, 4, 9} and lm[0].config["model"]["depth"] == 8  # greedy: 9 layers
+    assert len({s.run_id for s in runs["long"]}) == len(runs["long"])
+    found = paper.findings({"headline": {}, "critical_batch_size": {}, "best": [], "alignment": []}, [], long)
+    line = next(line for line in paper.render(found) if line.startswith("Expected run time of the suite: "))
+    assert "2 idle CPU cores: " in line and "1 GPU (H100 or H200): " in line

@@ -242,6 +242,7 @@ def _state_bytes(params, rest, tx) -> int:
 
 
 _MEASURED = {}  # layer costs by network structure and input shapes: a sweep cuts the same network many times
+_MEASURED_STAGES = {}  # measured stage peaks (``measured_stage_memory``), by the same key
 
 
 def _structure_key(network, x, y, loss, tx):
@@ -274,7 +275,12 @@ def balanced_split(network, num_stages: int, x, y, *, by: str = "flops", loss="s
     points, stage_costs = min_max_partition(num_layers, num_stages, costs.stage_cost(by))
     if by == "flops":
         return BalancedSplit(by=by, points=points, costs=stage_costs)
-    measured = measured_stage_memory(network, x, y, loss=loss, tx=tx)
+    shared = key is not None and tx is None  # the key tells optimizers apart only by being given or not
+    measured = _MEASURED_STAGES.get(key) if shared else None
+    if measured is None:
+        measured = measured_stage_memory(network, x, y, loss=loss, tx=tx)
+        if shared:  # peaks depend on shapes only: every K of the same network shares the stages
+            _MEASURED_STAGES[key] = measured
     if measured(num_layers - 1, num_layers) is None:  # a backend whose XLA gives no peak: the model's cut
         return BalancedSplit(by=by, points=points, costs=stage_costs)
     even = even_split_points(num_layers, num_stages)

@@ -218,7 +218,7 @@ def findings(summary: dict, records: list, sweep: dict) -> dict:
            "alignment": alignment_finding(summary, spec.get("pareto", ())),
            "capacity": [c for c in (capacity_finding(records, p) for p in _as_list(spec.get("capacity", ()))) if c],
            "ranking": [r for r in (ranking_finding(records, p) for p in _as_list(spec.get("ranking", ()))) if r],
-           "missing": dict(missing)}
+           "missing": dict(missing), "expected_time": dict(spec.get("expected_time") or {})}
     for key in ("pareto", "capacity", "ranking"):
         for row in out[key]:
             row["missing_runs"] = missing.get(row["problem"], 0)
@@ -268,6 +268,9 @@ def render(found: dict, memory_rows: list | None = None) -> list:
     lines = ["## Paper findings (Laskin, Metz et al. 2020)", "",
              f"Command: `{COMMAND}`. Every figure below is measured by this run; the paper's figure is "
              "quoted beside it, and the criterion for \"reproduced\" is stated with each finding.", "",
+             *([("Expected run time of the suite: " + "; ".join(f"{machine}: {t}" for machine, t in
+                                                           found["expected_time"].items()) + "."), ""]
+               if found.get("expected_time") else []),
              "| finding | ours | paper | verdict |", "|---|---|---|---|"]
     for row in found["pareto"]:
         lines.append(f"| F1 Pareto crossover, {row['problem']} (best local / backprop ideal time to target, "

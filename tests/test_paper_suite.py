@@ -184,8 +184,8 @@ def _final_records(means, seeds=6, noise=0.0, shared=1.0):
     import numpy as np
     rng = np.random.default_rng(0)
     offsets = rng.normal(0, shared, size=seeds)
-    return [{"problem": "f4_resnet", "label": label, "seed": s, "test_accuracy": (mean + offsets[s] + rng.normal(0, noise)) / 100,
-             "test_loss": None, "train_accuracy": None, "train_loss": None}
+    return [{"problem": "f4_resnet", "label": label, "seed": s, "test_loss": None, "train_accuracy": None,
+             "train_loss": None, "test_accuracy": (mean + offsets[s] + rng.normal(0, noise)) / 100}
             for label, mean in means.items() for s in range(seeds)]
 
 
@@ -207,7 +207,8 @@ def test_ranking_is_reproduced_only_beyond_the_paired_interval():
     assert not reversed_["reproduced"]
     assert [(c["better"], c["worse"]) for c in reversed_["contrary"]] == [("chunked-2", "overlapping")]
     lines = "\n".join(paper.render({"pareto": [], "alignment": [], "capacity": [], "ranking": [reversed_]}))
-    assert "the order differs from the paper's beyond the interval (a finding of ours): overlapping above chunked-2" in lines
+    assert ("the order differs from the paper's beyond the interval (a finding of ours): "
+            "overlapping above chunked-2") in lines
     assert "chunked-2 - overlapping: -0.7" in lines and "the order is reversed" in lines
 
 

@@ -102,7 +102,7 @@ class StepCost:
         parallelism holds every stage and all their activations until the backward pass: the peak of
         its whole step compiled as one program. (The sum of the stages' separately compiled peaks
         would count every stage's temporaries at once and the activations between stages twice: for
-        ResNet-32 at batch 128 in 4 stages 723 MiB against 469 MiB for the one program.)"""
+        ResNet-32 at batch 128 in 4 stages 723 MiB against 468 MiB for the one program.)"""
         if self.data_parallel_only:
             return self.step_peak_bytes
         peaks = [s.peak_bytes for s in self.stages]
@@ -145,16 +145,15 @@ def seconds(flops, device_flops: float):
 
 
 # -- XLA -------------------------------------------------------------------------------------------
-def analyse(fn, *args, compile: bool = True, donate_argnums=()) -> Cost:
-    """FLOPs, bytes accessed and peak memory of ``jax.jit(fn)`` at the (abstract) ``args``;
-    ``donate_argnums`` as in ``jax.jit`` (a donated argument that an output reuses counts once).
+def analyse(fn, *args, compile: bool = True) -> Cost:
+    """FLOPs, bytes accessed and peak memory of ``jax.jit(fn)`` at the (abstract) ``args``.
 
     ``compile=False`` reads XLA's analysis of the lowered, unoptimised program instead: about 10x
     faster, no peak memory (only a compiled program has one), forward FLOPs within a few per cent of
     the compiled figure; backward FLOPs of strided convolutions can differ by up to a third, since XLA
     rewrites their gradients while compiling (tests/test_costs.py). Good for relative costs, such as
     balancing stages; the reports' figures use the compiled programs."""
-    lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+    lowered = jax.jit(fn).lower(*args)
     if not compile:
         try:
             analysis = cost_dict(lowered.cost_analysis())
@@ -253,8 +252,10 @@ def stage_peak(rule, state, x, y) -> dict:
     """What one device holding stage ``rule`` needs, as the executors run it: the larger of its compiled
     training forward (body, own loss and backward, the VJP residuals it keeps for later losses) and its
     optimizer update, each with the stage state donated and kept whole (a buffer the program does not
-    read, such as the gradient sum that a step's first forward overwrites, is still held). Returns ``{"training", "update"}`` (XLA's
-    buffer sizes, ``memory_analysis``) and ``peak`` (bytes; None where XLA does not say)."""
+    read, such as the gradient sum that a step's first forward overwrites, is still held).
+
+    Returns ``{"training", "update"}`` (XLA's buffer sizes, ``memory_analysis``) and ``peak`` (bytes;
+    None where XLA does not say)."""
     compiled = {
         "training": jax.jit(lambda s, inp, lab: forward_leaves(rule, s, inp, lab), donate_argnums=0,
                             keep_unused=True).lower(state, x, y).compile(),

@@ -195,7 +195,8 @@ def memory_lines(rows: list) -> list:
             cells.append("-" if c.get("largest") is None else
                          f"{format_bytes(c['largest'])} ({_ratio(c['ratio'])}) at {c['split_points']}; "
                          f"even {format_bytes(even.get('largest'))} ({_ratio(even.get('ratio'))})")
-        lines.append(f"| {r['name']} | {r['batch']} | {format_bytes(r['backprop_bytes'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['name']} | {r['batch']} | {format_bytes(r['backprop_bytes'])} | "
+                     + " | ".join(cells) + " |")
     lines.append("")
     return lines + breakdown_lines(rows, 4 if 4 in stages or not stages else stages[len(stages) // 2])
 

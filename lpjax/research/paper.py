@@ -237,6 +237,12 @@ def _interval(b, unit: str) -> str:
     return f"{b['mean']:+.2f}{unit} [{b['low']:+.2f}, {b['high']:+.2f}] ({b['n']} seeds)"
 
 
+def _check_text(c: dict) -> str:
+    if c["holds"]:
+        return "holds"
+    return "the order is reversed" if c["high"] is not None and c["high"] < 0 else "not resolved"
+
+
 def _ranking_reason(r: dict, unit: str) -> str:
     """Why the order is or is not the paper's, from the paired comparisons."""
     if r["contrary"]:
@@ -318,7 +324,8 @@ def render(found: dict, memory_rows: list | None = None) -> list:
         lines += ["", "### F1: ideal time to target at every batch size, local / backprop", "",
                   "As the paper's figure: at each batch size, each local method's ideal time to target (its best "
                   "learning rate) over backprop's at the same batch size; steps to target in brackets.", "",
-                  "| problem | batch | backprop steps | best local | ratio by method (steps) |", "|---|---|---|---|---|"]
+                  "| problem | batch | backprop steps | best local | ratio by method (steps) |",
+                  "|---|---|---|---|---|"]
         for row in found["pareto"]:
             for b in row.get("by_batch", []):
                 ratios = ", ".join(f"{label} {_fmt(v, '.2f', 'x')} ({_fmt(b['steps'].get(label), 'd')})"
@@ -337,10 +344,9 @@ def render(found: dict, memory_rows: list | None = None) -> list:
             mean, std, n = r["rows"][label]
             lines.append(f"| {label} | {_fmt(mean, '.3f')} | {_fmt(std, '.3f')} | {n} | "
                          f"{_interval(r.get('paired', {}).get(label), unit)} |")
-        lines += ["", "The paper's order as paired comparisons (better - worse; holds when the interval is above 0):", ""]
-        lines += [f"- {c['better']} - {c['worse']}: {_interval(c, unit)}: "
-                  f"{'holds' if c['holds'] else 'the order is reversed' if c['high'] is not None and c['high'] < 0 else 'not resolved'}"
-                  for c in r.get("checks", [])]
+        lines += ["", "The paper's order as paired comparisons (better - worse; holds when the interval is "
+                  "above 0):", ""]
+        lines += [f"- {c['better']} - {c['worse']}: {_interval(c, unit)}: {_check_text(c)}" for c in r.get("checks", [])]
         lines.append("")
     if memory_rows:
         lines += memory_lines(memory_rows)

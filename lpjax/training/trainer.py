@@ -160,7 +160,7 @@ class Trainer:
         SPMD executor's ``ShardedStates`` from a sharded checkpoint). ``steps``: the optimizer
         steps those states have taken, which a method's refresh rule counts from (a shared
         readout's copy); the step counter is left as it is when omitted."""
-        from lpjax.training.checkpoint import ShardedStates
+        from lpjax.executors.base import ShardedStates
 
         if isinstance(states, ShardedStates):
             self.executor.load_sharded(states.tree)

@@ -55,10 +55,12 @@ from jax.sharding import NamedSharding
 
 from lpjax.errors import ConfigError
 from lpjax.core.stage_rule import StageState
+from lpjax.core.state_summary import stage_summary_on_device
 from lpjax.core.schedules import Flow
 from lpjax.executors.spmd.lowering import FORWARD_OP, IDLE, LOCAL_OP, RUNS_FORWARD, Lowering, count_capacities
 from lpjax.executors.spmd.buffers import TreePacker, common_lengths, shared_format, zeros
 from lpjax.executors.spmd.residuals import plan_residual
+from lpjax.executors.base import ShardedStates, ShardedTarget
 from lpjax.executors.placement import PerStageMeshes, data_shard
 
 P = jax.P
@@ -314,8 +316,6 @@ class SpmdExecutor:
         """The stacked state buffers as they live on the mesh (each device holds its stage's row),
         with each stage's ``(fingerprint, finite)``, computed where the stage lives: what a sharded
         checkpoint saves, without gathering anything to a host."""
-        from lpjax.training.checkpoint import ShardedStates
-
         flat = self._flat_state()
         return ShardedStates(dict(flat), self.summaries(flat))
 
@@ -323,8 +323,6 @@ class SpmdExecutor:
         """What a sharded checkpoint restores onto: the buffers' shapes and shardings on this mesh
         (any process count or ``data`` size), how to fingerprint them, and host copies of the stage
         states for reading a per-stage checkpoint instead."""
-        from lpjax.training.checkpoint import ShardedTarget
-
         sharding = NamedSharding(self.mesh, P("stage"))
         abstract = {g: jax.ShapeDtypeStruct((self.num_stages, n), jnp.dtype(g), sharding=sharding)
                     for g, n in self.state_lengths.items()}
@@ -339,12 +337,10 @@ class SpmdExecutor:
         self._load_flat(tree)
 
     def summaries(self, state_buffers):
-        """Per stage ``(fingerprint, finite)`` of its saved state (lpjax.training.checkpoint's summary of the
+        """Per stage ``(fingerprint, finite)`` of its saved state (lpjax/core/state_summary.py's summary of the
         unpacked ``StageState``, so equal to a per-stage checkpoint's), as Python values; a
         collective over the mesh."""
         if "summaries" not in self._programs:
-            from lpjax.training.checkpoint import stage_summary_on_device
-
             K = self.num_stages
             branches = [functools.partial(lambda k, buf: stage_summary_on_device(self.state_packers[k].unpack(buf)), k)
                         for k in range(K)]

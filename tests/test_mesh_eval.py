@@ -69,9 +69,11 @@ def test_mesh_evaluation_equals_the_per_stage_evaluation_and_moves_no_stage_stat
     assert_same_figures(trainer._eval_figures(*evaluator.totals(batches + [(test_x[:0], test_y[:0])])), expected)
     assert len(evaluator._programs) == 1  # the ragged batch ran on the full batches' program, masked
 
+    # health() reads the scalars where each stage lives; they equal the stage states' own
     norms, skipped = trainer.executor.stage_scalars()
-    assert [float(h["grad_norm"]) for h in trainer.health()] == pytest.approx(list(norms), rel=1e-6)
-    assert min(norms) > 0 and [int(h["skipped"]) for h in trainer.health()] == list(skipped)
+    assert [float(h["grad_norm"]) for h in trainer.health()] == list(norms)
+    assert [float(s.grad_norm) for s in trainer.stage_states] == pytest.approx(list(norms), rel=1e-6)
+    assert min(norms) > 0 and [int(s.skipped) for s in trainer.stage_states] == list(skipped)
 
     # what is compiled moves activations and a few sums, never a stage's state buffer: the largest
     # collective result is smaller than the smallest stage's packed state

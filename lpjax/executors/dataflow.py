@@ -52,14 +52,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lpjax.core.schedules import BACKWARD, Flow
+from lpjax.core.schedules import BACKWARD
+from lpjax.errors import ConfigError
+from lpjax.executors.base import ExecutorBase, ShardedStates
 from lpjax.executors.placement import SingleDevice
 
 
-class DataflowExecutor:
+class DataflowExecutor(ExecutorBase):
+    """The reference and per-stage MPMD executor (the interface: executors/base.py)."""
+
     def __init__(self, rules, schedule, placement, *, whole_steps=None):
-        self.rules = rules
-        self.schedule = schedule
+        super().__init__(rules, schedule)
         self.placement = placement
         # One compiled program per step (see _run_whole_step): every stage on one device and a
         # flushing schedule, whose steps leave nothing in flight. None: when that holds and a step
@@ -67,15 +70,10 @@ class DataflowExecutor:
         self.whole_steps = (isinstance(placement, SingleDevice) and schedule.synchronous and schedule.microbatches == 1
                             if whole_steps is None else whole_steps)
         self._tracing = False  # inside _traced_step: values are tracers of one program
-        self.num_stages = len(rules)
         self.states = [placement.put_state(k, rule.init_state()) for k, rule in enumerate(rules)]
-        self.flow = Flow(tuple(tuple(rule.sources) for rule in rules))
-        self.one_tree = rules[0].one_tree
         self._due = set()  # one-tree stages whose update task of this step has run
-        self.done = [0] * self.num_stages
-        self.fed = 0
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
-        self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_metrics()
+        # self._metrics (ExecutorBase): (stage, microbatch, metrics) of the tasks run since the last take_metrics()
         self._cells = {}
         # A VJP residual is a pytree whose static part holds a jaxpr from the trace that made it;
         # passed into jit as is, every new trace would miss the cache of the cells that consume it.
@@ -116,30 +114,22 @@ class DataflowExecutor:
     # -- public ------------------------------------------------------------------------------
     def feed(self, microbatch_inputs, microbatch_labels):
         """Queue one step's microbatches (sequences of arrays) and run every clock they unlock."""
-        for x, y in zip(microbatch_inputs, microbatch_labels):
-            m = self.fed
-            self.inputs[(0, m)] = self.placement.put_batch(0, x)
-            placed = {}  # one copy of the labels per distinct placement, not per stage
-            for k, rule in enumerate(self.rules):
-                if rule.trains_head:
-                    where = self.placement.batch_sharding(k)
-                    if where not in placed:
-                        placed[where] = self.placement.put_batch(k, y)
-                    self.labels[(k, m)] = placed[where]
-            self.fed += 1
+        self._queue(microbatch_inputs, microbatch_labels, self._place)
         self._run(drain=False)
 
-    def drain(self):
-        """Finish every fed microbatch at every stage (the fill/drain bubble of a stream)."""
-        self._run(drain=True)
+    def _place(self, m, x, y):
+        self.inputs[(0, m)] = self.placement.put_batch(0, x)
+        placed = {}  # one copy of the labels per distinct placement, not per stage
+        for k, rule in enumerate(self.rules):
+            if rule.trains_head:
+                where = self.placement.batch_sharding(k)
+                if where not in placed:
+                    placed[where] = self.placement.put_batch(k, y)
+                self.labels[(k, m)] = placed[where]
 
-    def flush(self):
-        """Drain, then forget whatever the drain left in flight (cotangents about microbatches whose
-        consumers will not run): afterwards the stage states are the executor's whole state, which is
-        what a checkpoint saves and a resumed run starts from."""
-        self.drain()
+    def _forget_in_flight(self):
+        """``flush``: the cotangents about microbatches whose consumers will not run, and the rest."""
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
-        self.done, self.fed = [0] * self.num_stages, 0
         self._due = set()
 
     def refresh_shared(self):
@@ -165,17 +155,19 @@ class DataflowExecutor:
 
     def load_states(self, states):
         """Replace every stage's state (a restored checkpoint), placed on this layout's devices."""
+        if isinstance(states, ShardedStates):
+            raise ConfigError("a sharded checkpoint resumes with the spmd executor; "
+                              "set --config.layout.executor=spmd")
         self.flush()
         self.states = [self.placement.put_state(k, state) for k, state in enumerate(states)]
 
-    def take_metrics(self):
-        """Per-stage mean metrics over the tasks run since the last call (device arrays)."""
-        log, self.log = self.log, []
+    def _mean_metrics(self, log):
+        """Per stage, the mean over its logged tasks (device arrays)."""
         return summarize(log, self.num_stages)
 
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, drain):
-        clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
+        clocks = self._clocks(drain)
         if self.whole_steps and clocks:
             self._run_whole_step([task for clock in clocks for task in clock if task is not None])
             return
@@ -212,7 +204,7 @@ class DataflowExecutor:
                 self.messages[(k - 1, k, m)] = self._put_batch(k - 1, own_dx)
             if residual is not None:
                 self.residuals[(k, m)] = [residual, len(rule.sources)]
-            self.log.append((k, m, metrics))
+            self._metrics.append((k, m, metrics))
         about = dict(task.consumes)
         for j, dx in passed.items():
             self.messages[(k - 1, j, about[j])] = self._put_batch(k - 1, dx)
@@ -271,7 +263,7 @@ class DataflowExecutor:
             self._cells[key] = (program, [(t.stage, t.microbatch) for t in relative if t.runs_forward])
         program, forwards = self._cells[key]
         self._leaves, metrics = program(self._leaves, step_inputs, labels)
-        self.log += [(k, m + base, entry) for (k, m), entry in zip(forwards, metrics)]
+        self._metrics += [(k, m + base, entry) for (k, m), entry in zip(forwards, metrics)]
         for k, m in forwards:
             self.done[k] = m + base + 1
 
@@ -284,15 +276,15 @@ class DataflowExecutor:
                                            ("updates due", self._due)] if box]
             if left:
                 raise AssertionError(f"a whole step left {left} in flight; it must run task by task")
-            return self._leaves, [metrics for _, _, metrics in self.log]
+            return self._leaves, [metrics for _, _, metrics in self._metrics]
 
     @contextlib.contextmanager
     def _step_in_trace(self, leaves, inputs, labels):
         """The interpreter's state, for the duration of one trace, holding that trace's values."""
-        names = ("_leaves", "inputs", "labels", "messages", "residuals", "log", "_due")
+        names = ("_leaves", "inputs", "labels", "messages", "residuals", "_metrics", "_due")
         saved = {name: getattr(self, name) for name in names}
         self._leaves, self.inputs, self.labels = list(leaves), dict(inputs), dict(labels)
-        self.messages, self.residuals, self.log, self._due = {}, {}, [], set()
+        self.messages, self.residuals, self._metrics, self._due = {}, {}, [], set()
         self._tracing = True
         try:
             yield

@@ -96,7 +96,7 @@ class MeshEvaluator:
         from jax.experimental import multihost_utils
 
         mine = np.array([[rows, self.spec is not None, uneven]], np.int32)
-        if jax.process_count() == 1:
+        if self.executor.processes == 1:
             return mine
         return np.asarray(multihost_utils.process_allgather(mine, tiled=True)).reshape(-1, 3)
 
@@ -115,7 +115,7 @@ class MeshEvaluator:
         """The padded rows as global arrays split over the mesh's ``data`` axis."""
         from lpjax.executors.spmd.executor import _global
 
-        executor, processes = self.executor, jax.process_count()
+        executor, processes = self.executor, self.executor.processes
         sharding = NamedSharding(executor.mesh, P("data"))
         if processes == 1:
             return _global(arrays, sharding)
@@ -138,7 +138,7 @@ class MeshEvaluator:
         ex, loss_fn = self.executor, self.loss_fn
         K, D, M = ex.num_stages, ex.num_data, self.microbatches
         x_row, x_dtype, y_row, _ = self.spec
-        processes = jax.process_count()
+        processes = ex.processes
         rows = self.capacity * processes // D // M  # per device and microbatch
         positions = int(np.prod(y_row, dtype=np.int64))  # label positions per row
 

@@ -56,11 +56,10 @@ from jax.sharding import NamedSharding
 from lpjax.errors import ConfigError
 from lpjax.core.stage_rule import StageState
 from lpjax.core.state_summary import stage_summary_on_device
-from lpjax.core.schedules import Flow
 from lpjax.executors.spmd.lowering import FORWARD_OP, IDLE, LOCAL_OP, RUNS_FORWARD, Lowering, count_capacities
 from lpjax.executors.spmd.buffers import TreePacker, common_lengths, shared_format, zeros
 from lpjax.executors.spmd.residuals import plan_residual
-from lpjax.executors.base import ShardedStates, ShardedTarget
+from lpjax.executors.base import ExecutorBase, ShardedStates, ShardedTarget
 from lpjax.executors.placement import PerStageMeshes, data_shard
 
 P = jax.P
@@ -104,12 +103,14 @@ def _put(box, slot, value):
                         box, value)
 
 
-class SpmdExecutor:
+class SpmdExecutor(ExecutorBase):
+    """Every stage in one jitted program over ``mesh`` (the interface: executors/base.py)."""
+
     PER_SLICE = ("acts", "cots", "res")  # mailboxes: one copy per device of the row
 
     def __init__(self, rules, schedule, mesh, *, bubble_fill=0.0):
-        self.rules, self.schedule, self.mesh = rules, schedule, mesh
-        self.num_stages = K = len(rules)
+        super().__init__(rules, schedule)
+        self.mesh = mesh
         self.placement = PerStageMeshes(mesh)
         self.num_data = self.placement.num_data
         # the rows of each microbatch this process feeds: a block of the data axis when it holds
@@ -117,8 +118,6 @@ class SpmdExecutor:
         self.data_shard = data_shard(mesh)
         self.local_slices = self.num_data // self.data_shard[1]  # data slices this process feeds
         self.bubble_fill = bubble_fill
-        self.flow = Flow(tuple(tuple(rule.sources) for rule in rules))
-        self.one_tree = rules[0].one_tree
         self.lowering = Lowering(self.flow, [rule.sends_own_gradient for rule in rules],
                                  [rule.passes_on for rule in rules])
         self.S = self.lowering.S
@@ -136,10 +135,7 @@ class SpmdExecutor:
         self.task_format = shared_format([_part(s, TASK_FIELDS) for s in initial])
         self.fixed_format = shared_format([_part(s, FIXED_FIELDS) for s in initial])
         self.buffers = self._stacked_state(initial)
-        self.done = [0] * K
-        self.fed = 0
         self.inputs, self.labels = {}, {}  # host copies of fed microbatches until their last use
-        self._metrics = []
         self._programs, self._controls = {}, {}
         # whether this process holds a stage-0 device (feeds the input stream), and the zeros input
         # shards of its other devices (_input_stream)
@@ -147,6 +143,7 @@ class SpmdExecutor:
                                 for d in np.asarray(mesh.devices).reshape(self.num_stages, -1)[0])
         self._idle_inputs = {}
         self._ready = False
+        self._evaluator = None  # several processes' evaluation programs (eval.py)
 
     # -- shapes ------------------------------------------------------------------------------
     def _prepare(self, x, y):
@@ -200,9 +197,7 @@ class SpmdExecutor:
         if not self._ready:
             self._prepare(np.asarray(microbatch_inputs[0]), np.asarray(microbatch_labels[0]))
         first = self.fed
-        for x, y in zip(microbatch_inputs, microbatch_labels, strict=True):
-            self.inputs[self.fed], self.labels[self.fed] = x, y
-            self.fed += 1
+        self._queue(microbatch_inputs, microbatch_labels, self._keep)
         self._run(drain=False)  # copies what it runs into the call's input stream
         # what a later call runs is copied now: the caller may reuse the batch's memory
         for m in range(first, self.fed):
@@ -210,16 +205,12 @@ class SpmdExecutor:
                 if m in kept:
                     kept[m] = np.array(kept[m])
 
-    def drain(self):
-        if self._ready:
-            self._run(drain=True)
+    def _keep(self, m, x, y):
+        self.inputs[m], self.labels[m] = x, y
 
-    def flush(self):
-        """Drain, then forget what the drain left in flight; see ``DataflowExecutor.flush``."""
-        self.drain()
+    def _forget_in_flight(self):
         self.lowering.reset()
         self.inputs, self.labels = {}, {}
-        self.done, self.fed = [0] * self.num_stages, 0
 
     def refresh_shared(self):
         """Refresh every reader's copy of the shared readout (lpjax/core/shared_readout.py) with one
@@ -260,9 +251,34 @@ class SpmdExecutor:
         self.buffers.update(self._programs["refresh"](self.state_buffers()))
 
     def load_states(self, states):
-        """Replace every stage's state (a restored checkpoint); host round trip, so single-process."""
+        """Replace every stage's state (a restored checkpoint): ``ShardedStates`` are already on
+        this mesh; per-stage states make a host round trip (the same values in every process)."""
         self.flush()
-        self.buffers.update(self._stacked_state(states))
+        if isinstance(states, ShardedStates):
+            self._load_flat(states.tree)
+        else:
+            self.buffers.update(self._stacked_state(states))
+
+    def checkpoint_states(self, sharded):
+        return self.sharded_states() if sharded else self.states
+
+    def checkpoint_target(self):
+        return self.sharded_target()
+
+    def evaluate(self, batches, *, local=False):
+        """In one process the per-stage evaluation (``ExecutorBase.evaluate``); over several, one
+        forward pipeline on the mesh (``eval.py``), each process contributing its rows."""
+        if self.processes == 1:
+            return super().evaluate(batches)
+        from lpjax.executors.spmd.eval import MeshEvaluator
+
+        if self._evaluator is None:
+            self._evaluator = MeshEvaluator(self, self.rules[-1].loss_fn)
+        if not local:  # the same batches everywhere: each process contributes its block of rows
+            me, count = jax.process_index(), self.processes
+            batches = ((x[len(x) * me // count:len(x) * (me + 1) // count],
+                        y[len(y) * me // count:len(y) * (me + 1) // count]) for x, y in batches)
+        return self._evaluator.totals(batches)
 
     # -- the state at rest: two buffers, stacked over ``stage`` ------------------------------------
     def _stacked_state(self, states):
@@ -328,13 +344,8 @@ class SpmdExecutor:
                     for g, n in self.state_lengths.items()}
         # every stage's live state, in every process (a collective over several): only read when a
         # per-stage checkpoint is restored
-        like = (lambda: self.states) if jax.process_count() == 1 else self.host_states
+        like = (lambda: self.states) if self.processes == 1 else self.host_states
         return ShardedTarget(abstract, self.summaries, like)
-
-    def load_sharded(self, tree):
-        """Continue from restored state buffers (a sharded checkpoint), already on this mesh."""
-        self.flush()
-        self._load_flat(tree)
 
     def summaries(self, state_buffers):
         """Per stage ``(fingerprint, finite)`` of its saved state (lpjax/core/state_summary.py's summary of the
@@ -382,9 +393,8 @@ class SpmdExecutor:
         """The rows of one microbatch this process feeds."""
         return (slice_shape[0] * self.local_slices, *slice_shape[1:])
 
-    def take_metrics(self):
-        """Per-stage mean metrics over the tasks run since the last call."""
-        entries, self._metrics = self._metrics, []
+    def _mean_metrics(self, entries):
+        """Per stage, the mean over the host calls' per-stage means, weighted by their task counts."""
         if not entries:
             return [None] * self.num_stages
         counts = sum(count for _, count in entries)
@@ -435,7 +445,7 @@ class SpmdExecutor:
 
     # -- running -----------------------------------------------------------------------------
     def _run(self, drain):
-        clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
+        clocks = self._clocks(drain) if self._ready else []
         if not clocks:
             return
         K = self.num_stages

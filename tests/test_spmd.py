@@ -38,8 +38,8 @@ def test_transformer_matches_reference(num_stages, method):
     # only stage 0 reads the input stream: the other stages' devices, and only they, keep zeros shards
     executor = spmd.executor
     later = set(np.asarray(executor.mesh.devices).reshape(num_stages, -1)[1:].ravel())
-    assert {device for device, _ in executor._idle_inputs} == later
-    assert not any(np.any(np.asarray(shard)) for shard in executor._idle_inputs.values())
+    assert {device for device, _ in executor.streams.idle_inputs} == later
+    assert not any(np.any(np.asarray(shard)) for shard in executor.streams.idle_inputs.values())
 
 
 def test_gpipe_backprop_matches_reference():
@@ -179,16 +179,16 @@ def test_split_state_refuses_a_write_to_the_other_part():
     would be dropped silently; the trace-time check turns that into an error."""
     import dataclasses
 
-    from lpjax.executors.spmd.executor import FIXED_FIELDS, TASK_FIELDS, _check_unchanged
+    from lpjax.executors.spmd.state import FIXED_FIELDS, TASK_FIELDS, check_unchanged
 
     state = lpjax.Trainer(tiny_model(2), method=lpjax.Greedy(), optimizer=optax.sgd(0.1)).stage_states[0]
-    _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
+    check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
                      FIXED_FIELDS, "a task")
     with pytest.raises(AssertionError, match="StageState.params"):
-        _check_unchanged(state, dataclasses.replace(state, params=jax.tree.map(lambda p: p * 2, state.params)),
+        check_unchanged(state, dataclasses.replace(state, params=jax.tree.map(lambda p: p * 2, state.params)),
                          FIXED_FIELDS, "a task")
     with pytest.raises(AssertionError, match="StageState.grad_sum"):
-        _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
+        check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
                          TASK_FIELDS, "an optimizer step")
 
 
@@ -214,7 +214,7 @@ def test_residual_constants_are_rebuilt_not_stored(method, schedule):
     batch = tiny_batch(8)
     reference = run(model_fn, batch, method, schedule, None)
     spmd = run(model_fn, batch, method, schedule, lpjax.Layout(stages=2, executor="spmd"))
-    plan = spmd.executor.res_plans[0]
+    plan = spmd.executor.shapes.res_plans[0]
     assert any(c is not None for c in plan.constants)  # the ReLU zeros are not stored
     assert len(plan.stored) < len(plan.constants)
     assert_trees_close(stage_params(reference), stage_params(spmd), atol=1e-6)

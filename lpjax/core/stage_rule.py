@@ -99,6 +99,13 @@ def gradient_sq_norm(grads):
     return sum((_sum_of_squares(leaf) for leaf in jax.tree.leaves(grads)), jnp.zeros((), jnp.float32))
 
 
+def no_metrics():
+    """The metrics of a task that scores no head: NaN loss and accuracy (float32 scalars), which a
+    stage's mean over its tasks never counts."""
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return {"loss": nan, "accuracy": nan}
+
+
 def _split(module):
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return graphdef, params, rest
@@ -181,10 +188,6 @@ class StageRule:
     def _metrics(self, logits, y):
         return {"loss": self.loss_fn(logits, y), "accuracy": accuracy(logits, y)}
 
-    def _no_metrics(self):
-        nan = jnp.full((), jnp.nan, jnp.float32)
-        return {"loss": nan, "accuracy": nan}
-
     # -- the rule ----------------------------------------------------------------------------
     def forward(self, state: StageState, x, y, fresh=False):
         """Returns ``(state, h, own_cotangent | None, residual | None, metrics)``.
@@ -199,7 +202,7 @@ class StageRule:
         h, body_vjp, new_body_rest = jax.vjp(body_fn, params["body"], x, has_aux=True)
         new_rest = dict(rest, body=_keep_if_finite(new_body_rest, rest["body"]))
         grads = jax.tree.map(jnp.zeros_like, state.grad_sum)
-        own_dx, metrics = None, self._no_metrics()
+        own_dx, metrics = None, no_metrics()
         if self.trains_head:
             def weighted_loss(hp, hidden):
                 loss, aux = self.head_loss(hp, rest["head"], hidden, y)

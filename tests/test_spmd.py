@@ -150,15 +150,15 @@ def test_lowering_refuses_a_cotangent_that_was_never_sent():
 def test_lowering_gives_each_task_the_opcode_of_what_it_runs():
     """A forward that consumes nothing must not run the backward branch (it computed, then threw
     away, a VJP per forward); a backward with nothing to consume runs nothing but keeps its update."""
-    from lpjax.executors.spmd.lowering import BACKWARD_OP, FORWARD_OP, IDLE, LOCAL_OP
+    from lpjax.executors.spmd.lowering import Op
 
     flow = Flow(((1,), ()))  # backprop, 2 stages
     table = OneFOneB(4).table(2, 1, flow=flow)
     ops = _lowering(flow).lower(table.clocks)
     for t, clock in enumerate(table.clocks):
         for k, task in enumerate(clock):
-            want = (IDLE if task is None else FORWARD_OP if task.runs_forward else
-                    BACKWARD_OP if task.consumes else IDLE)
+            want = (Op.IDLE if task is None else Op.FORWARD if task.runs_forward else
+                    Op.BACKWARD if task.consumes else Op.IDLE)
             assert ops["op"][t, k] == want, (t, k, task)
             assert ops["update"][t, k] == (task is not None and task.update)
     # the last stage's final backward consumes nothing and carries the update: idle, update kept
@@ -170,8 +170,8 @@ def test_lowering_gives_each_task_the_opcode_of_what_it_runs():
     for t, clock in enumerate(stream.clocks):
         for k, task in enumerate(clock):
             if task is not None:
-                assert lowered["op"][t, k] == (LOCAL_OP if task.consumes else FORWARD_OP)
-    assert (lowered["op"] == LOCAL_OP).any() and (lowered["op"] == FORWARD_OP).any()
+                assert lowered["op"][t, k] == (Op.LOCAL if task.consumes else Op.FORWARD)
+    assert (lowered["op"] == Op.LOCAL).any() and (lowered["op"] == Op.FORWARD).any()
 
 
 def test_split_state_refuses_a_write_to_the_other_part():

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lpjax.core.stage_rule import no_metrics
-from lpjax.executors.spmd.lowering import FORWARD_OP, IDLE, LOCAL_OP
+from lpjax.executors.spmd.lowering import Op
 from lpjax.executors.spmd.shapes import MAILBOXES
 from lpjax.executors.spmd.state import FIXED_FIELDS, TASK_FIELDS, check_unchanged, part
 
@@ -109,7 +109,7 @@ class PipelineProgram:
             y, ctrl = inputs
             carry = dict(carry)
             mail = {"acts": carry["acts"], "cots": carry["cots"]}
-            branch = jnp.where(ctrl["op"] == IDLE, 0, offsets[k] + ctrl["op"])
+            branch = jnp.where(ctrl["op"] == Op.IDLE, 0, offsets[k] + ctrl["op"])
             out = (carry["written"], carry["act_out"], carry["cot_out"], carry["res"], no_metrics(), mail)
             for i, task in enumerate(branches, 1):
                 out = _once(branch == i, lambda o, ops, task=task: task(*o, *ops), out, (carry["fixed"], xs, y, ctrl))
@@ -150,7 +150,7 @@ class PipelineProgram:
         # per stage, the mean over the clocks where it ran a forward, gathered so that every process
         # holds every stage's figures, one scalar each (reading a figure out of a global array on
         # the host is one more dispatch, about 1 ms each over two processes)
-        ran = (control["op"] == FORWARD_OP) | (control["op"] == LOCAL_OP)
+        ran = (control["op"] == Op.FORWARD) | (control["op"] == Op.LOCAL)
         count = jnp.maximum(ran.sum(), 1).astype(jnp.float32)
         means = {name: lax.all_gather(jnp.where(ran, value, 0.0).sum() / count, "stage") for name, value in metrics.items()}
         return local, [{name: value[s] for name, value in means.items()} for s in range(K)]
@@ -169,8 +169,8 @@ class PipelineProgram:
 
     # -- one stage, one clock ----------------------------------------------------------------
     def _task_branches(self, k):
-        """Stage k's branches for opcodes 1, 2 (and 3): forward only, backward, forward then
-        consume (lowering.py). A stage without sources never gets LOCAL_OP (it has nothing to
+        """Stage k's branches for ``Op.FORWARD``, ``Op.BACKWARD`` (and ``Op.LOCAL``), in that order
+        (lowering.py). A stage without sources never gets ``Op.LOCAL`` (it has nothing to
         consume), so its forward is not traced a third time."""
         branches = [functools.partial(self._task, k, True, False), functools.partial(self._task, k, False, True)]
         if self.rules[k].sources:

@@ -21,12 +21,8 @@ state and a gradient sum). Three pure functions act on it:
   do about it (carry on or halt) is the training loop's policy. This is ``optax.apply_if_finite``'s
   rule, decided once per update with ``lax.cond`` on the gradient norm that is logged anyway:
   apply_if_finite selects between old and new state leaf by leaf, which costs a pass over the
-  parameters and optimizer state every step (about 4 ms of 21 on the 1024-wide overhead benchmark).
-  The norm itself is one more read of every gradient, which XLA's CPU backend runs as its own
-  reduction (it fuses none with the dot that writes a gradient): the one pass of device work a
-  hand-written step does not have (``benchmarks/greedy_overhead.py``). ``gradient_sq_norm``
-  sums a matrix by columns first on CPU, which cut that reduction's CPU time there from about 1.8
-  to 1.2 ms a step.
+  parameters and optimizer state every step (about 4 ms of 21 on the 1024-wide overhead benchmark;
+  docs/performance.md).
 
 Stage boundaries are cut with ``jax.lax.stop_gradient``; a loss's gradient only crosses a boundary
 as an explicit cotangent message, which is what makes the window exact.

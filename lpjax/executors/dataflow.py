@@ -13,35 +13,21 @@ one-tree optimizer (backprop) updates: every stage's update task of the step mar
 once all are due the stages step together with the global gradient norm (``StageRule.update``);
 a flushed step runs nothing on a stage after its update task, so this is the same step.
 
-With every stage on one device and a flushing schedule (Sequential, GPipe, 1F1B), the reference
-executor runs each step as ONE compiled program: this interpreter, traced once per step table
-through the same cells, which jit inlines (``_run_whole_step``). A flushed step leaves nothing in
-flight, so the program's inputs are the step's batches and the stage states, its outputs the states
-and the metrics, and it computes exactly what the cells one by one do (``tests/test_methods.py``
-compares them bit for bit). One dispatch instead of one per task, and XLA may overlap stage k's
-update with stage k+1's forward: on ``benchmarks/greedy_overhead.py`` (4 stages, 2 cores) lpjax
-went from about 1.10x to about 1.07x the hand-written step, and the main thread's CPU per step
-from about 2.6 to 1.0 ms; to about 0.8 ms (and about 1.06x) once a step found its program by a
-signature of plain tuples instead of rebuilding shifted ``Task`` objects, and passed each distinct
-label array once instead of once per stage (the hand-written step: 0.3 ms). The donated stage
-states keep their unused leaves (``keep_unused``): otherwise the gradient sums that a step's first
-forward overwrites drop out of the program's inputs, and jax's pairing of donated inputs with
-outputs slides by one stage, which cost twelve 4 MB copies per step there.
-The per-stage (MPMD) executor runs task by task so that stages on different devices overlap; so does
-a streaming schedule, whose tasks carry over between calls. So does, by default, a step of several
-microbatches: on one core (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``, ``taskset -c 0``; the
-2-stage x 2-layer 1024-wide MLP of ``benchmarks/pipeline_processes.py``, 4 microbatches of 512) one
-program per step took 552 ms against 516 task by task with chunked (Sequential(4), the same bits)
-and 538 against 530 with 1F1B backprop, whose parameters then differed by up to 3e-8 (XLA fuses
-across the cells' boundaries and rounds differently). With one microbatch per step the same 1F1B
-backprop took 112 ms as one program against 134 task by task, to the bit. ``whole_steps=True`` asks
-for it anyway (``tests/test_methods.py`` does, and checks the bits on a tiny model).
+With every stage on one device and a flushing schedule whose steps are one microbatch, the
+reference executor runs each step as ONE compiled program: this interpreter, traced once per step
+table through the same cells, which jit inlines (``_run_whole_step``). A flushed step leaves nothing
+in flight, so the program's inputs are the step's batches and the stage states, its outputs the
+states and the metrics, and it computes exactly what the cells one by one do
+(``tests/test_methods.py`` compares them bit for bit). One dispatch instead of one per task, and XLA
+may overlap stage k's update with stage k+1's forward (about 1.10x -> 1.07x a hand-written step on
+``benchmarks/greedy_overhead.py``). The per-stage (MPMD) executor runs task by task so that stages
+on different devices overlap; so does a streaming schedule, whose tasks carry over between calls,
+and by default a step of several microbatches (up to 7% slower as one program on one core);
+``whole_steps=True`` asks for it anyway. docs/performance.md has the measurements.
 
 Each stage's state is kept as its flat list of arrays, and the compiled cells take and return that
-list: a ``StageState`` holds Flax ``Variable`` nodes, whose Python flatten and unflatten at every
-cell call were most of the host time of a step (``benchmarks/greedy_overhead.py``, 4 stages: the
-main thread's CPU per step went from about 2.7 to 1.6 ms with this and host batches left to the
-cells' dispatch, against 0.3 ms for one hand-written jitted step). ``states`` rebuilds the
+list: flattening and unflattening a ``StageState``'s Flax ``Variable`` nodes at every cell call was
+most of a step's host time (main thread 2.7 -> 1.6 ms a step). ``states`` rebuilds the
 ``StageState`` pytrees when asked.
 """
 
@@ -66,7 +52,7 @@ class DataflowExecutor(ExecutorBase):
         self.placement = placement
         # One compiled program per step (see _run_whole_step): every stage on one device and a
         # flushing schedule, whose steps leave nothing in flight. None: when that holds and a step
-        # is one microbatch (measured in the module docstring: several were slower as one program).
+        # is one microbatch (several were slower as one program: docs/performance.md).
         self.whole_steps = (isinstance(placement, SingleDevice) and schedule.synchronous and schedule.microbatches == 1
                             if whole_steps is None else whole_steps)
         self._tracing = False  # inside _traced_step: values are tracers of one program
@@ -258,6 +244,8 @@ class DataflowExecutor(ExecutorBase):
             relative = tuple(dataclasses.replace(task, microbatch=task.microbatch - base,
                                                  consumes=tuple((j, m - base) for j, m in task.consumes))
                              for task in tasks)
+            # keep_unused: else the gradient sums a step's first forward overwrites drop out of the
+            # inputs and the donated inputs pair with outputs one stage off (twelve 4 MB copies a step)
             program = jax.jit(functools.partial(self._traced_step, relative, dict(label_of)), donate_argnums=(0,),
                               keep_unused=True)
             self._cells[key] = (program, [(t.stage, t.microbatch) for t in relative if t.runs_forward])

@@ -13,7 +13,7 @@ slots, flags), and one ``lax.scan`` interprets them; nothing about any schedule 
         if op in (BACKWARD, LOCAL):
           for i, j in enumerate(sources[k]):           # cotangents this task consumes
             if consume_cot[t,k,i] >= 0: state, dx[i] = backward(state, r[i], c[i])
-      state = pmean(state, "data"); if update[t,k]: state = optimizer_step(state)
+      if update[t,k]: state = optimizer_step(pmean(state, "data"))  # one all-reduce per update
       outboxes = h, own_dx, dx                          # an idle stage sends them again: ignored
       h, (own_dx, dx) = ppermute(h, +1), ppermute((own_dx, dx), -1)
       acts[k][receive_act[t,k]] = h; cots[k][receive_cot[t,k,o]] = message o   # slots >= 0 only
@@ -26,9 +26,12 @@ dataflow executor. Residual slots leave out weights and constants (``residuals.p
 
 A one-tree optimizer (backprop) updates every stage together after the step's last clock, with the
 global gradient norm from a ``psum`` over ``stage`` (``StageRule.update``). With a ``data`` axis
-the floating state is averaged over the row after every clock, outside the per-stage branches so
-every device runs the same collectives; gradients then equal the whole-microbatch gradient, while
-BatchNorm statistics are per-slice averages. Every stage sends a message every clock (a
+each data slice sums its own rows' gradients (and moves its statistics) between updates, and the
+floating state written by tasks is averaged over the row once, right before each update: inside
+the stage's update loop, which the whole row enters together (``_averaged_update``). Sums and
+moving averages are linear, so the gradients equal the whole-microbatch gradient, as an average
+after every clock would give, at one all-reduce of the gradient bytes per update and none on idle
+clocks; BatchNorm statistics are per-slice averages. Every stage sends a message every clock (a
 collective); an idle stage sends its outbox again, filled with bubbles (zeros, or NaN with
 ``bubble_fill=nan``, which tests use to prove they never reach parameters) at the start of each
 host call and holding its last real message after that: receivers only write slots the host
@@ -116,14 +119,11 @@ class PipelineProgram:
             carry["written"], carry["act_out"], carry["cot_out"], carry["res"], metrics, mail = out
             carry.update(mail)
             act_out, cot_out = carry["act_out"], carry["cot_out"]
-            if self.num_data > 1:  # collectives stay outside the branches: every device runs them
-                carry["written"] = jax.tree.map(lambda b: lax.pmean(b, "data") if jnp.issubdtype(b.dtype, jnp.floating)
-                                                else b, carry["written"])
-                metrics = lax.pmean(metrics, "data")
-            if not self.one_tree:
+            if not self.one_tree:  # the data axis's one all-reduce per update happens inside it
                 for s in range(K):
-                    carry["fixed"] = _once((ctrl["update"] != 0) & (k == s), functools.partial(self._update_fixed, s),
-                                           carry["fixed"], carry["written"])
+                    carry["written"], carry["fixed"] = _once(
+                        (ctrl["update"] != 0) & (k == s), lambda parts, _, s=s: self._averaged_update(s, *parts),
+                        (carry["written"], carry["fixed"]), ())
             if K > 1:
                 carry["acts"] = _receive(carry["acts"], ctrl["receive_act"], to_next_stage(act_out, K))
                 if self.messages:
@@ -137,7 +137,10 @@ class PipelineProgram:
         local["act_out"], local["cot_out"] = self._bubbles()
         local, metrics = lax.scan(tick, local, (ys, control))
         del local["act_out"], local["cot_out"]
+        if self.num_data > 1:  # one all-reduce of the call's per-clock figures, not one per clock
+            metrics = lax.pmean(metrics, "data")
         if together:  # loops, not lax.switch, for the reason in the module docstring
+            local["written"] = self._data_mean(local["written"])  # every stage at once: one all-reduce
             sq = jnp.zeros((), jnp.float32)
             for s in range(K):
                 sq = _once(k == s, lambda _, ops, s=s: self._sq_norm(s, *ops), sq, (local["written"], local["fixed"]))
@@ -156,6 +159,22 @@ class PipelineProgram:
         return local, [{name: value[s] for name, value in means.items()} for s in range(K)]
 
     # -- the optimizer step on the split state -----------------------------------------------
+    def _data_mean(self, written):
+        """``written`` averaged over the ``data`` axis (its floating leaves: gradient sums and
+        statistics). Each data slice sums its own rows' gradients between updates; sums and the
+        statistics' moving averages are linear, so one mean before the update equals a mean after
+        every clock, at one all-reduce of the gradient bytes per update instead of one per clock."""
+        if self.num_data == 1:
+            return written
+        return jax.tree.map(lambda b: lax.pmean(b, "data") if jnp.issubdtype(b.dtype, jnp.floating) else b, written)
+
+    def _averaged_update(self, k, written, fixed):
+        """Stage k's update with its data row's written part averaged first. It runs inside stage
+        k's update loop: a stage's whole data row takes the same trip, so the all-reduce over that
+        row is entered by all of it and by no other row."""
+        written = self._data_mean(written)
+        return written, self._update_fixed(k, fixed, written)
+
     def _update_fixed(self, k, fixed, written, total_sq=None):
         """The optimizer step on the split state (``total_sq``: the whole model's squared gradient
         norm, for a one-tree optimizer); returns the new read-only part."""

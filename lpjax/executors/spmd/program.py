@@ -54,6 +54,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lpjax.core.stage_rule import no_metrics
@@ -102,11 +103,17 @@ class PipelineProgram:
         control = {name: a[:, 0] for name, a in control.items()}
         k = lax.axis_index("stage")
         K = self.num_stages
+        local["act_out"], local["cot_out"] = self._bubbles()
+        # one traced task per kind of stage: equal stages (the blocks of a transformer) share theirs
+        example = (local["written"], local["act_out"], local["cot_out"], local["res"], no_metrics(),
+                   {"acts": local["acts"], "cots": local["cots"]}, local["fixed"], xs, ys[0],
+                   {name: a[0] for name, a in control.items()})
+        kind_of, representatives = stage_kinds([self._task_branches(s) for s in range(K)], example)
         branches, offsets = [], []
-        for s in range(K):
+        for s in representatives:
             offsets.append(len(branches))
             branches += self._task_branches(s)
-        offsets = jnp.asarray(offsets, jnp.int32)
+        offsets = jnp.asarray([offsets[kind] for kind in kind_of], jnp.int32)
 
         def tick(carry, inputs):
             y, ctrl = inputs
@@ -132,9 +139,8 @@ class PipelineProgram:
                         carry["cots"] = _receive(carry["cots"], ctrl["receive_cot"][o], {g: b[row] for g, b in cot_in.items()})
             return carry, metrics
 
-        # the messages a stage sends, carried from clock to clock: an idle stage sends again what
-        # its outbox holds (bubbles, or a message already received), which no receiver keeps
-        local["act_out"], local["cot_out"] = self._bubbles()
+        # the messages a stage sends (set above), carried from clock to clock: an idle stage sends
+        # again what its outbox holds (bubbles, or a message already received), which no receiver keeps
         local, metrics = lax.scan(tick, local, (ys, control))
         del local["act_out"], local["cot_out"]
         if self.num_data > 1:  # one all-reduce of the call's per-clock figures, not one per clock
@@ -237,6 +243,47 @@ class PipelineProgram:
     def _message(self, out, o, packed, valid):
         row = self.messages.index(o)
         return {g: b.at[row].set(jnp.where(valid, packed[g], b[row])) for g, b in out.items()}
+
+
+def stage_kinds(stage_branches, example):
+    """Group stages whose task branches trace to the same program.
+
+    Args:
+      stage_branches: per stage, its list of task functions (one per opcode).
+      example: the arguments every task takes (arrays or tracers: only shapes and dtypes are read).
+
+    Returns:
+      ``(kind_of, representatives)``: each stage's kind, and for each kind the first stage of it.
+      Two stages are of one kind when every branch's jaxpr (text and constants) is the same, so
+      tracing one and running it for the other computes exactly what the other's own would: the
+      device program then holds one copy per kind, not per stage (praxis and MaxText's one body
+      for a stack of equal layers), and unequal stages keep their own.
+    """
+    avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), example)
+    kind_of, representatives, signatures = [], [], []
+    for branches in stage_branches:
+        signature = [_jaxpr_signature(branch, avals) for branch in branches]
+        for kind, seen in enumerate(signatures):
+            if _same_signature(seen, signature):
+                kind_of.append(kind)
+                break
+        else:
+            kind_of.append(len(signatures))
+            representatives.append(len(kind_of) - 1)
+            signatures.append(signature)
+    return kind_of, representatives
+
+
+def _jaxpr_signature(fn, avals):
+    closed = jax.make_jaxpr(fn)(*avals)
+    return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
+
+
+def _same_signature(a, b):
+    return len(a) == len(b) and all(
+        text_a == text_b and len(consts_a) == len(consts_b)
+        and all(x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(consts_a, consts_b))
+        for (text_a, consts_a), (text_b, consts_b) in zip(a, b))
 
 
 def to_next_stage(value, num_stages):

@@ -53,8 +53,13 @@ class StageState:
     opt_state: Any
     grad_sum: Any  # same tree as the trainable params
     grad_count: Any  # microbatches whose own loss is in grad_sum
-    grad_norm: Any  # global norm of the mean gradient at the last update (a metric)
-    skipped: Any  # updates skipped because the gradient was not finite
+    grad_norm: Any  # global norm of the mean gradient at the last update (a metric); NOT_FINITE if it was not
+    skipped: Any  # updates skipped because the gradient or the state they would write was not finite
+
+
+# What ``grad_norm`` holds after an update whose gradient norm was not finite: a finite stand-in, so
+# that no saved state ever holds a NaN or an infinity (readers show it as "not finite").
+NOT_FINITE = -1.0
 
 
 def _fresh(state):
@@ -72,6 +77,15 @@ def _keep_if_finite(new, old):
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in floats]))
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
                         new, old)
+
+
+def all_finite(tree):
+    """Whether every floating-point leaf of ``tree`` is finite (a device bool)."""
+    verdict = jnp.bool_(True)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            verdict &= jnp.all(jnp.isfinite(leaf))
+    return verdict
 
 
 def _column_sums_first(squares):
@@ -248,34 +262,57 @@ class StageRule:
         """Squared norm of this stage's mean gradient: the summand of the global norm (one-tree)."""
         return gradient_sq_norm(self.mean_grads(state))
 
-    def update(self, state: StageState, total_sq=None) -> StageState:
-        """One optimizer step. For one-tree methods (backprop) executors pass ``total_sq``, the sum
-        of every stage's ``grad_sq_norm``: the step and the finite check then see the whole model.
-        Without it the stage is taken as the whole model (one stage; cost analysis)."""
+    def _step_inputs(self, state: StageState, total_sq):
+        """``(mean gradient, global norm, phantom)`` of this stage's update (the phantom: see the module
+        docstring; None unless one-tree)."""
         grads = self.mean_grads(state)
+        if not self.one_tree:
+            return grads, jnp.sqrt(gradient_sq_norm(grads)), None
+        own_sq = self.grad_sq_norm(state)
+        total_sq = own_sq if total_sq is None else total_sq
+        norm = jnp.sqrt(total_sq).astype(jnp.float32)
+        return grads, norm, jnp.sqrt(jnp.maximum(total_sq - own_sq, 0.0)).astype(jnp.float32)
+
+    def _stepped(self, state: StageState, grads, phantom):
+        """The trainable parameters and optimizer state one optax step writes."""
         trainable = self.trainable(state.params)
+        updates, opt_state = self.tx.update(self._tx_tree(grads, phantom), state.opt_state,
+                                            self._tx_tree(trainable, jnp.zeros((), jnp.float32)))
         if self.one_tree:
-            own_sq = self.grad_sq_norm(state)
-            total_sq = own_sq if total_sq is None else total_sq
-            norm = jnp.sqrt(total_sq).astype(jnp.float32)
-            phantom = jnp.sqrt(jnp.maximum(total_sq - own_sq, 0.0)).astype(jnp.float32)
-        else:
-            norm = jnp.sqrt(gradient_sq_norm(grads))
-            phantom = None
-        zero = jnp.zeros((), jnp.float32)
+            updates = updates[0]  # the phantom's update is dropped
+        return optax.apply_updates(trainable, updates), opt_state
 
-        def apply(_):
-            updates, opt_state = self.tx.update(self._tx_tree(grads, phantom), state.opt_state,
-                                                self._tx_tree(trainable, zero))
-            if self.one_tree:
-                updates = updates[0]  # the phantom's update is dropped
-            return optax.apply_updates(trainable, updates), opt_state
+    def update_stays_finite(self, state: StageState, total_sq=None):
+        """Whether this stage's next optimizer step (``update`` with the same ``total_sq``) has a
+        finite gradient norm and writes only finite parameters and optimizer state (a device bool).
+        Executors of one-tree methods AND it over the stages and pass the result to every stage's
+        ``update``, so that the whole model steps or none of it does."""
+        grads, norm, phantom = self._step_inputs(state, total_sq)
+        return jnp.isfinite(norm) & all_finite(self._stepped(state, grads, phantom))
 
-        new_trainable, opt_state = jax.lax.cond(jnp.isfinite(norm), apply,
-                                                lambda _: (trainable, state.opt_state), None)
+    def update(self, state: StageState, total_sq=None, stays_finite=None) -> StageState:
+        """One optimizer step, or none: a step whose gradient norm is not finite, or that would write
+        a non-finite parameter or optimizer-state value (an update that overflows, whatever the
+        gradient), leaves the state as it was and is counted in ``skipped`` (``optax.apply_if_finite``
+        judges the transformed updates the same way). The step's result is computed twice, once into
+        the finiteness check, which XLA fuses into one read of the state and gradient, and once in
+        place inside the ``lax.cond`` that applies it; keeping old and new state to select between
+        them would cost a copy of every leaf at every step.
+
+        For one-tree methods (backprop) executors pass ``total_sq``, the sum of every stage's
+        ``grad_sq_norm``, and ``stays_finite``, the AND of every stage's ``update_stays_finite``:
+        the step and the check then see the whole model. Without them the stage is taken as the
+        whole model (one stage; cost analysis)."""
+        grads, norm, phantom = self._step_inputs(state, total_sq)
+        if stays_finite is None:
+            stays_finite = jnp.isfinite(norm) & all_finite(self._stepped(state, grads, phantom))
+        new_trainable, opt_state = jax.lax.cond(
+            stays_finite, lambda _: self._stepped(state, grads, phantom),
+            lambda _: (self.trainable(state.params), state.opt_state), None)
         # grad_sum is left as it is: the next step's first forward overwrites it
         return dataclasses.replace(state, params=dict(state.params, **new_trainable), opt_state=opt_state,
-                                   grad_norm=norm, skipped=state.skipped + (~jnp.isfinite(norm)).astype(jnp.int32))
+                                   grad_norm=jnp.where(jnp.isfinite(norm), norm, NOT_FINITE),
+                                   skipped=state.skipped + (~stays_finite).astype(jnp.int32))
 
     # -- evaluation --------------------------------------------------------------------------
     def predict(self, state: StageState, x):

@@ -48,9 +48,9 @@ from lpjax.errors import ConfigError, NonFiniteError
 from lpjax.training.workdir import CORRUPT as CORRUPT_DIR
 
 SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
-# What must be finite to be saved or restored. grad_norm is a logged metric: under nonfinite=skip it is
-# NaN right after a skipped update, and that must not block the save (the update itself never landed).
-GUARDED_FIELDS = ("params", "rest", "opt_state")
+# Every saved value must be finite to be saved or restored; StageRule.update keeps it so, also after a
+# skipped update (grad_norm then holds a finite stand-in, lpjax.core.stage_rule.NOT_FINITE).
+GUARDED_FIELDS = SAVED_FIELDS
 META_FINGERPRINT = "meta_fingerprint"
 SHARDED_ITEM = "state"  # a sharded checkpoint's one item: the SPMD executor's stacked state buffers
 
@@ -223,8 +223,7 @@ class Checkpointer:
             summaries, trees = state_summaries(states), {name: _storable(s) for name, s in zip(self.names, states)}
         bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
         if bad:
-            raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
-                                 f"nothing was checkpointed")
+            raise NonFiniteError(self._refusal(bad, step))
         meta = _json_view(dict(meta, step=step, fingerprints=[f for f, _ in summaries]))
         meta[META_FINGERPRINT] = meta_fingerprint(meta)
         if self.multiprocess and not self.sharded and not self.writer:
@@ -235,6 +234,16 @@ class Checkpointer:
         with self._writing(f"the checkpoint at step {step}", size):
             self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
         self._pending = (step, size)
+
+    def _refusal(self, bad, step) -> str:
+        """The one line of a refused save: which stages, and what to do."""
+        steps = [s for s in self.steps() if s < step]
+        kept = (f"the newest checkpoint, at step {steps[-1]}, holds finite values" if steps
+                else "no checkpoint was written yet")
+        stages = ", ".join(map(str, bad))
+        return (f"stage{'s' if len(bad) > 1 else ''} {stages} hold{'' if len(bad) > 1 else 's'} a non-finite "
+                f"parameter, statistic or optimizer-state value at step {step}, so it was not checkpointed ({kept}); "
+                f"lower the learning rate or check the data")
 
     def _writing(self, what, size=None):
         return files.writing(what, self.directory, os.path.dirname(self.directory), size)
@@ -300,8 +309,10 @@ class Checkpointer:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise CheckpointError(f"{type(err).__name__}: {reason[:200]}") from None
         for k, (fingerprint, finite) in enumerate(summaries):
-            if fingerprint != meta["fingerprints"][k] or not finite:
+            if fingerprint != meta["fingerprints"][k]:
                 raise CheckpointError(f"stage {k}'s contents do not match the fingerprint saved with them")
+            if not finite:
+                raise CheckpointError(f"stage {k} holds a non-finite value")
         return states, meta
 
     def _quarantine(self, step) -> str:

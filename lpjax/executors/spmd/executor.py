@@ -596,9 +596,15 @@ class SpmdExecutor:
             for s in range(K):
                 sq = _once(k == s, lambda _, ops, s=s: self._sq_norm(s, *ops), sq, (local["written"], local["fixed"]))
             total = lax.psum(sq, "stage")
+            # the whole model steps or none of it does: a stage whose step would write a non-finite value stops all
+            bad = jnp.zeros((), jnp.int32)
+            for s in range(K):
+                bad = _once(k == s, lambda _, ops, s=s: (~self._stays_finite(s, *ops)).astype(jnp.int32), bad,
+                            (local["written"], local["fixed"], total))
+            agreed = lax.psum(bad, "stage") == 0
             for s in range(K):
                 local["fixed"] = _once(k == s, lambda fixed, ops, s=s: self._update_fixed(s, fixed, *ops), local["fixed"],
-                                       (local["written"], total))
+                                       (local["written"], total, agreed))
         local = {name: jax.tree.map(lambda a: a[None, None] if name in self.PER_SLICE else a[None], tree)
                  for name, tree in local.items()}
         # per stage, the mean over the clocks where it ran a forward, gathered so that every process
@@ -623,13 +629,17 @@ class SpmdExecutor:
         """Stage k's ``StageState`` from its rows of the two state buffers (no copy for per-leaf layouts)."""
         return StageState(**self.task_format.unpack(k, written), **self.fixed_format.unpack(k, fixed))
 
-    def _update_fixed(self, k, fixed, written, total_sq=None):
+    def _update_fixed(self, k, fixed, written, total_sq=None, stays_finite=None):
         """The optimizer step on the split state (``total_sq``: the whole model's squared gradient
-        norm, for a one-tree optimizer); returns the new read-only part."""
+        norm, and ``stays_finite``: whether every stage's step stays finite, for a one-tree
+        optimizer); returns the new read-only part."""
         state = self.stage_state(k, written, fixed)
-        after = self.rules[k].update(state, total_sq)
+        after = self.rules[k].update(state, total_sq, stays_finite)
         _check_unchanged(state, after, TASK_FIELDS, "an optimizer step")
         return self.fixed_format.pack(k, _part(after, FIXED_FIELDS))
+
+    def _stays_finite(self, k, written, fixed, total_sq):
+        return self.rules[k].update_stays_finite(self.stage_state(k, written, fixed), total_sq)
 
     def _sq_norm(self, k, written, fixed):
         return self.rules[k].grad_sq_norm(self.stage_state(k, written, fixed)).astype(jnp.float32)

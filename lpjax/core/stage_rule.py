@@ -88,6 +88,11 @@ def all_finite(tree):
     return verdict
 
 
+def out_of_range(labels, num_classes):
+    """How many integer labels lie outside ``[0, num_classes)`` (a device int32)."""
+    return jnp.sum((labels < 0) | (labels >= num_classes), dtype=jnp.int32)
+
+
 def _column_sums_first(squares):
     """Sum of a matrix's entries as its column sums, then their sum. XLA's CPU backend runs a
     column sum as a vectorized kernel (YNNPACK's ``sum_squared_kn``) that takes about 0.55x the CPU
@@ -197,7 +202,7 @@ class StageRule:
 
     def _no_metrics(self):
         nan = jnp.full((), jnp.nan, jnp.float32)
-        return {"loss": nan, "accuracy": nan}
+        return {"loss": nan, "accuracy": nan, "bad_labels": nan}
 
     # -- the rule ----------------------------------------------------------------------------
     def forward(self, state: StageState, x, y, fresh=False):
@@ -216,15 +221,18 @@ class StageRule:
         own_dx, metrics = None, self._no_metrics()
         if self.trains_head:
             def weighted_loss(hp, hidden):
-                loss, aux = self.head_loss(hp, rest["head"], hidden, y)
-                return self.weight * loss, aux
+                loss, (logits, head_rest) = self.head_loss(hp, rest["head"], hidden, y)
+                bad = out_of_range(y, logits.shape[-1])
+                # an out-of-range label makes the gradient NaN, so the update is skipped and counted
+                # like any non-finite one: it never reaches the parameters (Trainer raises at its sync)
+                return self.weight * loss * jnp.where(bad == 0, 1.0, jnp.nan), (logits, head_rest, bad)
 
-            (_, (logits, new_head_rest)), (head_grad, dh) = jax.value_and_grad(
+            (_, (logits, new_head_rest, bad)), (head_grad, dh) = jax.value_and_grad(
                 weighted_loss, argnums=(0, 1), has_aux=True)(params["head"], h)
             body_grad, dx = body_vjp(dh)
             grads = {"body": body_grad, "head": head_grad}
             new_rest["head"] = _keep_if_finite(new_head_rest, rest["head"])
-            metrics = self._metrics(logits, y)
+            metrics = dict(self._metrics(logits, y), bad_labels=bad.astype(jnp.float32))
             own_dx = dx if needs_input_grad else None
         residual = body_vjp if self.sources else None
         if fresh is True:

@@ -33,6 +33,7 @@ from lpjax.config.checks import boolean, non_negative_int, one_of, positive_int
 from lpjax.errors import ConfigError
 from lpjax.training.lock import WorkdirLock
 from lpjax.training.metrics_log import MetricsLog, mean_per_stage, write_json
+from lpjax.training.batch_checks import raise_on_bad_labels
 from lpjax.training.nonfinite import NonfiniteGuard, streaming_lags
 from lpjax.training.preemption import Preempted, StopRequests
 from lpjax.training.run_summary import describe, describe_fit, environment, parameter_counts, parameter_table, stage_table
@@ -134,6 +135,7 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
                           f"pass batch_size={data.num_train} or less")
     xs, ys = trainer.split_batch(*data.example_batch(batch_size))
     trainer.check_shapes(xs[0], ys[0])
+    trainer.batch_checks.data_source(data)
     cfg = dict(settings,
                dataset={"name": data.name},
                model={"name": name, "parameters": parameter_counts(trainer.model)},
@@ -356,6 +358,7 @@ def _train_record(run, step, pending, seconds, examples_before) -> list:
                                             for s in states]
     # the record's one wait on the device
     pending, health, injected = jax.device_get((pending, trainer.health(), injected))
+    raise_on_bad_labels(pending, step, trainer.batch_checks.num_classes)
     means = mean_per_stage(pending, trainer.num_stages)
     health = mean_per_stage([health], trainer.num_stages, names=("grad_norm", "skipped"))
     stages = []

@@ -197,6 +197,12 @@ class SpmdExecutor:
         """``microbatch_inputs/labels``: this process's rows of each microbatch (``data_shard``)."""
         if not self._ready:
             self._prepare(np.asarray(microbatch_inputs[0]), np.asarray(microbatch_labels[0]))
+        other = {(np.shape(x), np.shape(y)) for x, y in zip(microbatch_inputs, microbatch_labels)} - {
+            (self.x_spec[0], self.y_spec[0])}
+        if other:  # its programs and buffers are built for one shape
+            raise ConfigError(f"the spmd executor runs microbatches of the shape its first step fed (inputs "
+                              f"{self.x_spec[0]}, labels {self.y_spec[0]}), not {other.pop()}; feed every step "
+                              f"the same batch size")
         first = self.fed
         for x, y in zip(microbatch_inputs, microbatch_labels, strict=True):
             self.inputs[self.fed], self.labels[self.fed] = x, y
@@ -696,7 +702,7 @@ class SpmdExecutor:
 
     def _nan_metrics(self):
         nan = jnp.full((), jnp.nan, jnp.float32)
-        return {"loss": nan, "accuracy": nan}
+        return {"loss": nan, "accuracy": nan, "bad_labels": nan}
 
 
 # What forward and backward tasks write (StageRule.forward/backward); the other fields only

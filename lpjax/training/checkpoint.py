@@ -261,6 +261,9 @@ class Checkpointer:
         from a sharded checkpoint); ``None`` if there is none. Damaged ones are moved aside with a
         warning."""
         for step in reversed(self.steps()):
+            if not files.holds_checkpoint(os.path.join(self.directory, str(step))):
+                self._set_aside(step, f"step folder {step} holds no complete checkpoint (it is empty or unfinished)")
+                continue
             try:
                 found, failure = self._restore(step, like), None
             except CheckpointError as err:
@@ -269,13 +272,16 @@ class Checkpointer:
                 failure = _agree(failure)
             if failure is None:
                 return found
-            if not self.writer:  # process 0 alone moves files; the others only skip it
-                _warn(f"checkpoint at step {step} is damaged ({failure}); falling back to the one before")
-                continue
-            where = self._quarantine(step)
-            _warn(f"checkpoint at step {step} is damaged ({failure}); moved it to {where} and "
-                  f"falling back to the one before")
+            self._set_aside(step, f"checkpoint at step {step} is damaged ({failure})")
         return None
+
+    def _set_aside(self, step, what) -> None:
+        """Move a step folder that cannot be resumed from to ``corrupt/``, with one warning line."""
+        if not self.writer:  # process 0 alone moves files; the others only skip it
+            _warn(f"{what}; falling back to the one before")
+            return
+        where = self._quarantine(step)
+        _warn(f"{what}; moved it to {where} and falling back to the one before")
 
     def _restore(self, step, like):
         packed = os.path.isdir(os.path.join(self.directory, str(step), SHARDED_ITEM))

@@ -302,10 +302,11 @@ class StageRule:
         """One optimizer step, or none: a step whose gradient norm is not finite, or that would write
         a non-finite parameter or optimizer-state value (an update that overflows, whatever the
         gradient), leaves the state as it was and is counted in ``skipped`` (``optax.apply_if_finite``
-        judges the transformed updates the same way). The step's result is computed twice, once into
-        the finiteness check, which XLA fuses into one read of the state and gradient, and once in
-        place inside the ``lax.cond`` that applies it; keeping old and new state to select between
-        them would cost a copy of every leaf at every step.
+        judges the transformed updates the same way). The step is computed twice: once into the
+        finiteness check, whose values only feed a reduction, and once in place inside the
+        ``lax.cond`` that applies it. Computing it once and choosing between old and new state after
+        the check would copy every leaf at every step (a select, or a cond that passes its operands
+        through), which costs more than reading them again.
 
         For one-tree methods (backprop) executors pass ``total_sq``, the sum of every stage's
         ``grad_sq_norm``, and ``stays_finite``, the AND of every stage's ``update_stays_finite``:

@@ -197,12 +197,11 @@ class SpmdExecutor:
         """``microbatch_inputs/labels``: this process's rows of each microbatch (``data_shard``)."""
         if not self._ready:
             self._prepare(np.asarray(microbatch_inputs[0]), np.asarray(microbatch_labels[0]))
-        other = {(np.shape(x), np.shape(y)) for x, y in zip(microbatch_inputs, microbatch_labels)} - {
-            (self.x_spec[0], self.y_spec[0])}
+        fed = (self._fed(self.x_spec[0]), self._fed(self.y_spec[0]))  # x_spec: one data slice's rows
+        other = {(np.shape(x), np.shape(y)) for x, y in zip(microbatch_inputs, microbatch_labels)} - {fed}
         if other:  # its programs and buffers are built for one shape
             raise ConfigError(f"the spmd executor runs microbatches of the shape its first step fed (inputs "
-                              f"{self.x_spec[0]}, labels {self.y_spec[0]}), not {other.pop()}; feed every step "
-                              f"the same batch size")
+                              f"{fed[0]}, labels {fed[1]}), not {other.pop()}; feed every step the same batch size")
         first = self.fed
         for x, y in zip(microbatch_inputs, microbatch_labels, strict=True):
             self.inputs[self.fed], self.labels[self.fed] = x, y

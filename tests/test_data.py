@@ -282,3 +282,56 @@ def test_batch_iterator_rejects_bad_arguments(ids, kwargs, match):
     x, y = ids
     with pytest.raises(ValueError, match=match):
         batch_iterator(x, y, seed=0, **kwargs)
+
+
+# ---------------------------------------------------------------- your own arrays
+
+
+def _arrays(n=20, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)).astype(np.float32), rng.integers(0, classes, n).astype(np.int32)
+
+
+def test_from_arrays_takes_good_arrays_and_infers_the_classes():
+    x, y = _arrays()
+    y[0] = 3
+    data = Dataset.from_arrays(x, y, x[:5], y[:5])
+    assert data.num_classes == 4 and data.input_shape == (3,) and data.train_y.dtype == np.int32
+    assert Dataset.from_arrays(x.tolist(), y.tolist(), x, y).train_x.shape == (20, 3)  # lists become arrays
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda x, y: (x, y.astype(np.float32)), "the train split: labels must be integers"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 3, -1, y)), r"the train split: label -1 is outside \[0, 4\)"),
+    (lambda x, y: (x, y[:-1]), "the train split: there are 20 inputs but 19 labels"),
+    (lambda x, y: (x[:0], y[:0]), "the train split: the batch is empty"),
+    (lambda x, y: (x.astype(str), y), "the train split: inputs must be numbers"),
+    (lambda x, y: ([list(r) for r in x[:-1]] + [[1.0]], y), "the train split: the inputs are ragged"),
+])
+def test_from_arrays_refuses_bad_arrays_with_one_line(change, words):
+    from lpjax.errors import ConfigError
+
+    x, y = _arrays()
+    bad_x, bad_y = change(x, y)
+    with pytest.raises(ConfigError, match=f"^Dataset.from_arrays: {words}"):
+        Dataset.from_arrays(bad_x, bad_y, x, y, num_classes=4)
+
+
+def test_from_arrays_refuses_a_label_past_the_classes_given():
+    from lpjax.errors import ConfigError
+
+    x, y = _arrays()
+    y[2] = 4
+    with pytest.raises(ConfigError, match=r"the test split: label 4 is outside \[0, 4\) \(num_classes\).*allow 5 classes"):
+        Dataset.from_arrays(x, np.minimum(y, 3), x, y, num_classes=4)
+
+
+def test_the_in_memory_and_streaming_sources_check_their_stream_arguments_alike():
+    """One check (lpjax.data.checks.check_stream) behind both; the in-memory one adds the lengths."""
+    from lpjax.data import batching, streaming
+    from lpjax.data.checks import check_stream
+
+    assert batching.check_stream is check_stream and streaming.check_stream is check_stream
+    x, y = _arrays()
+    with pytest.raises(ValueError, match="x has 20 rows but y has 19"):
+        batch_iterator(x, y[:-1], 4, seed=0)

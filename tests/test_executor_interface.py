@@ -39,7 +39,7 @@ def test_every_executor_implements_the_interface(name):
     x, y = tiny_batch(8)
     executor.feed([x[:4], x[4:]], [y[:4], y[4:]])
     metrics = executor.take_metrics()
-    assert len(metrics) == 2 and all(set(m) == {"loss", "accuracy"} for m in metrics)
+    assert len(metrics) == 2 and all(set(m) == {"loss", "accuracy", "bad_labels"} for m in metrics)
     assert all(np.isfinite(float(m["loss"])) for m in metrics)
     assert executor.take_metrics() == [None, None]  # taken: nothing ran since
     assert executor.done == [2, 2]  # both microbatches reached both stages (a flushing schedule)

@@ -25,6 +25,14 @@ SCRIPT = textwrap.dedent("""
     if mode == "fail" and pid == 1:
         time.sleep(0.5)
         sys.exit(3)
+    if mode == "kill" and pid == 1:
+        print("  2%|#  | 6/300 [00:01<00:10]\\r  3%|#  | 7/300 [00:01<00:10]", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "kill_quietly" and pid == 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode in ("kill", "kill_quietly"):
+        time.sleep(120)
     if mode == "signal":
         signal.signal(signal.SIGTERM, lambda s, f: (print(f"got {s}", flush=True), sys.exit(0)))
         print("ready", flush=True)
@@ -60,18 +68,46 @@ def test_cores_per_process_pins_each_child_to_its_own_cores(capfd):
         assert f"[p{pid}] cores {pid} [{mine[pid]}]" in out.splitlines(), out
 
 
+def launcher_lines(err):
+    return [line for line in err.splitlines() if line.startswith("lpjax launch:")]
+
+
 def test_first_failure_sets_the_exit_code_and_stops_the_others(capfd):
     started = time.monotonic()
     rc = launch.run(options(2), ["fail"], program=[sys.executable, "-c", SCRIPT])
     assert rc == 3
     assert time.monotonic() - started < launch.STOP_GRACE_S + 30  # process 0 (sleeping 120 s) was stopped
+    assert launcher_lines(capfd.readouterr().err) == [
+        "lpjax launch: process 1 exited with status 3; stopped the others; its error is above"]
+
+
+def test_a_child_killed_by_a_signal_is_named_with_the_step_it_last_printed(capfd):
+    rc = launch.run(options(2), ["kill"], program=[sys.executable, "-c", SCRIPT])
+    assert rc == 128 + signal.SIGKILL
+    assert launcher_lines(capfd.readouterr().err) == [
+        "lpjax launch: process 1 was killed by SIGKILL at about step 7; stopped the others; "
+        "run the same command to resume"]
+
+
+def test_without_progress_the_step_is_the_newest_checkpoint_in_the_workdir(tmp_path, capfd):
+    for step in (100, 150):
+        (tmp_path / "checkpoints" / str(step) / "meta").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "200").mkdir()  # no checkpoint in it
+    rc = launch.run(options(2), ["kill_quietly", f"--workdir={tmp_path}"], program=[sys.executable, "-c", SCRIPT])
+    assert rc == 128 + signal.SIGKILL
+    lines = launcher_lines(capfd.readouterr().err)
+    assert lines == ["lpjax launch: process 1 was killed by SIGKILL at about step 150; stopped the others; "
+                     "run the same command to resume"]
+    rc = launch.run(options(2), ["kill_quietly"], program=[sys.executable, "-c", SCRIPT])  # no step known
+    assert launcher_lines(capfd.readouterr().err) == [
+        "lpjax launch: process 1 was killed by SIGKILL; stopped the others; run the same command to resume"]
 
 
 def test_sigterm_reaches_every_child(tmp_path):
     driver = ("import sys; from types import SimpleNamespace; from lpjax.distributed import launch; "
               f"sys.exit(launch.run(SimpleNamespace(num_processes=2, cpu_devices=None, gpus_per_process=None, "
               f"port=None), ['signal'], program=[sys.executable, '-c', {SCRIPT!r}]))")
-    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready = set()
     deadline = time.monotonic() + 120
     lines = []
@@ -82,9 +118,10 @@ def test_sigterm_reaches_every_child(tmp_path):
             ready.add(line[:4])
     assert len(ready) == 2, lines
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "[p0] got 15" in out and "[p1] got 15" in out
+    assert not launcher_lines(err)  # stopped on purpose: nobody died
 
 
 def test_a_signal_while_children_are_still_starting_reaches_every_child():

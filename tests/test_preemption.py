@@ -69,3 +69,27 @@ def test_sigterm_saves_exits_0_and_the_rerun_is_bit_identical(tmp_path):
             np.testing.assert_array_equal(a, b)
     last = json.loads((stopped / "results.json").read_text())["final"]
     assert last == json.loads((unbroken / "results.json").read_text())["final"]
+
+
+def test_ctrl_c_says_interrupted_exits_130_and_the_rerun_resumes(tmp_path):
+    """SIGINT is a person's Ctrl-C, not a preemption: the same checkpoint and resume, its own words."""
+    config = tmp_path / "tiny.py"
+    config.write_text(CONFIG)
+    workdir = tmp_path / "run"
+    proc = start(config, workdir)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    line = next(line for line in out.splitlines() if line.startswith("interrupted at step"))
+    step = int(line.split()[3].rstrip(";"))
+    assert line == f"interrupted at step {step}; run the same command to resume"
+    assert "preempted" not in out and (workdir / "checkpoints" / str(step)).is_dir()
+    rerun = start(config, workdir)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert f"resumed from the checkpoint at step {step}" in out

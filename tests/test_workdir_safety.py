@@ -279,6 +279,34 @@ def test_an_edited_data_position_resumes_from_the_checkpoint_before_and_ends_bit
     assert_same_states(final_states(trained), final_states(workdir))
 
 
+@pytest.mark.parametrize("contents", ["empty", "unfinished"])
+def test_a_step_folder_without_a_checkpoint_is_set_aside_and_never_blocks_the_run(recipe, trained, tmp_path, capsys,
+                                                                                   contents):
+    """The issue's case: an empty checkpoints/60 in a workdir whose run has 6 steps was taken for a
+    checkpoint past num_steps and refused the run."""
+    workdir = with_checkpoints(trained, tmp_path)
+    folder = workdir / "checkpoints" / "60"
+    folder.mkdir()
+    if contents == "unfinished":  # an item, but no meta: not a checkpoint lpjax wrote to the end
+        shutil.copytree(workdir / "checkpoints" / "6" / "stage0", folder / "stage0")
+    assert cli.main(["lpjax", "train", f"--config={recipe}", f"--workdir={workdir}"]) == 0
+    captured = capsys.readouterr()
+    assert "already finished at step 6" in captured.out
+    warnings = error_lines(captured.err)
+    assert warnings == [f"lpjax: warning: step folder 60 holds no complete checkpoint (it is empty or unfinished); "
+                        f"moved it to {workdir / 'corrupt' / '60'} and falling back to the one before"]
+    assert not folder.exists() and (workdir / "corrupt" / "60").is_dir()
+
+
+def test_an_empty_step_folder_in_a_new_workdir_is_set_aside_and_training_starts(recipe, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "60").mkdir(parents=True)
+    assert cli.main(["lpjax", "train", f"--config={recipe}", f"--workdir={workdir}"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed" not in captured.out and "step folder 60 holds no complete checkpoint" in captured.err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
 def test_orbax_noise_after_a_fallback_is_silenced(recipe, trained, tmp_path):
     """A damaged array-metadata file left orbax reads in flight; each printed an 'Event loop is closed'
     traceback (15 of them) after the fallback warning."""

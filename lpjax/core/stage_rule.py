@@ -51,8 +51,13 @@ class StageState:
     opt_state: Any
     grad_sum: Any  # same tree as the trainable params
     grad_count: Any  # microbatches whose own loss is in grad_sum
-    grad_norm: Any  # global norm of the mean gradient at the last update (a metric)
-    skipped: Any  # updates skipped because the gradient was not finite
+    grad_norm: Any  # global norm of the mean gradient at the last update (a metric); NOT_FINITE if it was not
+    skipped: Any  # updates skipped because the gradient or the state they would write was not finite
+
+
+# What ``grad_norm`` holds after an update whose gradient norm was not finite: a finite stand-in, so
+# that no saved state ever holds a NaN or an infinity (readers show it as "not finite").
+NOT_FINITE = -1.0
 
 
 def _fresh(state):
@@ -70,6 +75,20 @@ def _keep_if_finite(new, old):
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in floats]))
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n,
                         new, old)
+
+
+def all_finite(tree):
+    """Whether every floating-point leaf of ``tree`` is finite (a device bool)."""
+    verdict = jnp.bool_(True)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            verdict &= jnp.all(jnp.isfinite(leaf))
+    return verdict
+
+
+def out_of_range(labels, num_classes):
+    """How many integer labels lie outside ``[0, num_classes)`` (a device int32)."""
+    return jnp.sum((labels < 0) | (labels >= num_classes), dtype=jnp.int32)
 
 
 def _column_sums_first(squares):
@@ -99,9 +118,9 @@ def gradient_sq_norm(grads):
 
 def no_metrics():
     """The metrics of a task that scores no head: NaN loss and accuracy (float32 scalars), which a
-    stage's mean over its tasks never counts."""
+    stage's mean over its tasks never counts (``bad_labels`` too)."""
     nan = jnp.full((), jnp.nan, jnp.float32)
-    return {"loss": nan, "accuracy": nan}
+    return {"loss": nan, "accuracy": nan, "bad_labels": nan}
 
 
 def _split(module):
@@ -205,15 +224,18 @@ class StageRule:
         if self.trains_head:
             @functools.partial(rematerialised, name=self.remat)
             def weighted_loss(hp, hidden):
-                loss, aux = self.head_loss(hp, rest["head"], hidden, y)
-                return self.weight * loss, aux
+                loss, (logits, head_rest) = self.head_loss(hp, rest["head"], hidden, y)
+                bad = out_of_range(y, logits.shape[-1])
+                # an out-of-range label makes the gradient NaN, so the update is skipped and counted
+                # like any non-finite one: it never reaches the parameters (Trainer raises at its sync)
+                return self.weight * loss * jnp.where(bad == 0, 1.0, jnp.nan), (logits, head_rest, bad)
 
-            (_, (logits, new_head_rest)), (head_grad, dh) = jax.value_and_grad(
+            (_, (logits, new_head_rest, bad)), (head_grad, dh) = jax.value_and_grad(
                 weighted_loss, argnums=(0, 1), has_aux=True)(params["head"], h)
             body_grad, dx = body_vjp(dh)
             grads = {"body": body_grad, "head": head_grad}
             new_rest["head"] = _keep_if_finite(new_head_rest, rest["head"])
-            metrics = self._metrics(logits, y)
+            metrics = dict(self._metrics(logits, y), bad_labels=bad.astype(jnp.float32))
             own_dx = dx if needs_input_grad else None
         residual = body_vjp if self.sources else None
         if fresh is True:
@@ -251,34 +273,58 @@ class StageRule:
         """Squared norm of this stage's mean gradient: the summand of the global norm (one-tree)."""
         return gradient_sq_norm(self.mean_grads(state))
 
-    def update(self, state: StageState, total_sq=None) -> StageState:
-        """One optimizer step. For one-tree methods (backprop) executors pass ``total_sq``, the sum
-        of every stage's ``grad_sq_norm``: the step and the finite check then see the whole model.
-        Without it the stage is taken as the whole model (one stage; cost analysis)."""
+    def _step_inputs(self, state: StageState, total_sq):
+        """``(mean gradient, global norm, phantom)`` of this stage's update (the phantom: see the module
+        docstring; None unless one-tree)."""
         grads = self.mean_grads(state)
+        if not self.one_tree:
+            return grads, jnp.sqrt(gradient_sq_norm(grads)), None
+        own_sq = self.grad_sq_norm(state)
+        total_sq = own_sq if total_sq is None else total_sq
+        norm = jnp.sqrt(total_sq).astype(jnp.float32)
+        return grads, norm, jnp.sqrt(jnp.maximum(total_sq - own_sq, 0.0)).astype(jnp.float32)
+
+    def _stepped(self, state: StageState, grads, phantom):
+        """The trainable parameters and optimizer state one optax step writes."""
         trainable = self.trainable(state.params)
+        updates, opt_state = self.tx.update(self._tx_tree(grads, phantom), state.opt_state,
+                                            self._tx_tree(trainable, jnp.zeros((), jnp.float32)))
         if self.one_tree:
-            own_sq = self.grad_sq_norm(state)
-            total_sq = own_sq if total_sq is None else total_sq
-            norm = jnp.sqrt(total_sq).astype(jnp.float32)
-            phantom = jnp.sqrt(jnp.maximum(total_sq - own_sq, 0.0)).astype(jnp.float32)
-        else:
-            norm = jnp.sqrt(gradient_sq_norm(grads))
-            phantom = None
-        zero = jnp.zeros((), jnp.float32)
+            updates = updates[0]  # the phantom's update is dropped
+        return optax.apply_updates(trainable, updates), opt_state
 
-        def apply(_):
-            updates, opt_state = self.tx.update(self._tx_tree(grads, phantom), state.opt_state,
-                                                self._tx_tree(trainable, zero))
-            if self.one_tree:
-                updates = updates[0]  # the phantom's update is dropped
-            return optax.apply_updates(trainable, updates), opt_state
+    def update_stays_finite(self, state: StageState, total_sq=None):
+        """Whether this stage's next optimizer step (``update`` with the same ``total_sq``) has a
+        finite gradient norm and writes only finite parameters and optimizer state (a device bool).
+        Executors of one-tree methods AND it over the stages and pass the result to every stage's
+        ``update``, so that the whole model steps or none of it does."""
+        grads, norm, phantom = self._step_inputs(state, total_sq)
+        return jnp.isfinite(norm) & all_finite(self._stepped(state, grads, phantom))
 
-        new_trainable, opt_state = jax.lax.cond(jnp.isfinite(norm), apply,
-                                                lambda _: (trainable, state.opt_state), None)
+    def update(self, state: StageState, total_sq=None, stays_finite=None) -> StageState:
+        """One optimizer step, or none: a step whose gradient norm is not finite, or that would write
+        a non-finite parameter or optimizer-state value (an update that overflows, whatever the
+        gradient), leaves the state as it was and is counted in ``skipped`` (``optax.apply_if_finite``
+        judges the transformed updates the same way). The step is computed twice: once into the
+        finiteness check, whose values only feed a reduction, and once in place inside the
+        ``lax.cond`` that applies it. Computing it once and choosing between old and new state after
+        the check would copy every leaf at every step (a select, or a cond that passes its operands
+        through), which costs more than reading them again.
+
+        For one-tree methods (backprop) executors pass ``total_sq``, the sum of every stage's
+        ``grad_sq_norm``, and ``stays_finite``, the AND of every stage's ``update_stays_finite``:
+        the step and the check then see the whole model. Without them the stage is taken as the
+        whole model (one stage; cost analysis)."""
+        grads, norm, phantom = self._step_inputs(state, total_sq)
+        if stays_finite is None:
+            stays_finite = jnp.isfinite(norm) & all_finite(self._stepped(state, grads, phantom))
+        new_trainable, opt_state = jax.lax.cond(
+            stays_finite, lambda _: self._stepped(state, grads, phantom),
+            lambda _: (self.trainable(state.params), state.opt_state), None)
         # grad_sum is left as it is: the next step's first forward overwrites it
         return dataclasses.replace(state, params=dict(state.params, **new_trainable), opt_state=opt_state,
-                                   grad_norm=norm, skipped=state.skipped + (~jnp.isfinite(norm)).astype(jnp.int32))
+                                   grad_norm=jnp.where(jnp.isfinite(norm), norm, NOT_FINITE),
+                                   skipped=state.skipped + (~stays_finite).astype(jnp.int32))
 
     # -- evaluation --------------------------------------------------------------------------
     def predict(self, state: StageState, x):

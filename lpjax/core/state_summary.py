@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 
 SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
-# What must be finite to be saved or restored. grad_norm is a logged metric: under nonfinite=skip it is
-# NaN right after a skipped update, and that must not block the save (the update itself never landed).
-GUARDED_FIELDS = ("params", "rest", "opt_state")
+# Every saved value must be finite to be saved or restored; StageRule.update keeps it so, also after a
+# skipped update (grad_norm then holds a finite stand-in, lpjax.core.stage_rule.NOT_FINITE).
+GUARDED_FIELDS = SAVED_FIELDS
 
 
 def is_prng_key(leaf) -> bool:

@@ -13,6 +13,9 @@ import functools
 import grain
 import numpy as np
 
+from lpjax.data.checks import check_stream
+from lpjax.errors import ConfigError
+
 # The arrays already live in memory; reader threads would only contend for the
 # GIL and a deep prefetch buffer would hold hundreds of batches in RAM.
 _IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -21,28 +24,6 @@ _IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=
 def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
     full, remainder = divmod(num_examples, batch_size)
     return full + (1 if remainder and not drop_remainder else 0)
-
-
-def _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count, microbatches=1):
-    num_examples = len(x)
-    if len(y) != num_examples:
-        raise ValueError(f"x has {num_examples} rows but y has {len(y)}; pass matching arrays")
-    if not 0 < batch_size <= num_examples:
-        raise ValueError(
-            f"batch_size={batch_size} must be between 1 and the {num_examples} examples; "
-            "lower batch_size or use more data")
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
-            "pass jax.process_index() and jax.process_count()")
-    if microbatches < 1 or batch_size % (shard_count * microbatches):
-        raise ValueError(
-            f"global batch_size={batch_size} is not divisible by shard_count={shard_count} x "
-            f"microbatches={microbatches}; choose a batch size that is a multiple of {shard_count * max(microbatches, 1)}")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} must be in [0, 2**32) for grain's shuffle")
-    if start_step < 0:
-        raise ValueError(f"start_step={start_step} must be >= 0")
 
 
 def global_batch_indices(
@@ -95,7 +76,9 @@ def batch_iterator(
     first item yielded is global step `start_step`. With `drop_remainder=False` the last batch of each epoch is
     shorter and shards may differ by one row on that step.
     """
-    _check_arguments(x, y, batch_size, seed, start_step, shard_index, shard_count, microbatches)
+    if len(x) != len(y):
+        raise ConfigError(f"x has {len(x)} rows but y has {len(y)}; pass matching arrays")
+    check_stream(len(x), batch_size, seed, start_step, shard_index, shard_count, microbatches)
     batches = (
         global_batch_indices(len(x), batch_size, seed=seed, drop_remainder=drop_remainder)
         .map(functools.partial(_take_shard, shard_index=shard_index, shard_count=shard_count,

@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 
 from lpjax.data.batching import batch_iterator
+from lpjax.data.checks import check_labels, examples
 
 CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language_model"
@@ -62,14 +63,18 @@ class Dataset:
     @classmethod
     def from_arrays(cls, train_x, train_y, test_x, test_y, *, name: str = "arrays", num_classes: int | None = None,
                     task: str = CLASSIFICATION) -> "Dataset":
-        """Your own arrays as a data source (``lpjax.fit``): integer labels, ``num_classes`` defaults
-        to the largest label + 1."""
-        train_x, train_y, test_x, test_y = (np.asarray(a) for a in (train_x, train_y, test_x, test_y))
-        if len(train_x) != len(train_y) or len(test_x) != len(test_y):
-            raise ValueError(f"inputs and labels differ in length: train {len(train_x)} vs {len(train_y)}, "
-                             f"test {len(test_x)} vs {len(test_y)}")
+        """Your own arrays as a data source (``lpjax.fit``): numeric inputs, integer labels
+        ``0 <= y < num_classes`` (for a language model, tokens below the vocabulary size), one per
+        input; ``num_classes`` defaults to the largest label + 1. Anything else raises ``ConfigError``
+        naming the split and the fix (lpjax/data/checks.py)."""
+        splits = [examples(x, y, f"Dataset.from_arrays: the {split} split")
+                  for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y))]
+        (train_x, train_y), (test_x, test_y) = [(np.asarray(x), np.asarray(y)) for x, y in splits]
+        origin = "num_classes"
         if num_classes is None:
-            num_classes = int(max(train_y.max(), test_y.max())) + 1
+            num_classes, origin = int(max(train_y.max(), test_y.max())) + 1, "the largest label + 1"
+        for split, y in (("train", train_y), ("test", test_y)):
+            check_labels(y, num_classes, f"Dataset.from_arrays: the {split} split", origin)
         return cls(name, train_x, train_y, test_x, test_y, num_classes, tuple(train_x.shape[1:]), task)
 
     @property

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from lpjax.data.checks import check_stream
 from lpjax.data.dataset import check_split, shard_bounds
 
 _ENDLESS = 2**62  # elements in a training stream: endless in practice, and grain wants a length
@@ -189,7 +190,7 @@ class StreamingDataset:
                                  prefetch_buffer_size=max(self.read_threads, self.prefetch_batches * rows))
 
     def train_batches(self, batch_size, *, seed, start_step=0, shard_index=0, shard_count=1, microbatches=1):
-        _check_train_arguments(self.num_train, batch_size, seed, start_step, shard_index, shard_count, microbatches)
+        check_stream(self.num_train, batch_size, seed, start_step, shard_index, shard_count, microbatches)
         rows = batch_size // shard_count
         order = grain.MapDataset.range(self.num_train).shuffle(seed=seed).repeat()
         locate = _Locate(order, self.num_train, batch_size, rows, shard_index, start_step, microbatches)
@@ -218,20 +219,3 @@ class StreamingDataset:
             return next(batches)
         finally:
             batches.close()
-
-
-def _check_train_arguments(num_examples, batch_size, seed, start_step, shard_index, shard_count, microbatches=1):
-    if not 0 < batch_size <= num_examples:
-        raise ValueError(f"batch_size={batch_size} must be between 1 and the {num_examples} training examples; "
-                         "lower batch_size or use more data")
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
-                         "pass jax.process_index() and jax.process_count()")
-    if microbatches < 1 or batch_size % (shard_count * microbatches):
-        raise ValueError(f"global batch_size={batch_size} is not divisible by shard_count={shard_count} x "
-                         f"microbatches={microbatches}; choose a batch size that is a multiple of "
-                         f"{shard_count * max(microbatches, 1)}")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} must be in [0, 2**32) for grain's shuffle")
-    if start_step < 0:
-        raise ValueError(f"start_step={start_step} must be >= 0")

@@ -12,11 +12,15 @@ sizes its thread pools to them): one simulated host per core, as the benchmarks 
 Every line a child prints comes out tagged ``[pI] `` on the launcher's stdout or stderr (where the
 child printed it). SIGINT and SIGTERM go to every child. The launcher exits with the code of the
 first child that failed (a child killed by signal S counts as 128 + S), after stopping the others;
-0 when all succeed.
+0 when all succeed. Unless the launcher itself was signalled, it then says who failed, how, and at
+about which step (the last ``N/TOTAL`` progress or ``step N`` it printed, or the newest checkpoint
+in ``--workdir``), in one line: ``lpjax launch: process 1 was killed by SIGKILL at about step 150;
+stopped the others; run the same command to resume``.
 """
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +32,8 @@ PROG = "lpjax launch"
 USAGE = (f"usage: {PROG} -n N [--cpu-devices D] [--gpus-per-process G] [--cores-per-process C] [--port P] "
          f"-- COMMAND [ARGS...]")
 STOP_GRACE_S = 10  # after the first failure, how long the others get to exit on SIGTERM before SIGKILL
+# where a child's output says how far it got: tqdm's "150/300 [" and lines such as "resumed ... at step 150"
+_STEP_PATTERNS = (re.compile(r"(\d+)/\d+ \["), re.compile(r"\bstep (\d+)\b"))
 
 
 class LaunchUsageError(Exception):
@@ -104,12 +110,53 @@ def child_cores(options, process_id: int):
     return set(mine[first:first + options.cores_per_process])
 
 
-def _pump(stream, tag, out, lock):
+def _pump(stream, tag, out, lock, progress=None):
     for line in iter(stream.readline, ""):
         with lock:
             out.write(f"{tag}{line if line.endswith(chr(10)) else line + chr(10)}")
             out.flush()
+        if progress is not None:
+            progress.read(line)
     stream.close()
+
+
+class Progress:
+    """The last step a child's output mentioned (None until one does)."""
+
+    def __init__(self):
+        self.step = None
+
+    def read(self, line: str) -> None:
+        for part in line.split("\r"):  # tqdm redraws its bar in place
+            for pattern in _STEP_PATTERNS:
+                found = pattern.findall(part)
+                if found:
+                    self.step = int(found[-1])
+
+
+def failure_line(process_id: int, returncode: int, step=None) -> str:
+    """What the launcher says when child ``process_id`` ended with ``returncode`` (negative: a signal)."""
+    at = f" at about step {step}" if step is not None else ""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{PROG}: process {process_id} was killed by {name}{at}; stopped the others; run the same command to resume"
+    return f"{PROG}: process {process_id} exited with status {returncode}{at}; stopped the others; its error is above"
+
+
+def _workdir_step(command):
+    """The newest complete checkpoint's step in the command's ``--workdir``, or None."""
+    from lpjax.training.workdir import checkpoint_steps
+
+    for i, arg in enumerate(command):
+        workdir = arg.split("=", 1)[1] if arg.startswith("--workdir=") else (
+            command[i + 1] if arg == "--workdir" and i + 1 < len(command) else None)
+        if workdir:
+            steps = checkpoint_steps(workdir)
+            return steps[-1] if steps else None
+    return None
 
 
 def _code(returncode: int) -> int:
@@ -122,9 +169,11 @@ def run(options, command, program=None) -> int:
     program = list(program or [sys.executable, "-m", "lpjax"])
     port = options.port or free_port()
     lock = threading.Lock()
-    procs, pumps, early, starting = [], [], [], [True]
+    procs, pumps, early, starting, signalled = [], [], [], [True], []
+    progress = [Progress() for _ in range(options.num_processes)]
 
     def forward(signum, _frame):
+        signalled.append(signum)
         if starting[0]:
             early.append((signum, len(procs)))  # the children started after it need it too
         for proc in procs:
@@ -144,22 +193,25 @@ def run(options, command, program=None) -> int:
                                     preexec_fn=pin)
             procs.append(proc)
             for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-                pumps.append(threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out, lock), daemon=True))
+                pumps.append(threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out, lock, progress[i]),
+                                              daemon=True))
                 pumps[-1].start()
 
         starting[0] = False
         for signum, started in early:
             for proc in procs[started:]:
                 proc.send_signal(signum)
-        first_failure = None
+        first_failure, failed = None, None
         while [p.poll() for p in procs].count(None):  # poll every child (any() would stop at the first)
-            failed = [p for p in procs if p.returncode not in (None, 0)]
-            if failed and first_failure is None:
-                first_failure = _code(failed[0].returncode)
-                _stop(procs)
+            if first_failure is None:
+                failed = next((i for i, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+                if failed is not None:
+                    first_failure = _code(procs[failed].returncode)
+                    _stop(procs)
             time.sleep(0.05)
         if first_failure is None:
-            first_failure = next((_code(p.returncode) for p in procs if p.returncode), 0)
+            failed = next((i for i, p in enumerate(procs) if p.returncode), None)
+            first_failure = 0 if failed is None else _code(procs[failed].returncode)
     except BaseException:  # e.g. a child that cannot be started: leave none of the others behind
         _stop(procs)
         raise
@@ -168,6 +220,11 @@ def run(options, command, program=None) -> int:
             signal.signal(s, handler)
     for thread in pumps:
         thread.join(timeout=5)
+    if failed is not None and not signalled:  # a signal the launcher forwarded is no child's failure
+        steps = [step for step in (progress[failed].step, _workdir_step(command)) if step is not None]
+        with lock:
+            print(failure_line(failed, procs[failed].returncode, max(steps) if steps else None), file=sys.stderr,
+                  flush=True)
     return first_failure
 
 

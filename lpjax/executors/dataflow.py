@@ -203,11 +203,14 @@ class DataflowExecutor(ExecutorBase):
     def _update_together(self):
         """One optax step of the whole model: each stage's update sees the global gradient norm."""
         self._due.clear()
+        here = lambda k, value: value if self._tracing else self.placement.put_state(k, value)
         squares = [self._sq_norm_cell(k)(self._leaves[k]) for k in range(self.num_stages)]
+        totals = [functools.reduce(jnp.add, [here(k, sq) for sq in squares]) for k in range(self.num_stages)]
+        # the whole model steps or none of it does: a stage whose step would write a non-finite value stops all
+        finite = [self._stays_finite_cell(k)(self._leaves[k], totals[k]) for k in range(self.num_stages)]
         for k in range(self.num_stages):
-            total = functools.reduce(jnp.add, [sq if self._tracing else self.placement.put_state(k, sq)
-                                                for sq in squares])
-            self._leaves[k] = self._update_cell(k)(self._leaves[k], total)
+            agreed = functools.reduce(jnp.logical_and, [here(k, ok) for ok in finite])
+            self._leaves[k] = self._update_cell(k)(self._leaves[k], totals[k], agreed)
 
     def _put_batch(self, k, array):
         # within one traced program every value already lives where the program runs
@@ -286,6 +289,13 @@ class DataflowExecutor(ExecutorBase):
             rule, treedef = self.rules[k], self._treedefs[k]
             self._cells[("sq", k)] = jax.jit(lambda leaves: rule.grad_sq_norm(jax.tree.unflatten(treedef, leaves)))
         return self._cells[("sq", k)]
+
+    def _stays_finite_cell(self, k):
+        if ("finite", k) not in self._cells:
+            rule, treedef = self.rules[k], self._treedefs[k]
+            self._cells[("finite", k)] = jax.jit(
+                lambda leaves, total: rule.update_stays_finite(jax.tree.unflatten(treedef, leaves), total))
+        return self._cells[("finite", k)]
 
     def _update_cell(self, k):
         if ("update", k) not in self._cells:

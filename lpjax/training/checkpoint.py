@@ -143,8 +143,7 @@ class Checkpointer:
             summaries, trees = state_summaries(states), {name: storable(s) for name, s in zip(self.names, states)}
         bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
         if bad:
-            raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "
-                                 f"nothing was checkpointed")
+            raise NonFiniteError(self._refusal(bad, step))
         meta = _json_view(dict(meta, step=step, fingerprints=[f for f, _ in summaries]))
         meta[META_FINGERPRINT] = meta_fingerprint(meta)
         if self.multiprocess and not self.sharded and not self.writer:
@@ -155,6 +154,16 @@ class Checkpointer:
         with self._writing(f"the checkpoint at step {step}", size):
             self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
         self._pending = (step, size)
+
+    def _refusal(self, bad, step) -> str:
+        """The one line of a refused save: which stages, and what to do."""
+        steps = [s for s in self.steps() if s < step]
+        kept = (f"the newest checkpoint, at step {steps[-1]}, holds finite values" if steps
+                else "no checkpoint was written yet")
+        stages = ", ".join(map(str, bad))
+        return (f"stage{'s' if len(bad) > 1 else ''} {stages} hold{'' if len(bad) > 1 else 's'} a non-finite "
+                f"parameter, statistic or optimizer-state value at step {step}, so it was not checkpointed ({kept}); "
+                f"lower the learning rate or check the data")
 
     def _writing(self, what, size=None):
         return files.writing(what, self.directory, os.path.dirname(self.directory), size)
@@ -172,6 +181,9 @@ class Checkpointer:
         from a sharded checkpoint); ``None`` if there is none. Damaged ones are moved aside with a
         warning."""
         for step in reversed(self.steps()):
+            if not files.holds_checkpoint(os.path.join(self.directory, str(step))):
+                self._set_aside(step, f"step folder {step} holds no complete checkpoint (it is empty or unfinished)")
+                continue
             try:
                 found, failure = self._restore(step, like), None
             except CheckpointError as err:
@@ -180,13 +192,16 @@ class Checkpointer:
                 failure = _agree(failure)
             if failure is None:
                 return found
-            if not self.writer:  # process 0 alone moves files; the others only skip it
-                _warn(f"checkpoint at step {step} is damaged ({failure}); falling back to the one before")
-                continue
-            where = self._quarantine(step)
-            _warn(f"checkpoint at step {step} is damaged ({failure}); moved it to {where} and "
-                  f"falling back to the one before")
+            self._set_aside(step, f"checkpoint at step {step} is damaged ({failure})")
         return None
+
+    def _set_aside(self, step, what) -> None:
+        """Move a step folder that cannot be resumed from to ``corrupt/``, with one warning line."""
+        if not self.writer:  # process 0 alone moves files; the others only skip it
+            _warn(f"{what}; falling back to the one before")
+            return
+        where = self._quarantine(step)
+        _warn(f"{what}; moved it to {where} and falling back to the one before")
 
     def _restore(self, step, like):
         packed = os.path.isdir(os.path.join(self.directory, str(step), SHARDED_ITEM))
@@ -220,8 +235,10 @@ class Checkpointer:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise CheckpointError(f"{type(err).__name__}: {reason[:200]}") from None
         for k, (fingerprint, finite) in enumerate(summaries):
-            if fingerprint != meta["fingerprints"][k] or not finite:
+            if fingerprint != meta["fingerprints"][k]:
                 raise CheckpointError(f"stage {k}'s contents do not match the fingerprint saved with them")
+            if not finite:
+                raise CheckpointError(f"stage {k} holds a non-finite value")
         return states, meta
 
     def _quarantine(self, step) -> str:

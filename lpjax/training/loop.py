@@ -8,9 +8,10 @@ A workdir with checkpoints is resumed from the newest intact one, on the same da
 killed run restarted with the same command ends as if nothing had happened.
 
 Every ``checkpoint.every_steps`` steps, and at the end, the pipeline is flushed, the metrics are
-synced and checked, and the stage states are saved (asynchronously). A non-finite loss or gradient
-never reaches a stage's state (its update is skipped and counted); ``nonfinite=halt`` then stops the
-run with ``NonFiniteError`` at the next sync, ``skip`` carries on.
+synced and checked, and the stage states are saved (asynchronously). A non-finite loss, gradient or
+update never reaches a stage's state (the update is skipped and counted); ``nonfinite=halt`` then stops
+the run with ``NonFiniteError`` at the next sync, ``skip`` carries on unless a stage has stopped
+training altogether (lpjax.training.nonfinite).
 """
 
 import contextlib
@@ -29,9 +30,11 @@ from lpjax.training import process_hooks
 from lpjax.training.checkpoint import Checkpointer
 from lpjax.config.build import build_experiment, resolve, stage_layers
 from lpjax.config.checks import boolean, non_negative_int, one_of, positive_int
-from lpjax.errors import ConfigError, NonFiniteError
+from lpjax.errors import ConfigError
 from lpjax.training.lock import WorkdirLock
 from lpjax.training.metrics_log import MetricsLog, mean_per_stage, write_json
+from lpjax.training.batch_checks import raise_on_bad_labels
+from lpjax.training.nonfinite import NonfiniteGuard, streaming_lags
 from lpjax.training.preemption import Preempted, StopRequests
 from lpjax.training.run_summary import describe, describe_fit, environment, parameter_counts, parameter_table, stage_table
 
@@ -132,6 +135,7 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
                           f"pass batch_size={data.num_train} or less")
     xs, ys = trainer.split_batch(*data.example_batch(batch_size))
     trainer.check_shapes(xs[0], ys[0])
+    trainer.batch_checks.data_source(data)
     cfg = dict(settings,
                dataset={"name": data.name},
                model={"name": name, "parameters": parameter_counts(trainer.model)},
@@ -259,6 +263,8 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
     save_every, probe_every = cfg["checkpoint"]["every_steps"], cfg["probe"]["alignment_every"]
     pending, test = [], None  # Trainer.step results since the last train record, still on the device
     saved = start_step or None  # the step of the newest checkpoint, for the halt message
+    guard = NonfiniteGuard(cfg["nonfinite"], [h["skipped"] for h in jax.device_get(trainer.health())], start_step,
+                           streaming_lags(trainer.num_stages, trainer.microbatches, trainer.schedule.synchronous))
     loop_start = last_time = time.perf_counter()
     last_examples = list(trainer.stage_examples)
     bar = None  # made after the first step, so that its rate and ETA leave compilation out
@@ -286,7 +292,7 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
                     stages = _train_record(run, step, pending, now - last_time, last_examples)
                     pending, last_time, last_examples = [], now, list(trainer.stage_examples)
                     log.write(step, now - loop_start, "train", stages)
-                    _apply_nonfinite_policy(cfg["nonfinite"], stages, step, saved)
+                    guard.check(stages, step, saved)
                     last = next((s for s in reversed(stages) if s.get("loss") is not None), None)
                     if last is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
@@ -339,12 +345,15 @@ def _train_record(run, step, pending, seconds, examples_before) -> list:
                                             for s in states]
     # the record's one wait on the device
     pending, health, injected = jax.device_get((pending, trainer.health(), injected))
+    raise_on_bad_labels(pending, step, trainer.batch_checks.num_classes)
     means = mean_per_stage(pending, trainer.num_stages)
     health = mean_per_stage([health], trainer.num_stages, names=("grad_norm", "skipped"))
     stages = []
     for k in range(trainer.num_stages):
         record = dict(means[k] or {"loss": None, "accuracy": None}, **health[k])
         record["skipped"] = int(record["skipped"])
+        if record["grad_norm"] < 0:  # lpjax.core.stage_rule.NOT_FINITE: the last update's norm was not finite
+            record["grad_norm"] = float("nan")
         record["examples_per_s"] = (trainer.stage_examples[k] - examples_before[k]) / max(seconds, 1e-9)
         if run.learning_rates is not None:
             record["learning_rate"] = float(run.learning_rates[k](step - 1))  # optax counts updates from 0
@@ -368,18 +377,6 @@ def injected_learning_rate(opt_state):
         if found is not None:
             return found
     return None
-
-
-def _apply_nonfinite_policy(policy, stages, step, saved=None) -> None:
-    """``saved``: the step of the newest checkpoint, None when there is none yet."""
-    bad = [(k, s["skipped"]) for k, s in enumerate(stages) if s["skipped"]]
-    if bad and policy == "halt":
-        where = ", ".join(f"stage {k} ({n} update{'s' if n > 1 else ''})" for k, n in bad)
-        kept = (f"the checkpoint at step {saved} holds finite values" if saved
-                else "no checkpoint was written yet")
-        raise NonFiniteError(f"non-finite loss or gradient by step {step}: skipped {where}; {kept}. Lower the "
-                             f"learning rate or check the data, or set --config.nonfinite=skip to carry on past "
-                             f"bad batches")
 
 
 def _train_sample_size(data) -> int:

@@ -3,7 +3,8 @@
 SIGTERM is what a pod scheduler sends before it preempts a host; SIGINT is Ctrl-C. The training
 loop asks ``StopRequests.agreed(step)`` after every step; when it says yes the loop checkpoints that
 step and raises ``Preempted``, which the command line reports as ``preempted at step N; run the same
-command to resume`` with exit status 0 (SIGTERM) or 130 (SIGINT). A second Ctrl-C stops at once.
+command to resume`` with exit status 0 (SIGTERM), or as ``interrupted at step N; ...`` with exit
+status 130 (SIGINT: whoever pressed Ctrl-C was not preempted). A second Ctrl-C stops at once.
 
 One process: a Python signal handler records the signal; the next step boundary is the stop.
 Several processes: the hosts must agree on the step, or one would wait forever in a collective the
@@ -21,13 +22,14 @@ import threading
 import jax
 
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
+WHAT_STOPPED = {signal.SIGTERM: "preempted", signal.SIGINT: "interrupted"}
 
 
 class Preempted(Exception):
     """The run stopped at ``step`` on a signal, after saving a checkpoint there."""
 
     def __init__(self, step: int, signum: int):
-        super().__init__(f"preempted at step {step}; run the same command to resume")
+        super().__init__(f"{WHAT_STOPPED.get(signum, 'preempted')} at step {step}; run the same command to resume")
         self.step, self.signum = step, signum
         self.exit_code = EXIT_CODES.get(signum, 0)
 

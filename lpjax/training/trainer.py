@@ -7,7 +7,9 @@ from flax import nnx
 
 from lpjax.errors import ConfigError
 from lpjax.executors import make_executor
+from lpjax.data.checks import examples
 from lpjax.executors.base import Executor
+from lpjax.training.batch_checks import BatchChecks
 from lpjax.core.stage_rule import StageRule
 from lpjax.core.losses import check_logits_match_labels, get_loss
 from lpjax.core.methods import Method
@@ -55,6 +57,7 @@ class Trainer:
         self._done_seen, self._microbatch_rows = [0] * len(model), 0
         self._checked_shapes = False
         self._logits = {}
+        self.batch_checks = BatchChecks(self)  # lpjax/training/batch_checks.py: what a bad batch raises
 
     @property
     def num_stages(self):
@@ -125,6 +128,7 @@ class Trainer:
 
         In a multi-process run every process passes the same global batch, or, with ``local=True``,
         only its own rows of it (``data_shard``; what ``lpjax train`` reads on each host)."""
+        x, y = self.batch_checks.training(x, y)
         if not local:
             x, y = self.own_rows(x, y)
         xs, ys = self.split_batch(x, y, local=True)
@@ -243,6 +247,7 @@ class Trainer:
         if jax.process_count() > 1:
             raise ConfigError("predict() runs in one process; in a multi-process run use evaluate() (on the mesh) "
                               "or export(), which gathers every stage to this host")
+        x = self.batch_checks.prediction(x)
         self.drain()
         place, outputs, h = self.executor.placement, [], x
         for k in range(self.num_stages):
@@ -255,6 +260,7 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, x, y, batch_size: int = 500):
         """Loss and accuracy of every stage's head on held-out arrays (anytime prediction)."""
+        x, y = examples(x, y, "evaluate")
         return self.evaluate_batches((x[s:s + batch_size], y[s:s + batch_size]) for s in range(0, len(x), batch_size))
 
     def evaluate_batches(self, batches, *, local=False):
@@ -267,6 +273,7 @@ class Trainer:
         batches then run through one forward pipeline on the executor's mesh, each stage on its
         own devices (lpjax/executors/spmd/eval.py): no host gathers another stage's parameters.
         The totals are summed over all processes and every process gets them."""
+        batches = self.batch_checks.each(batches)
         self.drain()
         return self._eval_figures(*self.executor.evaluate(batches, local=local))
 

@@ -130,12 +130,24 @@ def create(workdir) -> None:
         raise ConfigError(f"cannot create workdir {workdir!r}: {err.strerror}; choose another --workdir") from None
 
 
+# Every checkpoint a run writes holds this item; orbax renames a step's folder into place only when it
+# is complete, so a step folder without it (left empty, or emptied by hand) holds no checkpoint.
+CHECKPOINT_MARKER = "meta"
+
+
+def holds_checkpoint(step_directory) -> bool:
+    """Whether a step folder holds a complete checkpoint (damaged or not), rather than nothing of one."""
+    return os.path.isdir(os.path.join(step_directory, CHECKPOINT_MARKER))
+
+
 def checkpoint_steps(workdir) -> list:
+    """The steps of the complete checkpoints in ``workdir``; the run sets any other step folder aside
+    (``Checkpointer.restore_latest``), so none of them counts here."""
     directory = path(workdir, CHECKPOINTS)
     if not os.path.isdir(directory):
         return []
     return sorted(int(name) for name in os.listdir(directory)
-                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+                  if name.isdigit() and holds_checkpoint(os.path.join(directory, name)))
 
 
 def has_checkpoints(workdir) -> bool:

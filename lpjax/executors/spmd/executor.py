@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from lpjax.errors import ConfigError
+
 from lpjax.executors.base import ExecutorBase, ShardedStates
 from lpjax.executors.placement import PerStageMeshes, data_shard
 from lpjax.executors.spmd.lowering import RUNS_FORWARD, Lowering, count_capacities
@@ -87,6 +89,11 @@ class SpmdExecutor(ShardedCheckpoints, HostStates, ExecutorBase):
         """``microbatch_inputs/labels``: this process's rows of each microbatch (``data_shard``)."""
         if self.shapes is None:
             self._prepare(np.asarray(microbatch_inputs[0]), np.asarray(microbatch_labels[0]))
+        fed = tuple(self.streams.fed_shape(spec[0]) for spec in (self.shapes.x_spec, self.shapes.y_spec))
+        other = {(np.shape(x), np.shape(y)) for x, y in zip(microbatch_inputs, microbatch_labels)} - {fed}
+        if other:  # its programs and buffers are built for one shape
+            raise ConfigError(f"the spmd executor runs microbatches of the shape its first step fed (inputs "
+                              f"{fed[0]}, labels {fed[1]}), not {other.pop()}; feed every step the same batch size")
         first = self.fed
         self._queue(microbatch_inputs, microbatch_labels, self._keep)
         self._run(drain=False)  # copies what it runs into the call's input stream

@@ -151,9 +151,15 @@ class PipelineProgram:
             for s in range(K):
                 sq = _once(k == s, lambda _, ops, s=s: self._sq_norm(s, *ops), sq, (local["written"], local["fixed"]))
             total = lax.psum(sq, "stage")
+            # the whole model steps or none of it does: a stage whose step would write a non-finite value stops all
+            bad = jnp.zeros((), jnp.int32)
+            for s in range(K):
+                bad = _once(k == s, lambda _, ops, s=s: (~self._stays_finite(s, *ops)).astype(jnp.int32), bad,
+                            (local["written"], local["fixed"], total))
+            agreed = lax.psum(bad, "stage") == 0
             for s in range(K):
                 local["fixed"] = _once(k == s, lambda fixed, ops, s=s: self._update_fixed(s, fixed, *ops), local["fixed"],
-                                       (local["written"], total))
+                                       (local["written"], total, agreed))
         local = {name: jax.tree.map(lambda a: a[None, None] if name in MAILBOXES else a[None], tree)
                  for name, tree in local.items()}
         # per stage, the mean over the clocks where it ran a forward, gathered so that every process
@@ -181,13 +187,17 @@ class PipelineProgram:
         written = self._data_mean(written)
         return written, self._update_fixed(k, fixed, written)
 
-    def _update_fixed(self, k, fixed, written, total_sq=None):
+    def _update_fixed(self, k, fixed, written, total_sq=None, stays_finite=None):
         """The optimizer step on the split state (``total_sq``: the whole model's squared gradient
-        norm, for a one-tree optimizer); returns the new read-only part."""
+        norm, and ``stays_finite``: whether every stage's step stays finite, for a one-tree
+        optimizer); returns the new read-only part."""
         state = self.fmt.stage_state(k, written, fixed)
-        after = self.rules[k].update(state, total_sq)
+        after = self.rules[k].update(state, total_sq, stays_finite)
         check_unchanged(state, after, TASK_FIELDS, "an optimizer step")
         return self.fmt.fixed_format.pack(k, part(after, FIXED_FIELDS))
+
+    def _stays_finite(self, k, written, fixed, total_sq):
+        return self.rules[k].update_stays_finite(self.fmt.stage_state(k, written, fixed), total_sq)
 
     def _sq_norm(self, k, written, fixed):
         return self.rules[k].grad_sq_norm(self.fmt.stage_state(k, written, fixed)).astype(jnp.float32)

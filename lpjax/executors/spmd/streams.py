@@ -49,8 +49,8 @@ class Streams:
         K = self.num_stages
         (x_slice, x_dtype), (y_slice, y_dtype) = shapes.x_spec, shapes.y_spec
         rows = max(1, sum(task is not None and task.stage == 0 and task.runs_forward for clock in clocks for task in clock))
-        stream_x = np.zeros((rows, *self._fed(x_slice)), x_dtype) if self.feeds_inputs else None
-        stream_y = np.zeros((len(clocks), K, *self._fed(y_slice)), y_dtype)
+        stream_x = np.zeros((rows, *self.fed_shape(x_slice)), x_dtype) if self.feeds_inputs else None
+        stream_y = np.zeros((len(clocks), K, *self.fed_shape(y_slice)), y_dtype)
         for t, clock in enumerate(clocks):
             for task in clock:
                 if task is None or not task.runs_forward:
@@ -71,7 +71,7 @@ class Streams:
     def _full(self, slice_shape):
         return (slice_shape[0] * self.num_data, *slice_shape[1:])
 
-    def _fed(self, slice_shape):
+    def fed_shape(self, slice_shape):
         """The rows of one microbatch this process feeds."""
         return (slice_shape[0] * self.local_slices, *slice_shape[1:])
 
@@ -82,7 +82,7 @@ class Streams:
         x_slice, x_dtype = x_spec
         shape = (self.num_stages, rows, *self._full(x_slice))
         sharding = NamedSharding(self.mesh, P("stage", None, "data"))
-        offset = self.data_shard[0] * self._fed(x_slice)[0]  # the first row this process feeds
+        offset = self.data_shard[0] * self.fed_shape(x_slice)[0]  # the first row this process feeds
         shards = []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
             if index[0].indices(shape[0])[0] == 0:

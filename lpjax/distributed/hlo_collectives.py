@@ -38,7 +38,7 @@ class Collective:
     bytes: int
     axis: str | None  # the mesh axes it spans (AxisMap.group_axis / pair_axis)
     groups: list | None = None
-    pairs: list | None = None
+    pairs: list | None = None  # (source, target) mesh positions (index into mesh.devices.flat)
     shifts: list | None = None  # for pairs along one axis: target - source
     loops: list = dataclasses.field(default_factory=list)  # [(while name, trips or None)], outermost first
     is_async: bool = False
@@ -124,6 +124,7 @@ def collectives(hlo_text: str, mesh=None, axis_map: AxisMap | None = None, wrap=
             elif axis_map is not None and form == "pairs":
                 axis, shifts = axis_map.pair_axis(value)
                 hops = axis_map.pair_hops(value, wrap)
+                value = [(axis_map.flat(a), axis_map.flat(b)) for a, b in value]  # as mesh positions
             for chain in chains.get(name, []):
                 out.append(Collective(kind, inst.name, name, shape_bytes(shape), axis,
                                       value if form == "groups" else None, value if form == "pairs" else None,
@@ -196,10 +197,16 @@ def bytes_per_axis(colls) -> dict:
 
 
 def hop_pairs(colls) -> list:
-    """Per collective-permute: its axis, and each ``(source, target, hops)`` pair (ids are mesh positions)."""
-    return [{"name": c.name, "axis": c.axis, "loops": [t for _, t in c.loops],
-             "pairs": [(a, b, h) for (a, b), h in zip(c.pairs, c.pair_hops or [None] * len(c.pairs))]}
-            for c in colls if c.kind == "collective-permute" and c.pairs and not c.dcn]
+    """Per collective-permute within a slice: its axis, and each ``(source, target, hops)`` pair (ids
+    are mesh positions; hops ``"dcn"`` across slices, None for devices without coordinates)."""
+    out = []
+    for c in colls:
+        if c.kind != "collective-permute" or not c.pairs or c.dcn:
+            continue
+        hops = ["dcn" if h is None else h for h in c.pair_hops] if c.pair_hops is not None else [None] * len(c.pairs)
+        out.append({"name": c.name, "axis": c.axis, "loops": [t for _, t in c.loops],
+                    "pairs": [(a, b, h) for (a, b), h in zip(c.pairs, hops)]})
+    return out
 
 
 def format_table(rows) -> str:

@@ -164,7 +164,20 @@ def resolve(config) -> dict:
     return merged
 
 
-def build_experiment(config) -> Experiment:
+def build_experiment(config, *, devices=None, abstract: bool | None = None) -> Experiment:
+    """The checked experiment of ``config``.
+
+    Args:
+      config: a recipe's config (``ConfigDict`` or dict).
+      devices: the devices the layout's mesh is laid on (``jax.devices()`` when None); compile-only
+        runs pass a topology's (``lpjax.training.compile_only``).
+      abstract: build the model as shapes only (``nnx.eval_shape``) and hand the trainer its factory,
+        so each stage's state is created on the devices that hold it, never on a host (the spmd
+        executor's path). None: exactly when ``layout.executor`` is spmd.
+
+    Returns:
+      The ``Experiment``; ``ConfigError`` (one line) for anything that cannot work.
+    """
     cfg = resolve(config)
     _check_plain_values(cfg)
     method = make_method(cfg["method"]["name"], window=cfg["method"]["window"],
@@ -174,16 +187,15 @@ def build_experiment(config) -> Experiment:
     schedule = make_schedule(cfg["schedule"]["name"], cfg["schedule"]["microbatches"])
 
     dataset = _load_dataset(cfg)
-    rngs = nnx.Rngs(cfg["seed"])  # one stream for layers and heads, so no two get the same draws
-    network = _build_network(cfg, dataset, rngs)
-    model = _cut(cfg, network, rngs, dataset)
+    abstract = cfg["layout"]["executor"] == "spmd" if abstract is None else abstract
+    network, model, factory = _model(cfg, dataset, abstract)
     num_stages = len(model)
 
     num_steps = _num_steps(cfg, dataset)
     optimizer = build_optimizers(ml_collections.ConfigDict(cfg["optimizer"]), num_stages, num_steps, method)
     layout = _layout(cfg, num_stages)
-    trainer = Trainer(model, method=method, optimizer=optimizer, schedule=schedule, layout=layout,
-                      num_classes=dataset.num_classes, remat=cfg["remat"])
+    trainer = Trainer(factory if abstract else model, method=method, optimizer=optimizer, schedule=schedule,
+                      layout=layout, num_classes=dataset.num_classes, remat=cfg["remat"], devices=devices)
     _dry_run_checks(trainer, dataset, cfg["batch_size"])
     return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
                       num_steps=num_steps, stage_layers=stage_layers(model), split=model.split,
@@ -328,6 +340,30 @@ def _build_network(cfg, dataset, rngs):
     if (precision["compute"], precision["params"]) != ("float32", "float32"):
         network = with_precision(network, precision["compute"], precision["params"])
     return network
+
+
+def _model(cfg, dataset, abstract):
+    """``(network, model, factory)``: the network and the staged model, built with the seed (one
+    stream for layers and heads, so no two get the same draws); abstract ones (shapes only) when
+    ``abstract``, with the function that builds the real model, else the real ones (factory None)."""
+    def build():
+        rngs = nnx.Rngs(cfg["seed"])
+        network = _build_network(cfg, dataset, rngs)
+        return network, _cut(cfg, network, rngs, dataset)
+
+    if not abstract:
+        return (*build(), None)
+    if isinstance(cfg["split_points"], str):
+        raise ConfigError(f"split_points={cfg['split_points']!r} measures a built model, and the spmd executor builds "
+                          f"none on the host; give the split points as indices, or use layout.executor=mpmd")
+    built = {}
+
+    def factory():
+        built["network"], model = build()
+        return model
+
+    model = nnx.eval_shape(factory)
+    return built["network"], model, factory
 
 
 def _cut(cfg, network, rngs, dataset=None):

@@ -145,17 +145,18 @@ def gib(n) -> str:
 
 
 def format_table(reports) -> str:
+    """One line per program: its bytes per device, what must fit (peak + generated code) and against what."""
     width = max([14] + [len(r.program) for r in reports])
     head = (f"{'program':<{width}} {'argument':>11} {'output':>11} {'temp':>11} {'code':>11} {'alias':>11} "
-            f"{'peak':>11} {'HBM':>11} {'fits':>5} {'headroom':>12} {'compile':>8}")
+            f"{'peak':>11} {'peak+code':>11} {'HBM':>11} {'fits':>5} {'headroom':>12} {'compile':>8}")
     lines = [head, "-" * len(head)]
     for r in reports:
         fits = {True: "yes", False: "NO", None: "?"}[r.fits]
-        secs = "-" if r.compile_seconds is None else f"{r.compile_seconds:.2f}s"
+        secs = "-" if r.compile_seconds is None else f"{r.compile_seconds:.1f}s"
         peak = gib(r.peak) + ("*" if r.peak_source == "computed" else "")
         lines.append(f"{r.program:<{width}} {gib(r.argument):>11} {gib(r.output):>11} {gib(r.temp):>11} "
-                     f"{gib(r.generated_code):>11} {gib(r.alias):>11} {peak:>11} {gib(r.hbm):>11} {fits:>5} "
-                     f"{gib(r.headroom):>12} {secs:>8}")
+                     f"{gib(r.generated_code):>11} {gib(r.alias):>11} {peak:>11} {gib(r.needed):>11} {gib(r.hbm):>11} "
+                     f"{fits:>5} {gib(r.headroom):>12} {secs:>8}")
     if any(r.peak_source == "computed" for r in reports):
         lines.append("* peak computed as argument + output + temp - alias (memory_analysis gave none)")
     lines += [f"{r.program}: {r.error}" for r in reports if r.error]

@@ -1,10 +1,12 @@
 """The pod ladder: compile recipes for TPU topologies that are not attached and print one table.
 
-Each row is one ``lpjax train --config ... --topology T --compile-only --workdir DIR`` in its own
-process (lpjax/training/compile_only.py; libtpu from ``pip install 'lpjax[tpu]'``, no TPU needed),
-whose ``compile_only.json`` gives the columns: the largest peak per device over the run's programs
-(peak + generated code, against the chip's HBM), whether every program fits, the collective bytes per
-step of the step programs per mesh axis, the generated code and the compile time of the step programs.
+Each row is what ``lpjax train --config ... --topology T --compile-only --workdir DIR`` does
+(lpjax/training/compile_only.py; libtpu from ``pip install 'lpjax[tpu]'``, no TPU needed), run in its
+own process; its ``compile_only.json`` gives the columns: the largest peak per device over the
+compiled programs (peak + generated code, against the chip's HBM), whether they all fit, the
+collective bytes per step of the step programs per mesh axis, the generated code and the compile
+time of the step programs. ``--programs`` narrows what each row compiles (a 1.2B step program takes
+about 5 minutes on 2 CPU cores; the drain and evaluation programs add about as much again).
 
 The ladder (issue 25):
 - ``transformer_lm`` ~1.2B (width 2048, 24 blocks, 16 heads, seq 2048; recipes/pod_lm.py) and ~8B
@@ -42,7 +44,9 @@ METHODS = {  # name: (method overrides, schedule)
     "greedy": ({"method.name": "greedy"}, "streaming"),
     "overlapping": ({"method.name": "overlapping", "method.window": 2}, "streaming"),
 }
-RESNETS = {"mnist_resnet": "v5e:2x2", "cifar10_resnet18": "v5e:2x2", "cifar10_resnet32": "v5e:2x2"}
+# the ResNet recipes at their own sizes, 4 stages on the 4 chips of a v5e:2x2
+RESNETS = {"mnist_resnet": "recipes/mnist_resnet.py", "cifar10_resnet18": "recipes/cifar10_resnet.py:18",
+           "cifar10_resnet32": "recipes/cifar10_resnet.py:32"}
 
 
 def ladder(models, topologies, stages, methods):
@@ -58,9 +62,8 @@ def ladder(models, topologies, stages, methods):
                         rows.append((f"{model} {method}", "recipes/pod_lm.py", topology, {
                             **LM[model], **overrides, "schedule.name": schedule, "stages": k,
                             "layout.data": data, "layout.executor": "spmd"}))
-        else:  # a recipe at its own size, one stage per chip of the smallest slice that holds them
-            rows.append((model, f"recipes/{model}.py", RESNETS[model],
-                         {"layout.executor": "spmd", "layout.data": 1, "stages": 4}))
+        else:
+            rows.append((model, RESNETS[model], "v5e:2x2", {"layout.executor": "spmd", "layout.data": 1, "stages": 4}))
     return rows
 
 
@@ -70,16 +73,13 @@ def command(recipe, topology, overrides, workdir):
     return ["train", "--config", recipe, *flags, "--topology", topology, "--compile-only", "--workdir", workdir]
 
 
-def run_row(row, root):
+def run_row(row, root, programs):
     label, recipe, topology, overrides = row
     workdir = tempfile.mkdtemp(prefix="pod_", dir=root)
-    args = command(recipe, topology, overrides, workdir)
     env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # rows compile side by side
     start = time.perf_counter()
-    if recipe.startswith("recipes/cifar10"):
-        argv = [sys.executable, "-c", MOCKED_CIFAR, *args, f"--config.dataset.data_dir={workdir}"]
-    else:
-        argv = [sys.executable, "-m", "lpjax", *args]
+    argv = [sys.executable, os.path.abspath(__file__), "--row", json.dumps([recipe, topology, overrides, workdir,
+                                                                           programs])]
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     path = os.path.join(workdir, "compile_only.json")
@@ -89,10 +89,32 @@ def run_row(row, root):
             "seconds": round(seconds, 1), "error": error, "report": report}
 
 
-# CIFAR-10 through tfds.testing.mock_data: the recipe's own shapes, no download
-MOCKED_CIFAR = ("import sys, tensorflow_datasets as tfds; from lpjax.cli import main\n"
-                "with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_CODE):\n"
-                "    sys.exit(main(['lpjax'] + sys.argv[1:]))")
+def compile_row(recipe, topology, overrides, workdir, programs) -> int:
+    """One row, in this process: the recipe with its overrides compiled for ``topology``."""
+    import contextlib
+
+    from lpjax.config.recipe_file import load_recipe
+    from lpjax.training.compile_only import compile_only
+
+    config, error = load_recipe(os.path.join(REPO, recipe))
+    if error:
+        raise SystemExit(error)
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    data = contextlib.nullcontext()
+    if recipe.startswith("recipes/cifar10"):  # the recipe's own shapes from tfds' mock data: nothing to download
+        import tensorflow_datasets as tfds
+
+        config.dataset.data_dir = workdir
+        data = tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_CODE)
+    with data:
+        report = compile_only(config, topology, workdir, programs=programs)
+    print(report.text())
+    return 0 if report.fits else 1
 
 
 def columns(result):
@@ -125,7 +147,12 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="compiles at a time (each needs several GB of RAM)")
     parser.add_argument("--list", action="store_true", help="print the rows and their commands; compile nothing")
     parser.add_argument("--json", default=None, help="write every row's result here")
+    parser.add_argument("--programs", nargs="+", default=None,
+                        help="compile only programs whose names start so, e.g. 'init' 'step (first' (default: all)")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, in this process (run_row)
     args = parser.parse_args(argv)
+    if args.row:
+        return compile_row(*json.loads(args.row))
     rows = ladder(args.models, args.topologies, args.stages, args.methods)
     if args.list:
         for label, recipe, topology, overrides in rows:
@@ -137,7 +164,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for result in pool.map(lambda row: run_row(row, root), rows):
+        for result in pool.map(lambda row: run_row(row, root, args.programs), rows):
             results.append(result)
             print(columns(result), flush=True)
     if args.json:

@@ -73,3 +73,50 @@ def test_without_libtpu_the_line_names_the_extra_that_installs_it(recipe, capsys
     monkeypatch.setattr(T, "libtpu_available", lambda: False)  # as on a machine where pip never installed it
     assert lpjax("train", "--config", recipe, "--topology", "v5e:2x2", "--compile-only") == 2
     assert "pip install 'lpjax[tpu]'" in one_line(capsys)
+
+
+def compile_only(recipe, topology, workdir, *overrides):
+    return lpjax("train", "--config", recipe, *overrides, "--topology", topology, "--compile-only", "--workdir",
+                 str(workdir))
+
+
+def test_a_recipe_compiles_for_the_host_cpu_from_shapes_alone(recipe, tmp_path, capsys):
+    import jax
+
+    before = {id(a) for a in jax.live_arrays()}
+    assert compile_only(recipe, "cpu", tmp_path, "--config.layout.data=4") == 0  # 2 stages x 4 = the 8 CPU devices
+    out = capsys.readouterr().out
+    # nothing of the model was created: no array of a layer's size appeared (an MLP layer is 32x32 or more)
+    assert not [a.shape for a in jax.live_arrays() if id(a) not in before and a.size >= 32 * 32]
+    report = json.loads((tmp_path / "compile_only.json").read_text())
+    names = [p["name"] for p in report["programs"]]
+    assert names[0] == "init state" and any(n.startswith("mailboxes") for n in names), names
+    assert any(n.startswith("step (first") for n in names) and any(n.startswith("step (drain") for n in names), names
+    assert report["fits"] and report["layout"] == {"stages": 2, "data": 4}
+    step = next(p for p in report["programs"] if p["name"].startswith("step (first"))
+    rows = {(r["kind"], r["axis"], r["scope"]) for r in step["collectives"]}
+    assert ("collective-permute", "stage", "per clock") in rows and ("all-reduce", "data", "per clock") in rows
+    assert step["memory"]["argument"] > 0 and step["memory"]["hbm"] is None  # a CPU has no HBM figure
+    assert [len(p["pairs"]) for p in step["ppermute_hops"]] == [4]  # stage 0 -> 1 in each of the 4 data columns
+    assert "init state" in out and "collective-permute" in out and "s0d0->s1d0" in out
+
+
+def test_a_recipe_compiles_for_a_v5e_2x2_that_is_not_attached(recipe, tmp_path, capsys):
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'lpjax[tpu]')")
+    assert compile_only(recipe, "v5e:2x2", tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "target v5e:2x2: mesh stage=2 x data=2" in out and "15.75 GiB" in out
+    report = json.loads((tmp_path / "compile_only.json").read_text())
+    assert report["fits"] and all(p["memory"]["fits"] for p in report["programs"])
+    step = next(p for p in report["programs"] if p["name"].startswith("step (first"))
+    assert all(hops == 1 for p in step["ppermute_hops"] for _, _, hops in p["pairs"])  # neighbouring chips
+    assert step["bytes_per_step_per_axis"]["data"] > step["bytes_per_step_per_axis"]["stage"] > 0
+
+
+def test_a_model_too_large_for_the_chips_exits_1_naming_the_program_and_the_shortfall(recipe, tmp_path, capsys):
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'lpjax[tpu]')")
+    # 4 layers of 24576 x 24576: 2 per stage, 2.25 GiB each, 4 copies (parameters, Adam's moments, gradient sum)
+    assert compile_only(recipe, "v5e:2x2", tmp_path, "--config.model.width=24576") == 1
+    line = one_line(capsys)
+    assert line.startswith("lpjax: init state does not fit: needs ") and "HBM has 15.75 GiB (short by " in line, line
+    assert json.loads((tmp_path / "compile_only.json").read_text())["fits"] is False

@@ -171,7 +171,8 @@ def describe_target(topology: str, num_slices: int | None = None):
     return topologies.describe(topology, num_slices)
 
 
-def compile_only(config, topology: str, workdir: str | None = None, *, num_slices: int | None = None) -> CompileReport:
+def compile_only(config, topology: str, workdir: str | None = None, *, num_slices: int | None = None,
+                 programs: tuple | None = None) -> CompileReport:
     """Compile every program a training run of ``config`` uses for ``topology``, and report.
 
     Args:
@@ -180,6 +181,8 @@ def compile_only(config, topology: str, workdir: str | None = None, *, num_slice
       topology: a TPU topology name (``lpjax.executors.topology.parse_topology``) or ``"cpu"``.
       workdir: where to write ``compile_only.json`` (nothing is written when None).
       num_slices: the topology's slices, if not in its name.
+      programs: compile only the programs whose names start with one of these (``"init"``,
+        ``"step (first"``, ...); None compiles every one.
 
     Returns:
       The ``CompileReport`` (``report.fits``, ``report.shortfall_line()``, ``report.text()``).
@@ -207,17 +210,19 @@ def compile_only(config, topology: str, workdir: str | None = None, *, num_slice
     eval_x, eval_y = experiment.dataset.example_batch(experiment.config["eval_batch_size"])
     for name, lowered, seconds in trainer.executor.lowered_programs(_spec(xs[0]), _spec(ys[0]),
                                                                     eval_batch=(_spec(eval_x), _spec(eval_y))):
-        report.programs.append(compile_program(name, lowered, target.hbm_bytes, mesh, target.wrap, seconds))
+        if programs is None or name.startswith(tuple(programs)):
+            report.programs.append(compile_program(name, lowered, target.hbm_bytes, mesh, target.wrap, seconds))
     report.notes += _slice_notes(report, target)
     write_report(report, workdir)
     return report
 
 
 def _spec(array):
+    """An array's shape and dtype, the dtype as jax stores it (int64 labels are int32 without x64)."""
     import jax
     import numpy as np
 
-    return jax.ShapeDtypeStruct(np.shape(array), np.asarray(array).dtype)
+    return jax.ShapeDtypeStruct(np.shape(array), jax.dtypes.canonicalize_dtype(np.asarray(array).dtype))
 
 
 def _slice_notes(report: CompileReport, target) -> list:

@@ -238,7 +238,7 @@ def _compile_only(options) -> int:
     from lpjax.training.compile_only import compile_only
 
     report = compile_only(options["config"], options["topology"], options["workdir"],
-                          num_slices=options["num_slices"])
+                          num_slices=options["num_slices"], progress=lambda line: print(line, flush=True))
     print(report.text(), flush=True)
     line = report.shortfall_line()
     if line is not None:

@@ -120,3 +120,12 @@ def test_a_model_too_large_for_the_chips_exits_1_naming_the_program_and_the_shor
     line = one_line(capsys)
     assert line.startswith("lpjax: init state does not fit: needs ") and "HBM has 15.75 GiB (short by " in line, line
     assert json.loads((tmp_path / "compile_only.json").read_text())["fits"] is False
+
+
+def test_two_slices_put_the_stage_axis_across_them_and_say_why(recipe, tmp_path, capsys):
+    pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'lpjax[tpu]')")
+    assert compile_only(recipe, "2xv4:2x2x2", tmp_path, "--config.stages=4", "--config.layout.data=4") == 0
+    out = capsys.readouterr().out
+    assert "(dcn)" in out  # the stage pair at the slice boundary crosses DCN
+    note = json.loads((tmp_path / "compile_only.json").read_text())["notes"][0]
+    assert note.startswith("across slices belongs 'stage': the step programs move ") and "put its 2 slices on 'stage'" in note

@@ -172,7 +172,7 @@ def describe_target(topology: str, num_slices: int | None = None):
 
 
 def compile_only(config, topology: str, workdir: str | None = None, *, num_slices: int | None = None,
-                 programs: tuple | None = None) -> CompileReport:
+                 programs: tuple | None = None, progress=None) -> CompileReport:
     """Compile every program a training run of ``config`` uses for ``topology``, and report.
 
     Args:
@@ -183,6 +183,7 @@ def compile_only(config, topology: str, workdir: str | None = None, *, num_slice
       num_slices: the topology's slices, if not in its name.
       programs: compile only the programs whose names start with one of these (``"init"``,
         ``"step (first"``, ...); None compiles every one.
+      progress: called with a line as each program is compiled (a 1.2B model's take minutes each).
 
     Returns:
       The ``CompileReport`` (``report.fits``, ``report.shortfall_line()``, ``report.text()``).
@@ -212,6 +213,11 @@ def compile_only(config, topology: str, workdir: str | None = None, *, num_slice
                                                                     eval_batch=(_spec(eval_x), _spec(eval_y))):
         if programs is None or name.startswith(tuple(programs)):
             report.programs.append(compile_program(name, lowered, target.hbm_bytes, mesh, target.wrap, seconds))
+            if progress is not None:
+                memory = report.programs[-1].memory
+                of = f" of {memory_report.gib(memory.hbm)}" if memory.hbm else ""
+                progress(f"compiled {name} in {memory.compile_seconds:.1f} s: {memory_report.gib(memory.needed)} "
+                         f"per device with its code{of}")
     report.notes += _slice_notes(report, target)
     write_report(report, workdir)
     return report

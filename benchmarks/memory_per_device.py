@@ -1,11 +1,15 @@
-"""Memory per device: backprop on one device against the largest stage of a local method (issue 13).
+"""Memory per device: backprop on one device against the largest stage of a local method (issues 13, 27).
 
 Peak bytes from XLA's memory analysis of the compiled programs (arguments + outputs + temporaries -
-aliased), with abstract inputs: nothing is trained and no data is needed. Backprop compiles the whole
-network as one stage (forward, backward, its activations); the local method (chunked by default)
-cuts the network into K memory-balanced stages (split_points="balanced_memory", lpjax.research.balance) and
-compiles each stage's training step and update; the table shows the largest stage. Per stage, the
-peak is the larger of the training step and the optimizer update.
+aliased, the state donated as the executors donate it), with abstract inputs: nothing is trained and
+no data is needed. Backprop compiles its whole step as one program (forward, backward, update); the
+local method (chunked by default) cuts the network into K memory-balanced stages
+(split_points="balanced_memory", measured with the same accounting, lpjax.research.balance) and
+compiles each stage's training step and update; the table shows the largest stage, and the even
+cut's beside it. Per stage, the peak is the larger of the training step and the optimizer update.
+Below the table, where the bytes go at K = 4: parameters, head, optimizer state and gradient sum,
+input batch, outputs and XLA's temporaries (the activations kept for the stage's own backward pass),
+for backprop and every stage (lpjax.research.memory).
 
 Cases, as in recipes/sweeps/paper.py: ResNet-32 at CIFAR shape (32x32x3), batch 128, and an 8-block
 byte Transformer LM (width 256) at sequence length 256, batch 32. Goal at K = 4: the largest stage
@@ -33,7 +37,7 @@ TINY = {"tiny_mlp": {"model": "mlp", "input_shape": (8, 8, 1), "num_classes": 10
 
 def main(argv=None) -> int:
     from lpjax.research.bench import suite_path
-    from lpjax.research.paper import memory_lines, memory_table, memory_verdict
+    from lpjax.research.memory import memory_lines, memory_table, memory_verdict
     from lpjax.research.sweep import load_config_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from lpjax.config import catalog
 from lpjax.config.checks import did_you_mean
-from lpjax.errors import ConfigError, NonFiniteError, WriteError
+from lpjax.errors import ConfigError, NonFiniteError, WriteError, first_line
 from lpjax.training.preemption import Preempted
 from lpjax.config.recipe_file import load_recipe
 from lpjax.training.loop import train_and_evaluate
@@ -172,7 +172,7 @@ def parse(argv):
     except SystemExit as err:  # the recipe called sys.exit(); never let it end lpjax silently
         raise UsageError(_explain_parse_failure(err, argv)) from None
     except flags.Error as err:
-        message = _first_line(err)
+        message = first_line(err)
         if "Error whilst parsing config file" in message:  # config_flags keeps the reason in a traceback
             message = _load_config_only(argv)[1] or message
         elif "is not supported for overriding" in message:  # the recipe set the key to a bare None
@@ -299,7 +299,7 @@ def _explain_parse_failure(err, argv) -> str:
         problem = _missing_key(config, name)
         if problem:
             return problem
-    return f"could not apply the --config overrides: {type(err).__name__}: {_first_line(err)}"
+    return f"could not apply the --config overrides: {type(err).__name__}: {first_line(err)}"
 
 
 def _override_keys(argv) -> list:
@@ -347,11 +347,6 @@ def _quiet_config_flags():
         yield
     finally:
         logger.removeFilter(drop)
-
-
-def _first_line(err) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _help_text() -> str:

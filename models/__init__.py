@@ -1,4 +1,12 @@
-"""lpjax model zoo: each builder returns a ``Network`` (layers + default heads)."""
+"""lpjax model zoo (installed as ``lpjax.models``): each builder returns a ``Network`` (layers + default heads).
+
+The builders share one contract. They take keywords only, ``rngs`` (an ``nnx.Rngs``) included, and
+the data-dependent ones (``num_classes``, ``input_shape`` / ``in_channels``, ``vocab_size``,
+``seq_len``) are what ``lpjax train`` fills in from the dataset. Sizes are integers >= 1. They
+return a new ``Network`` whose parameters are initialised from ``rngs``; a bad option is a
+ValueError naming it. Models know nothing of methods, schedules or executors: cut a network with
+``lpjax.stage_network``.
+"""
 
 from .base import Network
 from .heads import FlattenLinear, LMHead, PoolLinear
@@ -20,7 +28,15 @@ MODELS = {
 
 
 def build(name: str, **kwargs) -> Network:
-    """Build a registered model by name, e.g. ``build("resnet32", rngs=nnx.Rngs(0))``."""
+    """Build a registered model by name, e.g. ``build("resnet32", rngs=nnx.Rngs(0))``.
+
+    Args:
+      name: a key of ``MODELS`` (ValueError listing them otherwise).
+      **kwargs: the builder's keywords.
+
+    Returns:
+      The builder's ``Network``.
+    """
     try:
         builder = MODELS[name]
     except KeyError:

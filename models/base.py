@@ -18,6 +18,10 @@ class Network:
     after ``layers[i]``; for ``i == len(layers) - 1`` it is the real output head.
     ``natural_splits`` lists layer indices where a stage may naturally start
     (sorted, never 0), e.g. the first block of a new resolution in a ResNet.
+    ``name`` is what run headers and results call the model (``mlp4x256``).
+
+    Construction raises ValueError when ``natural_splits`` are not sorted, unique and inside
+    1..len(layers)-1.
     """
 
     layers: list
@@ -44,7 +48,8 @@ class Network:
 
 
 def check_head_index(i: int, num_layers: int) -> int:
-    # Negative indices would silently wrap to the wrong layer's width.
+    """``i`` when it is a layer index in 0..num_layers-1, else IndexError; for ``make_head``, where a
+    negative index would silently wrap to the wrong layer's width."""
     if not 0 <= i < num_layers:
         raise IndexError(f"head index {i} outside 0..{num_layers - 1}")
     return i

@@ -28,12 +28,20 @@ def _flatten_head(width, num_classes, num_layers, i, rngs):
 
 
 def mlp(*, input_shape, num_classes: int, depth: int = 4, width: int = 256, rngs: nnx.Rngs) -> Network:
-    """An MLP of ``depth`` Dense+ReLU layers, each ``width`` wide (256 by default).
+    """An MLP of ``depth`` Dense+ReLU layers, each ``width`` wide.
 
-    ``input_shape`` excludes the batch dimension, e.g. ``(32, 32, 3)``; the first
-    layer flattens it. Every layer, the last included, gets a
-    ``FlattenLinear(width, num_classes)`` head, so the output head is a linear
-    readout of the last hidden layer. No natural splits: all layers are alike.
+    Args:
+      input_shape: one example's shape without the batch axis, e.g. ``(32, 32, 3)``; the first layer
+        flattens it.
+      num_classes: the width of every head.
+      depth: the number of layers (>= 1, else ValueError).
+      width: every layer's width.
+      rngs: the random streams the layers are initialised from.
+
+    Returns:
+      A ``Network`` named ``mlp{depth}x{width}`` of ``depth`` layers. Every layer, the last included,
+      gets a ``FlattenLinear(width, num_classes)`` head, so the output head is a linear readout of the
+      last hidden layer. No natural splits: all layers are alike.
     """
     if depth < 1:
         raise ValueError(f"mlp depth must be >= 1, got {depth}")
@@ -61,7 +69,15 @@ def deep_mlp(*, input_shape, num_classes: int, depth: int = 8, width: int = 256,
     (28x28 digits: 196 inputs against 256), and a light linear head on every layer.
 
     Every layer then costs about the same, so any cut into K stages is close to balanced.
-    ``input_shape`` is NHWC without the batch axis; a flat input is not pooled."""
+
+    Args:
+      input_shape: NHWC without the batch axis; a flat input is not pooled.
+      num_classes, depth, width, rngs: as for ``mlp``.
+      pool: the average-pooling window and stride of the first layer (1: none).
+
+    Returns:
+      A ``Network`` named ``deep_mlp{depth}x{width}``, heads and splits as ``mlp``'s.
+    """
     if depth < 1:
         raise ValueError(f"mlp depth must be >= 1, got {depth}")
     if len(input_shape) == 3 and pool > 1:

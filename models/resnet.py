@@ -54,14 +54,18 @@ def resnet(
     ``width`` output channels. ``shortcut`` is ``"projection"`` (1x1 ConvBN) or
     ``"pad"`` (He et al.'s parameter-free option A).
 
-    ``aux_head`` configures the auxiliary heads (never the output head): ``head_depth`` conv
-    layers of ``head_width`` channels before pooling, ``head_norm``, ``head_temperature`` (learned
-    temperature and bias) and ``head_pyramid`` (AugLocal: depth shrinks towards the output); see
-    ``models.heads.DeepPoolHead``.
+    ``head_conv`` puts a 3x3 conv of that many channels in every head (0: pool and Dense only).
+    The ``head_*`` keywords configure the auxiliary heads (never the output head): ``head_depth``
+    conv layers of ``head_width`` channels before pooling, ``head_norm``, ``head_temperature``
+    (learned temperature and bias) and ``head_pyramid`` (AugLocal: depth shrinks towards the
+    output); see ``models.heads.DeepPoolHead``. ``name`` names the returned network.
 
-    ``natural_splits`` are the first blocks of stages 2.., i.e. the layers that
-    downsample; cutting there gives one stage per resolution, with the stem
-    riding along in the first stage.
+    Returns:
+      A ``Network`` of 1 + sum(stage_sizes) layers (stem, then one layer per block), taking NHWC
+      images with ``in_channels`` channels. Its ``natural_splits`` are the first blocks of stages
+      2.., i.e. the layers that downsample; cutting there gives one stage per resolution, with the
+      stem riding along in the first stage. An unknown ``stem`` or ``block`` name, or
+      ``stage_widths`` of another length than ``stage_sizes``, is a ValueError.
     """
     block_cls = BLOCKS[block] if isinstance(block, str) else block
     aux_head = check_aux_head(dict(head_depth=head_depth, head_width=head_width, head_norm=head_norm,
@@ -99,7 +103,11 @@ def resnet(
 def cifar_resnet(depth: int, *, num_classes: int = 10, in_channels: int = 3, width: int = 16,
                  head_conv: int = 0, rngs: nnx.Rngs) -> Network:
     """He et al. (2016) CIFAR ResNet of ``depth = 6n + 2``: three stages of n basic
-    blocks at widths 16/32/64 (scaled by ``width``), option-A shortcuts."""
+    blocks at widths 16/32/64 (scaled by ``width``), option-A shortcuts.
+
+    Returns a ``Network`` named ``resnet{depth}`` of 3n + 1 layers (``resnet`` says the rest); a
+    depth that is not 6n + 2 with n >= 1 is a ValueError.
+    """
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
     n = (depth - 2) // 6

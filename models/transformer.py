@@ -31,9 +31,19 @@ def transformer_lm(*, vocab_size: int = 256, seq_len: int, dim: int = 128, depth
     homogeneous. Every cut gets an ``LMHead`` (LayerNorm + Dense). Every block
     boundary is a natural split.
 
-    ``aux_head`` deepens the auxiliary heads (never the output head): ``head_depth`` Transformer
-    blocks before the norm and unembedding, ``head_temperature`` and ``head_pyramid`` as for
-    ``resnet`` (``models.heads.DeepLMHead``).
+    Args:
+      vocab_size: token ids are in [0, vocab_size); every head's output width.
+      seq_len: the longest sequence (the learned position table's length).
+      dim, depth, heads, mlp_ratio: model width, number of blocks (>= 1, else ValueError), attention
+        heads (must divide ``dim``) and the feed-forward width as a multiple of ``dim``.
+      rngs: the random streams the layers and heads are initialised from.
+      head_depth, head_temperature, head_pyramid: deepen the auxiliary heads (never the output
+        head): ``head_depth`` Transformer blocks before the norm and unembedding, a learned
+        temperature, depth shrinking towards the output, as for ``resnet``
+        (``models.heads.DeepLMHead``).
+
+    Returns:
+      A ``Network`` named ``transformer_lm{depth}x{dim}`` of ``depth + 1`` layers.
     """
     aux_head = check_aux_head(dict(head_depth=head_depth, head_temperature=head_temperature,
                                    head_pyramid=head_pyramid))

@@ -6,20 +6,13 @@
 #         an MLP on CIFAR-10 either. Compare against the same recipe with --config.method.name=backprop.
 """A 4-layer, 1024-wide ReLU MLP on CIFAR-10 trained greedily: one layer per stage, 4 stages."""
 
-from ml_collections.config_dict import placeholder
-
 from lpjax.config.build import base_config
+from lpjax.recipes.common import cifar10_dataset
 
 
 def get_config():
     config = base_config()
-    config.dataset.name = "cifar10"
-    config.dataset.data_dir = placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    config.dataset.max_train = placeholder(int)  # None: all 50,000 training images
-    config.dataset.augment = True  # pad-4 random crop and horizontal flip
-    config.dataset.pad_mode = "constant"  # zeros, as He et al.; "reflect" as InfoPro
-    config.dataset.in_memory = True  # decode the 60,000 images once (180 MB) instead of every epoch
-    config.dataset.read_threads = placeholder(int)  # None: the loader's default
+    cifar10_dataset(config, pad_mode="constant")  # zeros, as He et al.
     config.model.name = "mlp"
     config.model.depth = 4
     config.model.width = 1024

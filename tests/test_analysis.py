@@ -100,3 +100,29 @@ def test_headline_ratios_at_the_largest_batch_size():
     missing = analysis.headline(analysis.best_runs(runs[2:], target=1.0, window=1))["p"]
     assert missing["baseline"] is None and missing["ideal_time_ratio"] is None
     assert math.isclose(missing["best_local"]["ideal_time"], 12.0)
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_narrows_with_seeds():
+    rng = np.random.default_rng(1)
+    noise = {s: rng.normal(0, 1.0) for s in range(40)}  # shared by both methods of a seed: pairing removes it
+    base = {s: 10.0 + noise[s] + rng.normal(0, 0.1) for s in range(40)}
+    other = {s: 9.5 + noise[s] + rng.normal(0, 0.1) for s in range(40)}
+    few = analysis.paired_bootstrap({s: base[s] for s in range(4)}, other)
+    many = analysis.paired_bootstrap(base, other)
+    assert many["n"] == 40 and few["n"] == 4
+    for out in (few, many):
+        assert out["low"] <= out["mean"] <= out["high"]
+    # the 0.5 difference lies inside the interval and the interval excludes 0, though each method's
+    # own spread over seeds (std 1) is twice the difference
+    assert many["low"] < 0.5 < many["high"] and many["low"] > 0
+    assert many["high"] - many["low"] < few["high"] - few["low"]
+
+
+def test_paired_bootstrap_pairs_by_seed_and_skips_missing_values():
+    out = analysis.paired_bootstrap({0: 3.0, 1: 5.0, 2: float("nan"), 3: 1.0}, {0: 1.0, 1: 2.0, 2: 0.0, 4: 0.0})
+    assert out["n"] == 2 and out["mean"] == pytest.approx(2.5)  # seeds 0 and 1: differences 2 and 3
+    assert 2.0 <= out["low"] <= out["high"] <= 3.0
+    same = analysis.paired_bootstrap({0: 1.0}, {0: 0.25})
+    assert same["low"] == same["high"] == same["mean"] == 0.75
+    assert analysis.paired_bootstrap({0: 1.0}, {1: 1.0}) == {"mean": None, "low": None, "high": None, "n": 0,
+                                                             "level": 0.95}

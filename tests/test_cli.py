@@ -113,6 +113,10 @@ BAD_INPUTS = [
      ["needs an argument", ":ARGUMENT"]),
     ("recipe without get_config", ["--config={configs}/no_get_config.py"], ["defines no get_config() function"]),
     ("config path that is a directory", ["--config={configs}"], ["it is not a file"]),
+    # class: a parametrised recipe (get_config(arg)) given no argument, or one it does not take
+    ("parametrised recipe without its argument", ["--config=cifar10_resnet"],
+     ["cifar10_resnet takes the depth as its argument", "got no argument"]),
+    ("parametrised recipe with an unknown argument", ["--config=cifar10_resnet:7"], ["one of 32, 110, 18", "got '7'"]),
     # class: a --workdir path the filesystem cannot hold, refused before any directory is made
     ("workdir name too long", ["--workdir={workdir}/" + "n" * 300], ["300 bytes", "shorter --workdir"]),
     ("workdir path too long", ["--workdir={workdir}/" + "/".join(["d" * 250] * 20)], ["bytes long", "shorter --workdir"]),

@@ -9,7 +9,7 @@ from test_cli import REPO, TINY_CONFIG, run_cli, run_cli_many, tensorboard_scala
 
 HELP = {  # command: words its --help must show
     "train": ["usage: lpjax train", "--print-config", "--dry-run", "--workdir", "optimizer.learning_rate",
-              "method.name", "model.builder", "mnist_resnet"],
+              "method.name", "model.builder", "mnist_resnet", "cifar10_resnet:110"],
     "bench": ["usage: lpjax bench", "--suite", "--workdir", "small", "tiny"],
     "plot": ["usage: lpjax plot", "--workdir", "curves.png"],
     "recipes": ["usage: lpjax recipes"],
@@ -56,6 +56,12 @@ def test_recipes_lists_the_shipped_recipes_with_descriptions(quick_runs):
     demo = next(line for line in lines if line.split()[:1] == ["mnist_resnet"])
     assert "greedy local training of a small ResNet on MNIST-5k" in demo
     assert any(line.split()[:1] == ["small"] for line in lines)  # the sweep suites too
+    listed = [line.split()[0] for line in lines if line.startswith("  ")]
+    # a parametrised recipe: one line per variant, under the name `lpjax train --config` takes
+    assert {"cifar10_resnet:18", "cifar10_resnet:32", "cifar10_resnet:110"} <= set(listed)
+    resnet110 = next(line for line in lines if line.split()[:1] == ["cifar10_resnet:110"])
+    assert "ResNet-110" in resnet110
+    assert "common" not in listed and "cifar10_resnet" not in listed  # a helper module is not a recipe
 
 
 @pytest.mark.xdist_group("quick_runs")

@@ -95,6 +95,32 @@ def test_update_and_memory_are_reported_but_not_per_example(greedy):
     assert greedy.to_dict()["stages"][1]["flops_per_example"] == pytest.approx(greedy.stages[1].flops_per_example)
 
 
+@pytest.mark.parametrize("method", [lpjax.Backprop(), lpjax.Overlapping(2)])
+def test_whole_step_computes_the_reference_step(method):
+    """``whole_step``, the program whose peak is backprop's memory on one device, is one step of the
+    method: the reference executor's parameters after one step on the same batch, bit for bit or close."""
+    from lpjax.research.costs import whole_step
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(B, DIN)).astype(np.float32), rng.integers(0, C, size=(B,)).astype(np.int32)
+    trainer = lpjax.Trainer(dense_model(3), method=method, optimizer=optax.adam(1e-2))
+    before = [jax.tree.map(np.asarray, s) for s in trainer.stage_states]
+    after = jax.jit(lambda s: whole_step(trainer.rules, s, x, y))(before)
+    trainer.step(x, y)
+    for ours, reference in zip(after, trainer.stage_states):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours.params, reference.params)
+    assert not np.allclose(after[0].params["body"]["kernel"], before[0].params["body"]["kernel"])
+
+
+def test_backprop_memory_per_device_is_its_whole_step_not_the_sum_of_its_stages(backprop, greedy):
+    """Backprop on one device holds every stage; its peak is the whole step compiled as one program,
+    which holds at least every stage's parameters, and less than the stages' separately compiled
+    programs added up (each counts its own temporaries and the activations between stages again)."""
+    assert backprop.peak_bytes_per_device == backprop.step_peak_bytes
+    assert backprop.peak_bytes_per_device < sum(s.peak_bytes for s in backprop.stages)
+    assert backprop.peak_bytes_per_device >= 4 * (DIN * D + D * D + D * C)
+    assert greedy.step_peak_bytes is None  # local methods: the largest stage
+
+
 def test_cost_analysis_as_dict_or_list_of_dicts():
     # jax returns a dict now and returned a list with one dict per computation before
     assert cost_dict({"flops": 3.0}) == {"flops": 3.0}

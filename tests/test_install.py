@@ -41,12 +41,16 @@ def test_installed_lpjax_trains_a_recipe_by_name_outside_the_checkout(tmp_path):
     listed = subprocess.run([lpjax, "recipes"], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr
     assert "mnist_resnet" in listed.stdout and "tiny" in listed.stdout
+    assert "cifar10_resnet:110" in listed.stdout  # a parametrised recipe, listed per variant
 
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import lpjax.recipes, lpjax.models, lpjax; "
-                            "print(lpjax.recipes.__file__); print(lpjax.models.__name__)"],
+                            "print(lpjax.recipes.__file__); print(lpjax.models.__name__); "
+                            "from lpjax.config import catalog, recipe_file; "  # a former name, and recipes/common.py
+                            "print(recipe_file.load_recipe(catalog.find_recipe('cifar10_resnet32'))[0].model.name)"],
                            cwd=outside, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr
     assert str(venv) in where.stdout.splitlines()[0]
+    assert where.stdout.splitlines()[2] == "resnet32"
 
     run = subprocess.run([lpjax, "train", "--config", "mnist_resnet", "--config.num_steps=30",
                           "--config.eval_every=0", "--workdir", "runs/demo"], cwd=outside, env=env,

@@ -68,7 +68,7 @@ def test_first_failure_sets_the_exit_code_and_stops_the_others(capfd):
 
 
 def test_sigterm_reaches_every_child(tmp_path):
-    driver = ("import sys; from types import SimpleNamespace; from lpjax import launch; "
+    driver = ("import sys; from types import SimpleNamespace; from lpjax.distributed import launch; "
               f"sys.exit(launch.run(SimpleNamespace(num_processes=2, cpu_devices=None, gpus_per_process=None, "
               f"port=None), ['signal'], program=[sys.executable, '-c', {SCRIPT!r}]))")
     proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
@@ -91,7 +91,7 @@ def test_a_signal_while_children_are_still_starting_reaches_every_child():
     """SIGTERM that reaches the launcher between starting one child and the next (here: sent by the
     launcher to itself just before the second starts) still stops both, and the launcher lives to
     report it instead of dying and leaving its children running."""
-    driver = ("import os, signal, sys; from types import SimpleNamespace; from lpjax import launch; "
+    driver = ("import os, signal, sys; from types import SimpleNamespace; from lpjax.distributed import launch; "
               "env = launch.child_env; "
               "launch.child_env = lambda options, i, port: "
               "(i == 1 and os.kill(os.getpid(), signal.SIGTERM), env(options, i, port))[1]; "

@@ -67,15 +67,17 @@ def test_mesh_evaluation_equals_the_per_stage_evaluation_and_moves_no_stage_stat
     assert_same_figures(trainer._eval_figures(*evaluator.totals(batches)), expected)
     # an empty batch among them changes nothing (a process that has run out feeds masked rows only)
     assert_same_figures(trainer._eval_figures(*evaluator.totals(batches + [(test_x[:0], test_y[:0])])), expected)
-    assert len(evaluator._programs) == 1  # the ragged batch ran on the full batches' program, masked
+    assert len(evaluator.programs()) == 1  # the ragged batch ran on the full batches' program, masked
 
+    # health() reads the scalars where each stage lives; they equal the stage states' own
     norms, skipped = trainer.executor.stage_scalars()
-    assert [float(h["grad_norm"]) for h in trainer.health()] == pytest.approx(list(norms), rel=1e-6)
-    assert min(norms) > 0 and [int(h["skipped"]) for h in trainer.health()] == list(skipped)
+    assert [float(h["grad_norm"]) for h in trainer.health()] == list(norms)
+    assert [float(s.grad_norm) for s in trainer.stage_states] == pytest.approx(list(norms), rel=1e-6)
+    assert min(norms) > 0 and [int(s.skipped) for s in trainer.stage_states] == list(skipped)
 
     # what is compiled moves activations and a few sums, never a stage's state buffer: the largest
     # collective result is smaller than the smallest stage's packed state
-    (program,) = evaluator._programs.values()
+    (program,) = evaluator.programs()
     placed = evaluator._placed(evaluator._padded(*batches[0]))
     text = program.lower(trainer.executor.state_buffers(), *placed).compile().as_text()
     collectives = re.findall(r"= \(?([^=]*?)\)? (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(",
@@ -83,7 +85,7 @@ def test_mesh_evaluation_equals_the_per_stage_evaluation_and_moves_no_stage_stat
     assert {kind for _, kind in collectives} >= {"all-gather", "collective-permute"}, text[:2000]
     sizes = [int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
              for shapes, _ in collectives for dims in re.findall(r"\[([\d,]*)\]", shapes)]
-    state = min(sum(packer.sizes.values()) for packer in trainer.executor.state_packers)
+    state = min(sum(packer.sizes.values()) for packer in trainer.executor.format.packers)
     assert max(sizes) < state, (max(sizes), state, collectives)
 
     with pytest.raises(ConfigError, match="inputs and labels differ in number"):

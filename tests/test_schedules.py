@@ -11,8 +11,8 @@ from fractions import Fraction
 import pytest
 
 import lpjax
-from lpjax.core.schedules import (BACKWARD, DELAY_PER_HOP, FORWARD, LOCAL, Flow, GPipe, OneFOneB, Sequential, Streaming,
-                             TaskTable, make_schedule)
+from lpjax.core.schedules import (BACKWARD, DELAY_PER_HOP, FORWARD, LOCAL, Flow, GPipe, OneFOneB, Phase, Sequential,
+                                  Streaming, TaskTable, make_schedule)
 
 SCHEDULES = {"sequential": Sequential, "gpipe": GPipe, "1f1b": OneFOneB, "streaming": Streaming}
 GRID = list(itertools.product(SCHEDULES, [1, 2, 3, 4, 8], [1, 2, 4, 8], [1, 3], [True, False]))
@@ -362,6 +362,15 @@ def test_diagram_shows_every_slot(name, stages, micro, steps, backward):
     assert len({len(line) for line in lines[:-1]}) == 1, "stage rows are not aligned"
     assert lines[-1].startswith(f"{len(table.clocks)} clocks")
     assert f"idle fraction {table.idle_fraction:.4f}" in lines[-1]
+
+
+def test_phases_are_an_enum_that_reads_as_its_name():
+    assert [str(phase) for phase in Phase] == ["local", "forward", "backward"]
+    assert (LOCAL, FORWARD, BACKWARD) == ("local", "forward", "backward") and Phase("backward") is BACKWARD
+    tasks = OneFOneB(2).table(2, 1, flow=Flow.default(2, backward=True)).tasks()
+    assert {task.phase for task in tasks} == {FORWARD, BACKWARD}
+    assert all(type(task.phase) is Phase for task in tasks)
+    assert Streaming(2).table(2, 1).tasks()[0].phase is LOCAL
 
 
 def test_diagram_labels():

@@ -38,8 +38,8 @@ def test_transformer_matches_reference(num_stages, method):
     # only stage 0 reads the input stream: the other stages' devices, and only they, keep zeros shards
     executor = spmd.executor
     later = set(np.asarray(executor.mesh.devices).reshape(num_stages, -1)[1:].ravel())
-    assert {device for device, _ in executor._idle_inputs} == later
-    assert not any(np.any(np.asarray(shard)) for shard in executor._idle_inputs.values())
+    assert {device for device, _ in executor.streams.idle_inputs} == later
+    assert not any(np.any(np.asarray(shard)) for shard in executor.streams.idle_inputs.values())
 
 
 def test_gpipe_backprop_matches_reference():
@@ -150,15 +150,15 @@ def test_lowering_refuses_a_cotangent_that_was_never_sent():
 def test_lowering_gives_each_task_the_opcode_of_what_it_runs():
     """A forward that consumes nothing must not run the backward branch (it computed, then threw
     away, a VJP per forward); a backward with nothing to consume runs nothing but keeps its update."""
-    from lpjax.executors.spmd.lowering import BACKWARD_OP, FORWARD_OP, IDLE, LOCAL_OP
+    from lpjax.executors.spmd.lowering import Op
 
     flow = Flow(((1,), ()))  # backprop, 2 stages
     table = OneFOneB(4).table(2, 1, flow=flow)
     ops = _lowering(flow).lower(table.clocks)
     for t, clock in enumerate(table.clocks):
         for k, task in enumerate(clock):
-            want = (IDLE if task is None else FORWARD_OP if task.runs_forward else
-                    BACKWARD_OP if task.consumes else IDLE)
+            want = (Op.IDLE if task is None else Op.FORWARD if task.runs_forward else
+                    Op.BACKWARD if task.consumes else Op.IDLE)
             assert ops["op"][t, k] == want, (t, k, task)
             assert ops["update"][t, k] == (task is not None and task.update)
     # the last stage's final backward consumes nothing and carries the update: idle, update kept
@@ -170,8 +170,8 @@ def test_lowering_gives_each_task_the_opcode_of_what_it_runs():
     for t, clock in enumerate(stream.clocks):
         for k, task in enumerate(clock):
             if task is not None:
-                assert lowered["op"][t, k] == (LOCAL_OP if task.consumes else FORWARD_OP)
-    assert (lowered["op"] == LOCAL_OP).any() and (lowered["op"] == FORWARD_OP).any()
+                assert lowered["op"][t, k] == (Op.LOCAL if task.consumes else Op.FORWARD)
+    assert (lowered["op"] == Op.LOCAL).any() and (lowered["op"] == Op.FORWARD).any()
 
 
 def test_split_state_refuses_a_write_to_the_other_part():
@@ -179,16 +179,16 @@ def test_split_state_refuses_a_write_to_the_other_part():
     would be dropped silently; the trace-time check turns that into an error."""
     import dataclasses
 
-    from lpjax.executors.spmd.executor import FIXED_FIELDS, TASK_FIELDS, _check_unchanged
+    from lpjax.executors.spmd.state import FIXED_FIELDS, TASK_FIELDS, check_unchanged
 
     state = lpjax.Trainer(tiny_model(2), method=lpjax.Greedy(), optimizer=optax.sgd(0.1)).stage_states[0]
-    _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
+    check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
                      FIXED_FIELDS, "a task")
     with pytest.raises(AssertionError, match="StageState.params"):
-        _check_unchanged(state, dataclasses.replace(state, params=jax.tree.map(lambda p: p * 2, state.params)),
+        check_unchanged(state, dataclasses.replace(state, params=jax.tree.map(lambda p: p * 2, state.params)),
                          FIXED_FIELDS, "a task")
     with pytest.raises(AssertionError, match="StageState.grad_sum"):
-        _check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
+        check_unchanged(state, dataclasses.replace(state, grad_sum=jax.tree.map(lambda g: g + 1, state.grad_sum)),
                          TASK_FIELDS, "an optimizer step")
 
 
@@ -214,7 +214,7 @@ def test_residual_constants_are_rebuilt_not_stored(method, schedule):
     batch = tiny_batch(8)
     reference = run(model_fn, batch, method, schedule, None)
     spmd = run(model_fn, batch, method, schedule, lpjax.Layout(stages=2, executor="spmd"))
-    plan = spmd.executor.res_plans[0]
+    plan = spmd.executor.shapes.res_plans[0]
     assert any(c is not None for c in plan.constants)  # the ReLU zeros are not stored
     assert len(plan.stored) < len(plan.constants)
     assert_trees_close(stage_params(reference), stage_params(spmd), atol=1e-6)

@@ -79,9 +79,9 @@ from flax import nnx
 from ml_collections.config_dict import placeholder
 
 from lpjax.config.checks import (boolean, builder_sizes, finite_everywhere, int_list, loss_weights, no_unknown_keys,
-                            non_negative_int, one_of, positive_int, required)
+                                 non_negative_int, one_of, positive_int, required)
 from lpjax.data import DATASETS, load_dataset, steps_per_epoch
-from lpjax.errors import ConfigError
+from lpjax.errors import ConfigError, first_line
 from lpjax.executors.layout import EXECUTORS as LAYOUT_EXECUTORS, Layout
 from lpjax.core.remat import REMAT_POLICIES
 from lpjax.core.methods import METHODS, make_method
@@ -98,7 +98,9 @@ OPEN_SECTIONS = ("dataset", "model")  # free-form: their extra keys are loader /
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every key a config may have, with its default; recipes fill in the rest."""
+    """A fresh config holding every key a config may have, with its default (the module docstring
+    says what each means). Keys without a default are typed placeholders (None), so the command line
+    can set them; recipes fill in the rest. ``dataset`` and ``model`` also take keys of their own."""
     return ml_collections.ConfigDict({
         "seed": 0,
         "dataset": {"name": placeholder(str)},
@@ -138,7 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class Experiment:
-    """Everything a training run needs, built and checked."""
+    """Everything a training run needs, built and checked by ``build_experiment``: the trainer holds
+    the model's arrays on their devices, and nothing has been trained or written."""
 
     config: dict  # the resolved config: defaults, derived model options and step count filled in
     dataset: Any  # lpjax.data.Dataset
@@ -156,7 +159,16 @@ class Experiment:
 
 
 def resolve(config) -> dict:
-    """The user's config merged onto ``base_config()``, as plain nested dicts; unknown keys rejected."""
+    """The user's config merged onto ``base_config()``.
+
+    Args:
+      config: an ml_collections ConfigDict (or FrozenConfigDict) or a nested dict; not changed.
+
+    Returns:
+      Plain nested dicts holding every key, the given values over the defaults. Raises ConfigError for
+      a key the base config does not have (with a "did you mean"), except inside ``dataset`` and
+      ``model``, whose extra keys go to the loader and builder.
+    """
     given = _to_dict(config)
     merged = base_config().to_dict()
     no_unknown_keys(given, merged, open_sections=OPEN_SECTIONS)
@@ -165,18 +177,19 @@ def resolve(config) -> dict:
 
 
 def build_experiment(config, *, devices=None, abstract: bool | None = None) -> Experiment:
-    """The checked experiment of ``config``.
+    """Build and check everything a training run needs, cheapest checks first.
 
     Args:
-      config: a recipe's config (``ConfigDict`` or dict).
-      devices: the devices the layout's mesh is laid on (``jax.devices()`` when None); compile-only
-        runs pass a topology's (``lpjax.training.compile_only``).
-      abstract: build the model as shapes only (``nnx.eval_shape``) and hand the trainer its factory,
-        so each stage's state is created on the devices that hold it, never on a host (the spmd
-        executor's path). None: exactly when ``layout.executor`` is spmd.
+      config: a recipe's config (ConfigDict or dict), as ``resolve`` takes it.
+      devices: the devices of the layout's mesh (``jax.devices()`` when None; a topology's for compile-only).
+      abstract: build the model as shapes only and give the trainer its factory, so each stage's state
+        is created on the devices that hold it (the spmd executor's path: the default for it).
 
     Returns:
-      The ``Experiment``; ``ConfigError`` (one line) for anything that cannot work.
+      The ``Experiment``: its ``config`` is the resolved config with the model options derived from
+      the data (num_classes, input shape, ...) and the step count filled in, as config.json records it.
+      Every problem is a ConfigError of one line naming the fix (plain values first, then the data,
+      the model and the trainer); nothing is written to disk and nothing is trained.
     """
     cfg = resolve(config)
     _check_plain_values(cfg)
@@ -213,7 +226,8 @@ def _to_dict(config) -> dict:
 
 
 def merge_into(into: dict, given: dict) -> None:
-    """Set ``given``'s keys on ``into``, section by section (nested dicts merge, values replace)."""
+    """Set ``given``'s keys on ``into`` in place, section by section: nested dicts merge, any other
+    value replaces (a dict also replaces a non-dict). Returns None."""
     for key, value in given.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             merge_into(into[key], value)
@@ -278,8 +292,16 @@ def _data_derived_options(dataset) -> dict:
 
 
 def load_builder(spec: str) -> Callable:
-    """The function named by ``"package.module:function"`` or ``"path/to/file.py:function"``; a module
-    that is not importable as it is is also looked for in the working directory."""
+    """The model builder a config names in ``model.builder``.
+
+    Args:
+      spec: ``"package.module:function"`` or ``"path/to/file.py:function"``; a module that is not
+        importable as it is is also looked for in the working directory.
+
+    Returns:
+      The callable. A malformed spec, a missing file or module, an import that raises, or a missing
+      or non-callable attribute is a ConfigError of one line.
+    """
     module_name, sep, attribute = str(spec).partition(":")
     if not sep or not module_name or not attribute.isidentifier():
         raise ConfigError(f"model.builder {spec!r} must look like 'my_pkg.blocks:build' or 'path/to/file.py:build'")
@@ -303,7 +325,7 @@ def load_builder(spec: str) -> Callable:
         raise
     except Exception as err:
         raise ConfigError(f"model.builder {spec!r}: could not import {module_name}: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                          f"{type(err).__name__}: {first_line(err)}; "
                           f"install the package or run from the directory that holds it") from None
     builder = getattr(module, attribute, None)
     if not callable(builder):
@@ -343,9 +365,8 @@ def _build_network(cfg, dataset, rngs):
 
 
 def _model(cfg, dataset, abstract):
-    """``(network, model, factory)``: the network and the staged model, built with the seed (one
-    stream for layers and heads, so no two get the same draws); abstract ones (shapes only) when
-    ``abstract``, with the function that builds the real model, else the real ones (factory None)."""
+    """``(network, model, factory)`` built with the seed (one stream for layers and heads, so no two get
+    the same draws): abstract (``nnx.eval_shape``) with the factory of the real ones, or real ones."""
     def build():
         rngs = nnx.Rngs(cfg["seed"])
         network = _build_network(cfg, dataset, rngs)
@@ -356,14 +377,9 @@ def _model(cfg, dataset, abstract):
     if isinstance(cfg["split_points"], str):
         raise ConfigError(f"split_points={cfg['split_points']!r} measures a built model, and the spmd executor builds "
                           f"none on the host; give the split points as indices, or use layout.executor=mpmd")
-    built = {}
-
-    def factory():
-        built["network"], model = build()
-        return model
-
-    model = nnx.eval_shape(factory)
-    return built["network"], model, factory
+    built = {}  # the network of the abstract build: its name and layer count are all that is read
+    model = nnx.eval_shape(lambda: built.setdefault("network", build())[1])
+    return built["network"][0], model, lambda: build()[1]
 
 
 def _cut(cfg, network, rngs, dataset=None):
@@ -422,7 +438,8 @@ def _dry_run_checks(trainer, dataset, batch_size) -> None:
 
 
 def stage_layers(model) -> list:
-    """``(first, last)`` layer index of each stage of a ``StagedModel``."""
+    """``(first, last)`` layer index (both included, counted over the whole model) of each stage of a
+    ``StagedModel``, from each stage's ``num_layers``."""
     spans, start = [], 0
     for stage in model:
         spans.append((start, start + stage.num_layers - 1))

@@ -3,6 +3,11 @@
 Every number must be finite: ``inf > 0`` holds, so a positivity check alone lets ``learning_rate=inf``
 through, and the run's first update makes every parameter non-finite. ``finite_everywhere`` checks
 the whole config once, whatever the key; the range checks below refuse non-finite values as well.
+
+The validators share one contract. Args: ``value`` (the config's value), ``key`` (its dotted config
+key, which the message names, with the ``--config.KEY=...`` that fixes it) and, where taken, ``fix``
+(the fix to name instead, for values that do not come from a --config flag). Returns: the value,
+as its kind (``int``, ``float``, a tuple for lists; None for a list left unset). Raises: ConfigError.
 """
 
 import difflib
@@ -18,7 +23,7 @@ def _is_int(value) -> bool:
 
 
 def positive_int(value, key: str, fix: str | None = None) -> int:
-    """``fix``: how to put it right, when the value does not come from a --config flag."""
+    """An integer >= 1 (not a bool)."""
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}; "
                           f"{fix or f'set --config.{key}=N with N >= 1'}")
@@ -26,6 +31,7 @@ def positive_int(value, key: str, fix: str | None = None) -> int:
 
 
 def non_negative_int(value, key: str) -> int:
+    """An integer >= 0 (not a bool)."""
     if not _is_int(value) or value < 0:
         raise ConfigError(f"{key} must be an integer >= 0, got {value!r}; set --config.{key}=N with N >= 0")
     return value
@@ -41,6 +47,7 @@ def _is_finite_number(value) -> bool:
 
 
 def positive_number(value, key: str, fix: str | None = None) -> float:
+    """A finite number > 0, as a float."""
     if not _is_finite_number(value) or not value > 0:
         raise ConfigError(f"{key} must be a finite number > 0, got {value!r}; "
                           f"{fix or f'set --config.{key}=X with X > 0'}")
@@ -48,6 +55,7 @@ def positive_number(value, key: str, fix: str | None = None) -> float:
 
 
 def non_negative_number(value, key: str) -> float:
+    """A finite number >= 0, as a float."""
     if not _is_finite_number(value) or not value >= 0:
         raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}; set --config.{key}=X with X >= 0")
     return float(value)
@@ -61,7 +69,8 @@ def fraction_below_one(value, key: str) -> float:
 
 
 def finite_everywhere(tree, prefix: str = "") -> None:
-    """Every float in the config, at any depth and inside lists and tuples, is finite."""
+    """Raises ConfigError naming the key unless every float in ``tree`` (a config as nested dicts, at
+    any depth and inside lists and tuples) is finite; ``prefix`` is the dotted key of ``tree``."""
     if isinstance(tree, Mapping):
         for key, value in tree.items():
             finite_everywhere(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
@@ -79,7 +88,13 @@ def builder_sizes(given: Mapping, builder, section: str) -> None:
     """Every integer a builder is given is a size or a count (width, depth, heads): >= 1, or >= 0
     where the builder's own default is 0 (an option that is off unless asked for, such as
     ``head_conv``). The items of a list or tuple are counts per part (``blocks_per_stage=(0, 1, 1,
-    1)`` leaves the first stage without blocks): >= 0 each, and not all 0."""
+    1)`` leaves the first stage without blocks): >= 0 each, and not all 0.
+
+    Args:
+      given: the builder keywords from the config's ``section``.
+      builder: the model builder, whose signature gives the defaults.
+      section: the config section, for the message (``model``).
+    """
     params = inspect.signature(builder).parameters
     for key, value in given.items():
         default = params[key].default if key in params else None
@@ -96,6 +111,7 @@ def builder_sizes(given: Mapping, builder, section: str) -> None:
 
 
 def boolean(value, key: str) -> bool:
+    """True or False only (not 0, 1 or a string)."""
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be True or False, got {value!r}; set --config.{key}=True or False")
     return value
@@ -108,18 +124,21 @@ def did_you_mean(word, choices) -> str:
 
 
 def one_of(value, choices, key: str):
+    """One of ``choices`` (the message lists them and the closest, with ``key`` naming the kind)."""
     if value not in choices:
         raise ConfigError(f"unknown {key} {value!r}{did_you_mean(value, choices)}; choose one of {', '.join(choices)}")
     return value
 
 
 def required(value, key: str, hint: str):
+    """Anything but None or ""; ``hint`` says what to set it to."""
     if value is None or value == "":
         raise ConfigError(f"{key} is not set; {hint}")
     return value
 
 
 def number_list(value, key: str) -> tuple[float, ...] | None:
+    """None, or a sequence of finite numbers as a tuple of floats."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -148,6 +167,7 @@ def loss_weights(value, key: str) -> tuple[float, ...] | None:
 
 
 def int_list(value, key: str) -> tuple[int, ...] | None:
+    """None, or a sequence of integers as a tuple."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(_is_int(v) for v in value):
@@ -158,7 +178,15 @@ def int_list(value, key: str) -> tuple[int, ...] | None:
 def no_unknown_keys(given: Mapping, known: Mapping, *, open_sections=(), prefix: str = "") -> None:
     """Reject keys that the base config does not have: a typo in a recipe must not pass silently.
 
-    ``open_sections`` (e.g. ``model``) take arbitrary extra keys, which are passed on as keyword arguments.
+    Args:
+      given: the user's config as nested dicts.
+      known: the base config as nested dicts.
+      open_sections: dotted keys of sections (e.g. ``model``) that take arbitrary extra keys, which
+        are passed on as keyword arguments.
+      prefix: the dotted key of ``given`` (for the message).
+
+    Returns None; raises ConfigError for the first unknown key (with a "did you mean") or a value
+    where a section belongs.
     """
     for key, value in given.items():
         path = f"{prefix}{key}"

@@ -17,7 +17,8 @@ DECAYS = ("constant", "cosine")
 
 
 def check_optimizer_config(opt, num_stages: int, method) -> None:
-    """Validates everything that does not need the step count; raises ConfigError."""
+    """Validates the ``optimizer`` section (a ConfigDict) for a ``method`` over ``num_stages`` stages:
+    everything that does not need the step count. Returns None; raises ConfigError naming the key."""
     one_of(opt.name, OPTIMIZERS, "optimizer.name")
     one_of(opt.decay, DECAYS, "optimizer.decay")
     positive_number(opt.learning_rate, "optimizer.learning_rate")
@@ -40,7 +41,18 @@ def check_optimizer_config(opt, num_stages: int, method) -> None:
 
 
 def build_optimizers(opt, num_stages: int, num_steps: int, method):
-    """A single optax transformation, or a list with one per stage when per-stage rates are given."""
+    """The optax transformation(s) of the ``optimizer`` section.
+
+    Args:
+      opt: the ``optimizer`` section (a ConfigDict), checked with ``check_optimizer_config``.
+      num_stages: K.
+      num_steps: the run's optimizer steps, over which a cosine decay runs.
+      method: the ``Method`` (per-stage rates are refused for a ONE_TREE method).
+
+    Returns:
+      One ``optax.GradientTransformation`` for all stages, or a list of K when ``learning_rates``
+      gives one rate per stage; the form ``lpjax.Trainer`` takes as ``optimizer``.
+    """
     check_optimizer_config(opt, num_stages, method)
     rates = number_list(opt.learning_rates, "optimizer.learning_rates")
     if rates is None:
@@ -49,7 +61,8 @@ def build_optimizers(opt, num_stages: int, num_steps: int, method):
 
 
 def learning_rate_schedules(opt, num_stages: int, num_steps: int) -> list:
-    """Per stage, the learning rate as a function of the update count (what the logs report)."""
+    """Per stage, the learning rate as a function of the update count (what the logs report): K
+    callables ``count -> float``, matching what ``build_optimizers`` applies."""
     rates = number_list(opt.learning_rates, "optimizer.learning_rates") or [opt.learning_rate] * num_stages
     schedules = []
     for rate in rates:

@@ -13,11 +13,20 @@ import traceback
 
 import ml_collections
 
+from lpjax.errors import ConfigError, first_line
+
 
 def load_recipe(spec: str):
-    """``(config, None)``, or ``(None, reason)`` with a one-line reason naming the file, the problem,
-    the line where the recipe raised, and the fix. ``spec`` is ``PATH`` or ``PATH:ARGUMENT`` (the
-    argument goes to ``get_config``, as with config_flags)."""
+    """Runs a recipe file's ``get_config`` and says in one line why it gave no config.
+
+    Args:
+      spec: ``PATH`` or ``PATH:ARGUMENT`` (the argument goes to ``get_config``, as with config_flags).
+
+    Returns:
+      ``(config, None)``, or ``(None, reason)``: a one-line reason naming the file, the problem, the
+      line where the recipe raised, and the fix (a ConfigError the recipe raises is its own reason).
+      It never raises, and a ``sys.exit()`` in the recipe does not end the program.
+    """
     path, *arguments = spec.split(":", 1)
     if not path:
         return None, "the --config path is empty; pass a recipe file such as recipes/mnist_mlp.py"
@@ -30,7 +39,7 @@ def load_recipe(spec: str):
     except SystemExit as err:
         return None, f"the config file {path} called sys.exit({_exit_code(err)}){_where(err, path)} while loading; a recipe must only define get_config()"
     except Exception as err:
-        return None, f"could not load the config file {path}: {type(err).__name__}: {_first_line(err)}{_where(err, path)}"
+        return None, f"could not load the config file {path}: {type(err).__name__}: {first_line(err)}{_where(err, path)}"
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         return None, f"the config file {path} defines no get_config() function; a recipe's get_config() returns its ml_collections ConfigDict"
@@ -44,10 +53,12 @@ def load_recipe(spec: str):
         pass
     try:
         config = get_config(*arguments)
+    except ConfigError as err:  # the recipe checked its argument, and its message names the fix
+        return None, str(err)
     except SystemExit as err:
         return None, f"get_config() in {path} called sys.exit({_exit_code(err)}){_where(err, path)}; it must return the config instead"
     except Exception as err:
-        return None, f"could not load the config file {path}: {type(err).__name__}: {_first_line(err)}{_where(err, path)}"
+        return None, f"could not load the config file {path}: {type(err).__name__}: {first_line(err)}{_where(err, path)}"
     if not isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
         got = "None (is a return statement missing?)" if config is None else f"a value of type {type(config).__name__}"
         return None, f"get_config() in {path} returned {got}; it must return an ml_collections ConfigDict, e.g. lpjax.config.build.base_config() with the recipe's keys set"
@@ -75,8 +86,3 @@ def _where(err, path) -> str:
         return ""  # its message already says "(file, line N)"
     frames = [f for f in traceback.extract_tb(err.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     return f" (line {frames[-1].lineno})" if frames else ""
-
-
-def _first_line(err) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

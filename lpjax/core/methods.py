@@ -62,6 +62,22 @@ class SharedReadout:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A local-update method as a frozen declaration (the module docstring says what each field means).
+
+    Attributes:
+      name: the name run headers and results show (the registry key for the shipped methods).
+      window: stages each loss's gradient reaches, its own included, an int >= 1; None: all before it.
+      losses: ``EVERY_STAGE`` (every head has a loss) or ``LAST_STAGE`` (only the output head).
+      loss_weights: EVERY_STAGE only: one weight λ_k >= 0 per stage; None: 1 for every stage.
+      one_layer_per_stage: ``check`` refuses a model with a stage of several layers.
+      needs_flush: a step's gradient exists only once the whole pipeline has run (flushing schedules).
+      optimizer: ``PER_STAGE`` (one optax state and finite check per stage) or ``ONE_TREE``.
+      shared: a ``SharedReadout``, or None.
+
+    Construction checks each field's type and range, and raises ConfigError naming the fix; what
+    depends on the model (the stage count, the layers per stage) is checked by ``check``.
+    """
+
     name: str
     window: int | None = 1  # stages each loss's gradient reaches (its own included); None: all before it
     losses: str = EVERY_STAGE
@@ -98,6 +114,8 @@ class Method:
         return f"{self.name} + shared readout (refreshed every {self.shared.refresh_steps} steps)"
 
     def weights(self, num_stages: int) -> tuple[float, ...]:
+        """Each stage's loss weight λ_k, ``num_stages`` floats: (0, .., 0, 1) for LAST_STAGE, else the
+        given weights (ConfigError when their count is not ``num_stages``) or all 1."""
         if self.losses == LAST_STAGE:
             return (0.0,) * (num_stages - 1) + (1.0,)
         if self.loss_weights is None:
@@ -109,19 +127,24 @@ class Method:
         return tuple(float(w) for w in self.loss_weights)
 
     def reach(self, num_stages: int) -> int:
+        """The window as a number: ``window``, or ``num_stages`` when it is None (every stage)."""
         return num_stages if self.window is None else self.window
 
     def sources(self, k: int, num_stages: int) -> tuple[int, ...]:
-        """Later stages whose loss gradient reaches stage k's body (k itself excluded)."""
+        """The later stages j > k whose loss gradient reaches stage k's body: those inside the window
+        with a non-zero weight, in increasing order (k itself excluded)."""
         weights = self.weights(num_stages)
         last = min(k + self.reach(num_stages) - 1, num_stages - 1)
         return tuple(j for j in range(k + 1, last + 1) if weights[j] != 0.0)
 
     def passes_on(self, j: int, k: int, num_stages: int) -> bool:
-        """Whether loss ``j``'s gradient continues from stage k into stage k-1."""
+        """Whether loss ``j``'s gradient continues from stage k into stage k-1 (k-1 is inside j's window)."""
         return k >= 1 and j - (k - 1) < self.reach(num_stages)
 
     def check(self, model) -> None:
+        """Raises ConfigError when the method cannot train ``model`` (a ``StagedModel``): a stage of
+        several layers for a one-layer-per-stage method, a window longer than the stages, a shared
+        readout on one stage or with the last stage's weight at 0. Returns None otherwise."""
         if self.one_layer_per_stage:
             thick = [k for k, stage in enumerate(model) if stage.num_layers != 1]
             if thick:
@@ -147,7 +170,17 @@ METHODS: dict = {}  # name -> factory(*, window=None, loss_weights=None) -> Meth
 
 
 def register_method(name: str):
-    """Decorator: make ``factory`` available as ``method.name=<name>`` in configs and sweeps."""
+    """Decorator: make a method factory available as ``method.name=<name>`` in configs and sweeps.
+
+    Args:
+      name: the config name. Registering a second factory under a taken name raises ValueError
+        (registering the same factory again is allowed).
+
+    Returns:
+      The decorator; it returns the factory unchanged. The factory is called with the config's
+      ``method`` options that are set, as keywords (``window``, ``loss_weights``, and any your method
+      declares), validates them (ConfigError naming the fix) and returns a ``Method``.
+    """
     def register(factory):
         if name in METHODS and METHODS[name] is not factory:
             raise ValueError(f"method {name!r} is already registered")
@@ -163,7 +196,11 @@ def _no_window(name, window):
 
 @register_method("backprop")
 def Backprop(*, window=None, loss_weights=None) -> Method:
-    """Global backpropagation of the last head's loss; the baseline."""
+    """Global backpropagation of the last head's loss; the baseline.
+
+    Returns the ``Method`` with ``losses=LAST_STAGE``, ``window=None``, ``needs_flush=True`` and
+    ``optimizer=ONE_TREE``. ``window`` must be left out and ``loss_weights`` is refused (ConfigError).
+    """
     if window is not None:
         raise ConfigError(f"backprop's gradient reaches every stage, got window={window}; drop method.window")
     return Method("backprop", window=None, losses=LAST_STAGE, loss_weights=loss_weights, needs_flush=True,
@@ -172,21 +209,41 @@ def Backprop(*, window=None, loss_weights=None) -> Method:
 
 @register_method("greedy")
 def Greedy(loss_weights=None, *, window=None) -> Method:
-    """Window 1 with one layer per stage (greedy layer-wise training)."""
+    """Window 1 with one layer per stage (greedy layer-wise training).
+
+    Args:
+      loss_weights: optional, one weight >= 0 per stage.
+      window: only None or 1 (ConfigError otherwise).
+
+    Returns:
+      The ``Method``: every head a loss, window 1, ``one_layer_per_stage=True``.
+    """
     _no_window("greedy", window)
     return Method("greedy", window=1, loss_weights=loss_weights, one_layer_per_stage=True)
 
 
 @register_method("chunked")
 def Chunked(loss_weights=None, *, window=None) -> Method:
-    """Window 1 with several layers per stage; the number of chunks is the number of stages."""
+    """Window 1 with several layers per stage; the number of chunks is the number of stages.
+
+    Takes what ``Greedy`` takes, and returns the ``Method`` with every head a loss, window 1 and any
+    number of layers per stage.
+    """
     _no_window("chunked", window)
     return Method("chunked", window=1, loss_weights=loss_weights)
 
 
 @register_method("overlapping")
 def Overlapping(window: int | None = 2, loss_weights=None) -> Method:
-    """Each loss reaches back through ``window`` stages (the paper's overlapping variant uses 2)."""
+    """Each loss reaches back through ``window`` stages (the paper's overlapping variant uses 2).
+
+    Args:
+      window: an int >= 2 (None: 2); window 1 is ``Chunked`` (ConfigError).
+      loss_weights: optional, one weight >= 0 per stage.
+
+    Returns:
+      The ``Method``: every head a loss, stage k's body trained by losses k .. k+window-1.
+    """
     window = 2 if window is None else window
     if not isinstance(window, int) or window < 2:
         raise ConfigError(f"overlapping needs window >= 2, got {window!r}; window 1 is Chunked")
@@ -197,8 +254,17 @@ def make_method(name: str, *, shared_readout: bool = False, readout_refresh_step
                 **options) -> Method:
     """The registered method ``name``, built with the options that are set (None means the default).
 
-    ``shared_readout`` adds a ``SharedReadout(readout_refresh_steps)`` to whatever the factory
-    builds, so every registered method (yours included) can take it without knowing about it."""
+    Args:
+      name: a key of ``METHODS`` (ConfigError listing them otherwise).
+      shared_readout: True adds a ``SharedReadout(readout_refresh_steps)`` to whatever the factory
+        builds, so every registered method (yours included) can take it without knowing about it.
+      readout_refresh_steps: steps between refreshes of the shared copy (default 1); only with
+        ``shared_readout`` (ConfigError otherwise).
+      **options: the factory's keywords (``window``, ``loss_weights``, ...); None values are dropped.
+
+    Returns:
+      The ``Method``. Every problem with the options is a ConfigError naming the fix.
+    """
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     method = METHODS[name](**{key: value for key, value in options.items() if value is not None})

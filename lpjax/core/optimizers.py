@@ -9,6 +9,18 @@ from lpjax.core.methods import ONE_TREE
 
 
 def per_stage_optimizers(optimizer, num_stages: int, method) -> list:
+    """Each stage's optax transformation.
+
+    Args:
+      optimizer: one ``optax.GradientTransformation`` for every stage, or a sequence of one per stage
+        (not for a ``ONE_TREE`` method such as backprop, whose one optimizer spans the model).
+      num_stages: K.
+      method: the ``Method`` being trained.
+
+    Returns:
+      A list of K transformations (the same object K times when one was given). Raises ConfigError
+      for a wrong count, a non-optax entry, or a list given to a ONE_TREE method.
+    """
     if isinstance(optimizer, optax.GradientTransformation):
         return [optimizer] * num_stages
     if isinstance(optimizer, Sequence) and not isinstance(optimizer, str):

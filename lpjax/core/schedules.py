@@ -20,10 +20,20 @@ Two families:
 """
 
 import dataclasses
+import enum
 
 from lpjax.errors import ConfigError
 
-LOCAL, FORWARD, BACKWARD = "local", "forward", "backward"
+
+class Phase(enum.StrEnum):
+    """What a task runs. Strings, so that a phase prints and compares as its name."""
+
+    LOCAL = "local"  # a forward, then the delayed cotangents it consumes (streaming)
+    FORWARD = "forward"
+    BACKWARD = "backward"  # the cotangents it consumes, for a forward run earlier
+
+
+LOCAL, FORWARD, BACKWARD = Phase.LOCAL, Phase.FORWARD, Phase.BACKWARD
 _LETTER = {LOCAL: "L", FORWARD: "F", BACKWARD: "B"}
 DELAY_PER_HOP = 2  # streaming: clocks between stage k+1 running m and stage k applying its cotangent
 
@@ -32,7 +42,7 @@ DELAY_PER_HOP = 2  # streaming: clocks between stage k+1 running m and stage k a
 class Task:
     stage: int
     microbatch: int  # index in the whole run, not in the step
-    phase: str  # LOCAL (forward + delayed backward) | FORWARD | BACKWARD
+    phase: Phase
     update: bool = False  # apply the stage's optimizer step after this task
     consumes: tuple = ()  # ((loss j, microbatch m'), ...): cotangents from stage k+1 applied here
     first: bool = False  # first task of the stage's step: its gradient replaces the sum

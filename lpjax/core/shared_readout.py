@@ -32,7 +32,12 @@ class ReadoutCopy(nnx.Variable):
 
 
 class ReadOnlyReadout(nnx.Module):
-    """``x @ stop_gradient(kernel) + stop_gradient(bias)``, the same contraction as ``nnx.Linear``."""
+    """``x @ stop_gradient(kernel) + stop_gradient(bias)``, the same contraction as ``nnx.Linear``.
+
+    Args:
+      kernel: ``[in, out]``, copied into a ``ReadoutCopy`` variable.
+      bias: ``[out]`` or None, likewise.
+    """
 
     def __init__(self, kernel, bias=None):
         self.kernel = ReadoutCopy(jnp.array(kernel))
@@ -47,7 +52,12 @@ class ReadOnlyReadout(nnx.Module):
 
 
 def readout_path(head) -> tuple | None:
-    """Attribute path from ``head`` to its readout: ``()`` when the head is the readout itself."""
+    """Where a head's readout is.
+
+    Returns:
+      ``()`` when ``head`` is the readout itself (an ``nnx.Linear`` or a ``ReadOnlyReadout``),
+      ``(name,)`` for such an attribute named in ``READOUT_NAMES``, None when it has none.
+    """
     if isinstance(head, (nnx.Linear, ReadOnlyReadout)):
         return ()
     for name in READOUT_NAMES:
@@ -64,9 +74,17 @@ def _no_readout(k, head):
 
 
 def share_readout(model) -> tuple:
-    """Give stages 0..K-2 of ``model`` (in place) a ``ReadOnlyReadout`` copy of the last stage's
-    readout; returns the readout's path in every stage's head. Idempotent: a model that already
-    holds copies gets them refreshed from the last readout."""
+    """Give stages 0..K-2 of ``model`` (in place) a ``ReadOnlyReadout`` copy of the last stage's readout.
+
+    Args:
+      model: a ``StagedModel`` whose last head's readout is an ``nnx.Linear`` and whose other heads
+        have a readout of the same shape.
+
+    Returns:
+      The readout's path in every stage's head, K tuples (``readout_path``). Raises ConfigError,
+      leaving the model unchanged, when a head has no readout or one of another shape. Idempotent: a
+      model that already holds copies gets them refreshed from the last readout.
+    """
     K = len(model)
     last_head = model[K - 1].head
     path = readout_path(last_head)
@@ -121,7 +139,15 @@ def _names(key_path):
 
 
 def get_readout(head_tree, path) -> dict:
-    """``{"kernel": ..., "bias": ...}`` (bias when there is one) found at ``path`` in a head's state tree."""
+    """The readout's arrays in a head's state tree.
+
+    Args:
+      head_tree: a head's state (``nnx.state`` or its pure-dict form).
+      path: the readout's path in the head (``readout_path``).
+
+    Returns:
+      ``{"kernel": ..., "bias": ...}``, bias only when there is one; {} when nothing is at ``path``.
+    """
     found = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(head_tree)[0]:
         names = _names(key_path)
@@ -131,7 +157,8 @@ def get_readout(head_tree, path) -> dict:
 
 
 def set_readout(head_tree, path, readout: dict):
-    """``head_tree`` with the arrays at ``path`` replaced by ``readout``'s."""
+    """``head_tree`` with the arrays at ``path`` replaced by ``readout``'s (cast to the dtypes they
+    replace); a new tree, the given one is not changed. The inverse of ``get_readout``."""
     def replace(key_path, leaf):
         names = _names(key_path)
         if names[:len(path)] == path and len(names) > len(path) and names[len(path)] in readout:

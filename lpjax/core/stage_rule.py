@@ -21,12 +21,8 @@ state and a gradient sum). Three pure functions act on it:
   do about it (carry on or halt) is the training loop's policy. This is ``optax.apply_if_finite``'s
   rule, decided once per update with ``lax.cond`` on the gradient norm that is logged anyway:
   apply_if_finite selects between old and new state leaf by leaf, which costs a pass over the
-  parameters and optimizer state every step (about 4 ms of 21 on the 1024-wide overhead benchmark).
-  The norm itself is one more read of every gradient, which XLA's CPU backend runs as its own
-  reduction (it fuses none with the dot that writes a gradient): the one pass of device work a
-  hand-written step does not have (``benchmarks/greedy_overhead.py``). ``gradient_sq_norm``
-  sums a matrix by columns first on CPU, which cut that reduction's CPU time there from about 1.8
-  to 1.2 ms a step.
+  parameters and optimizer state every step (about 4 ms of 21 on the 1024-wide overhead benchmark;
+  docs/performance.md).
 
 Stage boundaries are cut with ``jax.lax.stop_gradient``; a loss's gradient only crosses a boundary
 as an explicit cotangent message, which is what makes the window exact.
@@ -99,6 +95,13 @@ def gradient_sq_norm(grads):
     """The squared global L2 norm of a gradient tree, in float32: the quantity the non-finite check
     and the ``grad_norm`` metric read (``benchmarks/greedy_overhead.py`` measures what it costs)."""
     return sum((_sum_of_squares(leaf) for leaf in jax.tree.leaves(grads)), jnp.zeros((), jnp.float32))
+
+
+def no_metrics():
+    """The metrics of a task that scores no head: NaN loss and accuracy (float32 scalars), which a
+    stage's mean over its tasks never counts."""
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return {"loss": nan, "accuracy": nan}
 
 
 def _split(module):
@@ -209,10 +212,6 @@ class StageRule:
     def _metrics(self, logits, y):
         return {"loss": self.loss_fn(logits, y), "accuracy": accuracy(logits, y)}
 
-    def _no_metrics(self):
-        nan = jnp.full((), jnp.nan, jnp.float32)
-        return {"loss": nan, "accuracy": nan}
-
     # -- the rule ----------------------------------------------------------------------------
     def forward(self, state: StageState, x, y, fresh=False):
         """Returns ``(state, h, own_cotangent | None, residual | None, metrics)``.
@@ -227,7 +226,7 @@ class StageRule:
         h, body_vjp, new_body_rest = jax.vjp(body_fn, params["body"], x, has_aux=True)
         new_rest = dict(rest, body=_keep_if_finite(new_body_rest, rest["body"]))
         grads = jax.tree.map(jnp.zeros_like, state.grad_sum)
-        own_dx, metrics = None, self._no_metrics()
+        own_dx, metrics = None, no_metrics()
         if self.trains_head:
             @functools.partial(rematerialised, name=self.remat)
             def weighted_loss(hp, hidden):

@@ -170,8 +170,7 @@ def check_layout(trainer) -> None:
     count = jax.process_count()
     if count == 1:
         return
-    mesh = trainer.executor.mesh
-    _check_devices(mesh.shape["stage"], mesh.shape["data"])
+    _check_devices(trainer.num_stages, trainer.num_data)
 
 
 def _check_devices(stages: int, data: int) -> None:

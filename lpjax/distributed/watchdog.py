@@ -45,6 +45,8 @@ import time
 
 import jax
 
+from lpjax.errors import first_line
+
 EXIT_BARRIER = "lpjax_exit"
 EXIT_TIMEOUT_S = 300  # as long as JAX's own shutdown barrier waits by default
 POLL_S = 1.0
@@ -158,7 +160,7 @@ class _PeerWatch:
                     return
                 where = f" at {self.coordinator}" if self.coordinator else ""
                 self.fail(f"lost contact with process 0 of {self.count}, which hosts the coordinator{where} "
-                          f"({_first_line(err)[:160]})")
+                          f"({first_line(err)[:160]})")
             if self.stopping.is_set():
                 if self.pid != 0:
                     return
@@ -242,7 +244,7 @@ class _PeerWatch:
             if not self.failing.is_set():
                 self.await_verdict()  # a peer died while we waited: let the watchdog say which
             self.fail(f"not every process reached the end of the run within {EXIT_TIMEOUT_S} s "
-                      f"({_first_line(err)})")
+                      f"({first_line(err)})")
         self.stopping.set()
         if self.pid == 0:  # keep the coordination service up until every other process has left
             self.peers_gone.wait(self.timeout_s + 10)
@@ -272,8 +274,3 @@ def _flush_streams():
             stream.flush()
         except Exception:
             pass
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

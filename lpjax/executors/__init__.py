@@ -1,4 +1,5 @@
-"""Executors: where and how a schedule's tasks run. docs/semantics.md says what each one must compute."""
+"""Executors: where and how a schedule's tasks run. ``base.Executor`` is the interface every one
+implements; docs/semantics.md says what each one must compute."""
 
 from lpjax.errors import ConfigError
 from lpjax.executors.dataflow import DataflowExecutor
@@ -14,7 +15,8 @@ def make_executor(rules, schedule, layout=None):
     mesh = make_stage_mesh(layout.stages, layout.data)
     if layout.executor == "mpmd":
         return DataflowExecutor(rules, schedule, PerStageMeshes(mesh))
-    from lpjax.executors.spmd.executor import SpmdExecutor  # only homogeneous models can use it
+    # any model: stages of different shapes share flat buffers (spmd/buffers.py); loaded only when asked for
+    from lpjax.executors.spmd.executor import SpmdExecutor
 
     return SpmdExecutor(rules, schedule, mesh)
 

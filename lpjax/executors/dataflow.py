@@ -13,35 +13,21 @@ one-tree optimizer (backprop) updates: every stage's update task of the step mar
 once all are due the stages step together with the global gradient norm (``StageRule.update``);
 a flushed step runs nothing on a stage after its update task, so this is the same step.
 
-With every stage on one device and a flushing schedule (Sequential, GPipe, 1F1B), the reference
-executor runs each step as ONE compiled program: this interpreter, traced once per step table
-through the same cells, which jit inlines (``_run_whole_step``). A flushed step leaves nothing in
-flight, so the program's inputs are the step's batches and the stage states, its outputs the states
-and the metrics, and it computes exactly what the cells one by one do (``tests/test_methods.py``
-compares them bit for bit). One dispatch instead of one per task, and XLA may overlap stage k's
-update with stage k+1's forward: on ``benchmarks/greedy_overhead.py`` (4 stages, 2 cores) lpjax
-went from about 1.10x to about 1.07x the hand-written step, and the main thread's CPU per step
-from about 2.6 to 1.0 ms; to about 0.8 ms (and about 1.06x) once a step found its program by a
-signature of plain tuples instead of rebuilding shifted ``Task`` objects, and passed each distinct
-label array once instead of once per stage (the hand-written step: 0.3 ms). The donated stage
-states keep their unused leaves (``keep_unused``): otherwise the gradient sums that a step's first
-forward overwrites drop out of the program's inputs, and jax's pairing of donated inputs with
-outputs slides by one stage, which cost twelve 4 MB copies per step there.
-The per-stage (MPMD) executor runs task by task so that stages on different devices overlap; so does
-a streaming schedule, whose tasks carry over between calls. So does, by default, a step of several
-microbatches: on one core (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``, ``taskset -c 0``; the
-2-stage x 2-layer 1024-wide MLP of ``benchmarks/pipeline_processes.py``, 4 microbatches of 512) one
-program per step took 552 ms against 516 task by task with chunked (Sequential(4), the same bits)
-and 538 against 530 with 1F1B backprop, whose parameters then differed by up to 3e-8 (XLA fuses
-across the cells' boundaries and rounds differently). With one microbatch per step the same 1F1B
-backprop took 112 ms as one program against 134 task by task, to the bit. ``whole_steps=True`` asks
-for it anyway (``tests/test_methods.py`` does, and checks the bits on a tiny model).
+With every stage on one device and a flushing schedule whose steps are one microbatch, the
+reference executor runs each step as ONE compiled program: this interpreter, traced once per step
+table through the same cells, which jit inlines (``_run_whole_step``). A flushed step leaves nothing
+in flight, so the program's inputs are the step's batches and the stage states, its outputs the
+states and the metrics, and it computes exactly what the cells one by one do
+(``tests/test_methods.py`` compares them bit for bit). One dispatch instead of one per task, and XLA
+may overlap stage k's update with stage k+1's forward (about 1.10x -> 1.07x a hand-written step on
+``benchmarks/greedy_overhead.py``). The per-stage (MPMD) executor runs task by task so that stages
+on different devices overlap; so does a streaming schedule, whose tasks carry over between calls,
+and by default a step of several microbatches (up to 7% slower as one program on one core);
+``whole_steps=True`` asks for it anyway. docs/performance.md has the measurements.
 
 Each stage's state is kept as its flat list of arrays, and the compiled cells take and return that
-list: a ``StageState`` holds Flax ``Variable`` nodes, whose Python flatten and unflatten at every
-cell call were most of the host time of a step (``benchmarks/greedy_overhead.py``, 4 stages: the
-main thread's CPU per step went from about 2.7 to 1.6 ms with this and host batches left to the
-cells' dispatch, against 0.3 ms for one hand-written jitted step). ``states`` rebuilds the
+list: flattening and unflattening a ``StageState``'s Flax ``Variable`` nodes at every cell call was
+most of a step's host time (main thread 2.7 -> 1.6 ms a step). ``states`` rebuilds the
 ``StageState`` pytrees when asked.
 """
 
@@ -52,30 +38,28 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lpjax.core.schedules import BACKWARD, Flow
+from lpjax.core.schedules import BACKWARD
+from lpjax.errors import ConfigError
+from lpjax.executors.base import ExecutorBase, ShardedStates
 from lpjax.executors.placement import SingleDevice
 
 
-class DataflowExecutor:
+class DataflowExecutor(ExecutorBase):
+    """The reference and per-stage MPMD executor (the interface: executors/base.py)."""
+
     def __init__(self, rules, schedule, placement, *, whole_steps=None):
-        self.rules = rules
-        self.schedule = schedule
+        super().__init__(rules, schedule)
         self.placement = placement
         # One compiled program per step (see _run_whole_step): every stage on one device and a
         # flushing schedule, whose steps leave nothing in flight. None: when that holds and a step
-        # is one microbatch (measured in the module docstring: several were slower as one program).
+        # is one microbatch (several were slower as one program: docs/performance.md).
         self.whole_steps = (isinstance(placement, SingleDevice) and schedule.synchronous and schedule.microbatches == 1
                             if whole_steps is None else whole_steps)
         self._tracing = False  # inside _traced_step: values are tracers of one program
-        self.num_stages = len(rules)
         self.states = [placement.put_state(k, rule.init_state()) for k, rule in enumerate(rules)]
-        self.flow = Flow(tuple(tuple(rule.sources) for rule in rules))
-        self.one_tree = rules[0].one_tree
         self._due = set()  # one-tree stages whose update task of this step has run
-        self.done = [0] * self.num_stages
-        self.fed = 0
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
-        self.log = []  # (stage, microbatch, metrics) of tasks run since the last take_metrics()
+        # self._metrics (ExecutorBase): (stage, microbatch, metrics) of the tasks run since the last take_metrics()
         self._cells = {}
         # A VJP residual is a pytree whose static part holds a jaxpr from the trace that made it;
         # passed into jit as is, every new trace would miss the cache of the cells that consume it.
@@ -116,30 +100,22 @@ class DataflowExecutor:
     # -- public ------------------------------------------------------------------------------
     def feed(self, microbatch_inputs, microbatch_labels):
         """Queue one step's microbatches (sequences of arrays) and run every clock they unlock."""
-        for x, y in zip(microbatch_inputs, microbatch_labels):
-            m = self.fed
-            self.inputs[(0, m)] = self.placement.put_batch(0, x)
-            placed = {}  # one copy of the labels per distinct placement, not per stage
-            for k, rule in enumerate(self.rules):
-                if rule.trains_head:
-                    where = self.placement.batch_sharding(k)
-                    if where not in placed:
-                        placed[where] = self.placement.put_batch(k, y)
-                    self.labels[(k, m)] = placed[where]
-            self.fed += 1
+        self._queue(microbatch_inputs, microbatch_labels, self._place)
         self._run(drain=False)
 
-    def drain(self):
-        """Finish every fed microbatch at every stage (the fill/drain bubble of a stream)."""
-        self._run(drain=True)
+    def _place(self, m, x, y):
+        self.inputs[(0, m)] = self.placement.put_batch(0, x)
+        placed = {}  # one copy of the labels per distinct placement, not per stage
+        for k, rule in enumerate(self.rules):
+            if rule.trains_head:
+                where = self.placement.batch_sharding(k)
+                if where not in placed:
+                    placed[where] = self.placement.put_batch(k, y)
+                self.labels[(k, m)] = placed[where]
 
-    def flush(self):
-        """Drain, then forget whatever the drain left in flight (cotangents about microbatches whose
-        consumers will not run): afterwards the stage states are the executor's whole state, which is
-        what a checkpoint saves and a resumed run starts from."""
-        self.drain()
+    def _forget_in_flight(self):
+        """``flush``: the cotangents about microbatches whose consumers will not run, and the rest."""
         self.inputs, self.labels, self.residuals, self.messages = {}, {}, {}, {}
-        self.done, self.fed = [0] * self.num_stages, 0
         self._due = set()
 
     def refresh_shared(self):
@@ -165,17 +141,19 @@ class DataflowExecutor:
 
     def load_states(self, states):
         """Replace every stage's state (a restored checkpoint), placed on this layout's devices."""
+        if isinstance(states, ShardedStates):
+            raise ConfigError("a sharded checkpoint resumes with the spmd executor; "
+                              "set --config.layout.executor=spmd")
         self.flush()
         self.states = [self.placement.put_state(k, state) for k, state in enumerate(states)]
 
-    def take_metrics(self):
-        """Per-stage mean metrics over the tasks run since the last call (device arrays)."""
-        log, self.log = self.log, []
+    def _mean_metrics(self, log):
+        """Per stage, the mean over its logged tasks (device arrays)."""
         return summarize(log, self.num_stages)
 
     # -- scheduling --------------------------------------------------------------------------
     def _run(self, drain):
-        clocks = self.schedule.plan(self.flow, self.done, self.fed, drain=drain)
+        clocks = self._clocks(drain)
         if self.whole_steps and clocks:
             self._run_whole_step([task for clock in clocks for task in clock if task is not None])
             return
@@ -212,7 +190,7 @@ class DataflowExecutor:
                 self.messages[(k - 1, k, m)] = self._put_batch(k - 1, own_dx)
             if residual is not None:
                 self.residuals[(k, m)] = [residual, len(rule.sources)]
-            self.log.append((k, m, metrics))
+            self._metrics.append((k, m, metrics))
         about = dict(task.consumes)
         for j, dx in passed.items():
             self.messages[(k - 1, j, about[j])] = self._put_batch(k - 1, dx)
@@ -266,12 +244,14 @@ class DataflowExecutor:
             relative = tuple(dataclasses.replace(task, microbatch=task.microbatch - base,
                                                  consumes=tuple((j, m - base) for j, m in task.consumes))
                              for task in tasks)
+            # keep_unused: else the gradient sums a step's first forward overwrites drop out of the
+            # inputs and the donated inputs pair with outputs one stage off (twelve 4 MB copies a step)
             program = jax.jit(functools.partial(self._traced_step, relative, dict(label_of)), donate_argnums=(0,),
                               keep_unused=True)
             self._cells[key] = (program, [(t.stage, t.microbatch) for t in relative if t.runs_forward])
         program, forwards = self._cells[key]
         self._leaves, metrics = program(self._leaves, step_inputs, labels)
-        self.log += [(k, m + base, entry) for (k, m), entry in zip(forwards, metrics)]
+        self._metrics += [(k, m + base, entry) for (k, m), entry in zip(forwards, metrics)]
         for k, m in forwards:
             self.done[k] = m + base + 1
 
@@ -284,15 +264,15 @@ class DataflowExecutor:
                                            ("updates due", self._due)] if box]
             if left:
                 raise AssertionError(f"a whole step left {left} in flight; it must run task by task")
-            return self._leaves, [metrics for _, _, metrics in self.log]
+            return self._leaves, [metrics for _, _, metrics in self._metrics]
 
     @contextlib.contextmanager
     def _step_in_trace(self, leaves, inputs, labels):
         """The interpreter's state, for the duration of one trace, holding that trace's values."""
-        names = ("_leaves", "inputs", "labels", "messages", "residuals", "log", "_due")
+        names = ("_leaves", "inputs", "labels", "messages", "residuals", "_metrics", "_due")
         saved = {name: getattr(self, name) for name in names}
         self._leaves, self.inputs, self.labels = list(leaves), dict(inputs), dict(labels)
-        self.messages, self.residuals, self.log, self._due = {}, {}, [], set()
+        self.messages, self.residuals, self._metrics, self._due = {}, {}, [], set()
         self._tracing = True
         try:
             yield

@@ -9,7 +9,20 @@ EXECUTORS = ("mpmd", "spmd")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """``stages`` x ``data`` devices. ``executor`` picks per-stage jit (mpmd) or one program (spmd)."""
+    """Where a staged model runs: a ``(stage, data)`` mesh of ``stages x data`` devices.
+
+    Attributes:
+      stages: devices along the ``stage`` axis; the executor requires it to equal the model's stage
+        count (stage k runs on row k).
+      data: devices per stage; a stage's microbatches are split over them (data parallelism inside
+        a stage, gradients averaged).
+      executor: ``"mpmd"`` (each stage jitted on its own row, activations moved between rows) or
+        ``"spmd"`` (all stages as one program over the ``stage`` axis).
+
+    Construction raises ConfigError for a count below 1 or an unknown executor. The devices are
+    taken when a Trainer is built (the first ``stages x data`` of ``jax.devices()``); a layout needing
+    more than are visible is refused there.
+    """
 
     stages: int
     data: int = 1
@@ -24,5 +37,6 @@ class Layout:
             raise ConfigError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
 
     @property
-    def num_devices(self):
+    def num_devices(self) -> int:
+        """``stages * data``: the devices the layout uses."""
         return self.stages * self.data

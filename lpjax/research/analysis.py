@@ -152,3 +152,25 @@ def headline(best, baseline: str = BASELINE) -> dict:
             row[f"{name}_ratio"] = winner[name] / base[name] if ok and base[name] else None
         out[problem] = row
     return out
+
+
+def paired_bootstrap(base: dict, other: dict, *, resamples: int = 10000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean over seeds of ``base[s] - other[s]`` and its percentile bootstrap interval: the seeds that
+    both have (``{seed: value}``) are resampled with replacement, ``resamples`` times. Pairing by seed
+    takes out what the two runs of a seed share (data order, initial body). With one common seed the
+    interval is that one difference; with none, every figure is None.
+
+    Returns ``{"mean", "low", "high", "n", "level"}``."""
+    seeds = sorted(s for s in base if s in other and _finite(base[s]) and _finite(other[s]))
+    if not seeds:
+        return {"mean": None, "low": None, "high": None, "n": 0, "level": level}
+    diffs = np.array([base[s] - other[s] for s in seeds], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"mean": float(diffs.mean()), "low": float(low), "high": float(high), "n": len(seeds), "level": level}
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)

@@ -10,12 +10,20 @@ with an exact min-max partition:
   the lowered programs (``lpjax.research.costs.analyse(compile=False)``), plus the FLOPs of the head that a
   stage ending at that layer carries (forward, backward and loss). A stage does not send a gradient
   out of its first layer, so that layer's input-gradient FLOPs are left out of a stage starting there.
-- memory (``by="memory"``): bytes a stage holds per device during a step: each layer's parameters,
-  non-trainable state, gradient sum and optimizer state (``tx``, Adam's two slots by default) plus
-  the VJP residuals and output of its forward pass at the given batch; the same for the head it carries.
+- memory (``by="memory"``): the peak bytes of the stage's compiled programs, the accounting of the
+  memory table (``lpjax.research.costs.stage_peak``: a window-1 stage with ``tx``, Adam by default,
+  its training forward and update with the state donated). A per-layer model (each layer's
+  parameters, non-trainable state, gradient sum and optimizer state, plus the VJP residuals and
+  output of its forward pass; the same for the head) proposes a cut, but it does not add up to what
+  XLA holds for a stage: XLA keeps less than jax's VJP residuals, shares working memory between the
+  layers of a stage, and the stage also holds its input. So the model's cut and the even cut are
+  compiled and measured, and ``descend_min_max`` lowers the better one's largest stage with measured
+  stages only: the cut is never worse than the even cut by the measured figure.
 
 ``min_max_partition`` is a dynamic program over (stages, layers), O(K·n²): it returns a partition
-whose largest stage cost is the smallest possible, not a greedy approximation.
+whose largest stage cost is the smallest possible, not a greedy approximation. ``descend_min_max``
+needs far fewer evaluations of the cost (each one a compile), and is exact when a run's cost grows
+with the run.
 """
 
 import dataclasses
@@ -26,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lpjax.core.staging import register_split_planner
+from lpjax.core.staging import even_split_points, register_split_planner
 from lpjax.errors import ConfigError
 
 BALANCED = {"balanced": "flops", "balanced_memory": "memory"}
@@ -58,6 +66,7 @@ class BalancedSplit:
     by: str  # "flops" | "memory"
     points: list  # start layer of stages 1..K-1
     costs: list  # per stage, in the unit of ``by`` (FLOPs per example or bytes)
+    even_costs: list | None = None  # by="memory": the even cut's stages, measured the same way
 
     @property
     def shares(self) -> list:
@@ -95,6 +104,71 @@ def min_max_partition(num_items: int, num_parts: int, cost) -> tuple:
         bounds.append(j)
     bounds.reverse()
     return bounds[1:-1], [float(cost(i, j)) for i, j in zip(bounds, bounds[1:])]
+
+
+def descend_min_max(num_items: int, num_parts: int, cost, candidates) -> tuple:
+    """The best of ``candidates`` (lists of split points) by their largest ``cost(i, j)``, then lowered
+    while some partition has every run below the current largest: a pass packs runs from the left,
+    each as long as it stays below (a binary search for its end). Exact when a run's cost grows with
+    the run (``cost(i, j) <= cost(i, j + 1)`` and ``cost(i + 1, j) <= cost(i, j)``): greedy packing then
+    finds a partition under a threshold whenever one exists. Memoise ``cost``: runs recur between passes.
+    Returns ``(points, costs)`` as ``min_max_partition``."""
+    def runs(points):
+        bounds = [0, *points, num_items]
+        return list(zip(bounds, bounds[1:]))
+
+    def largest(points):
+        return max(cost(i, j) for i, j in runs(points))
+
+    best = min((list(c) for c in candidates), key=largest)
+    while (packed := _pack_below(num_items, num_parts, cost, largest(best))) is not None:
+        best = packed
+    return best, [float(cost(i, j)) for i, j in runs(best)]
+
+
+def _pack_below(num_items, num_parts, cost, threshold):
+    """Split points whose every run costs less than ``threshold``, each run as long as it can be; None if
+    the packing fails."""
+    points, start = [], 0
+    for part in range(num_parts - 1):
+        low, high = start + 1, num_items - (num_parts - 1 - part)  # leave one item for each later run
+        if cost(start, low) >= threshold:
+            return None
+        while low < high:  # the longest run below the threshold
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cost(start, mid) < threshold else (low, mid - 1)
+        points.append(low)
+        start = low
+    return points if cost(start, num_items) < threshold else None
+
+
+def measured_stage_memory(network, x, y, *, loss="softmax_cross_entropy", tx=None):
+    """``cost(i, j)``: peak bytes of a stage holding layers ``i .. j-1`` and the head at ``j-1``, compiled
+    as a window-1 stage with ``tx`` (Adam by default) at inputs shaped like ``x`` and labels like ``y``
+    (``lpjax.research.costs.stage_peak``, the memory table's accounting), memoised."""
+    from lpjax.core.losses import get_loss
+    from lpjax.core.methods import make_method
+    from lpjax.core.stage_rule import StageRule
+    from lpjax.core.staging import Stage
+    from lpjax.research.costs import abstract_like, stage_peak
+
+    tx = tx or optax.adam(1e-3)
+    x, y = abstract_like(x), abstract_like(y)
+    inputs = [x]  # the input of every layer
+    for layer in network.layers[:-1]:
+        graphdef, params, rest = _split(layer)
+        inputs.append(jax.eval_shape(lambda p, r, inp, g=graphdef: nnx.merge(g, p, r)(inp),
+                                     abstract_like(params), abstract_like(rest), inputs[-1]))
+    method, loss_fn = make_method("chunked"), get_loss(loss)
+
+    @functools.cache
+    def cost(i, j):
+        stage = Stage(nnx.Sequential(*network.layers[i:j]), network.make_head(j - 1, nnx.Rngs(0)), layers=j - i)
+        # a window-1 stage computes the same whatever its index, except that stage 0 reads the data
+        rule = StageRule(stage, 0 if i == 0 else 1, 2, method, tx, loss_fn)
+        return stage_peak(rule, jax.eval_shape(rule.init_state), inputs[i], y)["peak"]
+
+    return cost
 
 
 # -- measuring the layers -----------------------------------------------------------------------------
@@ -168,6 +242,7 @@ def _state_bytes(params, rest, tx) -> int:
 
 
 _MEASURED = {}  # layer costs by network structure and input shapes: a sweep cuts the same network many times
+_MEASURED_STAGES = {}  # measured stage peaks (``measured_stage_memory``), by the same key
 
 
 def _structure_key(network, x, y, loss, tx):
@@ -196,8 +271,23 @@ def balanced_split(network, num_stages: int, x, y, *, by: str = "flops", loss="s
         costs = measure_layers(network, x, y, loss=loss, tx=tx)
         if key is not None:
             _MEASURED[key] = costs
-    points, stage_costs = min_max_partition(len(network.layers), num_stages, costs.stage_cost(by))
-    return BalancedSplit(by=by, points=points, costs=stage_costs)
+    num_layers = len(network.layers)
+    points, stage_costs = min_max_partition(num_layers, num_stages, costs.stage_cost(by))
+    if by == "flops":
+        return BalancedSplit(by=by, points=points, costs=stage_costs)
+    shared = key is not None and tx is None  # the key tells optimizers apart only by being given or not
+    measured = _MEASURED_STAGES.get(key) if shared else None
+    if measured is None:
+        measured = measured_stage_memory(network, x, y, loss=loss, tx=tx)
+        if shared:  # peaks depend on shapes only: every K of the same network shares the stages
+            _MEASURED_STAGES[key] = measured
+    if measured(num_layers - 1, num_layers) is None:  # a backend whose XLA gives no peak: the model's cut
+        return BalancedSplit(by=by, points=points, costs=stage_costs)
+    even = even_split_points(num_layers, num_stages)
+    points, stage_costs = descend_min_max(num_layers, num_stages, measured, [points, even])
+    bounds = [0, *even, num_layers]
+    return BalancedSplit(by=by, points=points, costs=stage_costs,
+                         even_costs=[float(measured(i, j)) for i, j in zip(bounds, bounds[1:])])
 
 
 for _name, _by in BALANCED.items():

@@ -33,7 +33,8 @@ def builtin_suites() -> list:
 
 
 def suite_path(suite: str) -> str:
-    """The sweep recipe file of a suite name or path."""
+    """The sweep file of a suite: a shipped suite's name, or the path of a sweep file. Raises
+    ConfigError for an unknown name or a missing file, naming the choices."""
     if not isinstance(suite, str) or not suite:
         raise ConfigError(f"suite must be a name ({', '.join(builtin_suites()) or 'small'}) or a sweep recipe path, "
                           f"got {suite!r}")
@@ -48,10 +49,22 @@ def suite_path(suite: str) -> str:
 
 
 def run_bench(suite: str, workdir: str, *, verbose: bool = True, train: bool = True) -> dict:
-    """Run (or resume) the suite's sweep, then write the analysis, report and plots to ``workdir``.
+    """Run (or resume) a suite's sweep, then write its analysis, report and plots.
 
-    ``train=False`` trains nothing: the report covers the runs already in ``workdir/results.jsonl``
-    and lists the planned runs that are missing (an interrupted sweep's interim report)."""
+    Args:
+      suite: a shipped suite's name (``small``, ``paper``, ...) or the path of a sweep file.
+      workdir: the directory for ``results.jsonl``, ``runs/``, ``summary.json``, ``report.md`` and
+        ``plots/``; created if missing. A run already in ``results.jsonl`` is not trained again.
+      verbose: print progress lines.
+      train: False trains nothing: the report covers the runs already in ``results.jsonl`` and lists
+        the planned runs that are missing (an interrupted sweep's interim report).
+
+    Returns:
+      The summary written to ``summary.json`` (best runs, headline ratios, alignment, critical batch
+      sizes, missing runs, findings and memory when the suite has them, times and load averages),
+      plus ``report`` (the report's path) and ``plots`` (the figures' paths). Every sweep and recipe
+      is checked before anything is trained: a problem is a ConfigError of one line.
+    """
     started, cpu_started, load_started = time.perf_counter(), _cpu_seconds(), _load()
     if not workdir:
         raise ConfigError("no workdir given; pass the directory that should receive the bench results")
@@ -217,6 +230,7 @@ def _rates_text(problem: dict) -> str:
 
 
 def render_report(summary: dict, sweep: dict, records: list) -> str:
+    """``report.md``'s Markdown, from ``run_bench``'s summary, the checked sweep and every run record."""
     best, window = summary["best"], summary["smooth_window"]
     costs = {}
     for r in records:

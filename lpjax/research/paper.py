@@ -11,16 +11,14 @@ A sweep recipe opts in with two sections (recipes/sweeps/paper.py):
 The criteria are written next to each verdict in the report, so a reader can disagree with them.
 """
 
-import inspect
 import math
 from collections import defaultdict
 
-import jax
 import numpy as np
-import optax
-from flax import nnx
 
-from lpjax.research.costs import forward_leaves, analyse
+from lpjax.research import analysis
+# the memory table lives in lpjax.research.memory; the suite's report and bench reach it through here
+from lpjax.research.memory import MEMORY_GOAL, memory_lines, memory_table, memory_verdict  # noqa: F401
 
 COMMAND = "lpjax bench --suite paper --workdir runs/bench_paper"
 # Goals from issue 13 and the paper's figures (arXiv 2012.03837; InfoPro for memory)
@@ -29,8 +27,6 @@ PAPER_PARETO = {"mlp": "well under 0.5 (more than 2x faster)", "transformer": "a
 CAPACITY_GAP = 0.2  # backprop train accuracy above the best local method by at least this much
 PAPER_CAPACITY = "backprop 0.78 against local about 0.28 train accuracy after 100 epochs (figure, read off)"
 RANKING_GAP_PT = 0.5  # backprop - best local, test accuracy points
-MEMORY_GOAL = 0.3  # largest local stage / backprop single-device peak at K = 4
-PAPER_MEMORY = "InfoPro: -62.6 % at K = 4 (0.37x); SOLO: 7x less activation memory"
 
 
 def _kind(problem: str) -> str:
@@ -70,7 +66,7 @@ def pareto_finding(summary: dict, records: list, problems) -> list:
                           if r["problem"] == problem and r["method"] == "backprop"), None)
         ratio = h["ideal_time_ratio"]
         fastest = fastest_to_target(summary["best"], problem)
-        rows.append({
+        rows.append({"by_batch": ratios_by_batch(summary["best"], problem),
             "problem": problem, "kind": kind, "batch_size": h["batch_size"], "critical_batch_size": crit,
             "best_local": local["label"] if local else None, "ideal_time_ratio": ratio,
             "compute_ratio": h["compute_ratio"], "steps_ratio": h["steps_ratio"],
@@ -79,6 +75,24 @@ def pareto_finding(summary: dict, records: list, problems) -> list:
             "goal": PARETO_GOALS[kind], "paper": PAPER_PARETO[kind],
             "reproduced": ratio is not None and ratio <= PARETO_GOALS[kind],
         })
+    return rows
+
+
+def ratios_by_batch(best: list, problem: str) -> list:
+    """The paper's figure, one row per batch size: each local method's ideal time to target over
+    backprop's at that batch size (None where either did not reach the target), the best of them,
+    and the steps each took."""
+    rows = []
+    for batch in sorted({e["batch_size"] for e in best if e["problem"] == problem}):
+        at = {e["label"]: e for e in best if e["problem"] == problem and e["batch_size"] == batch}
+        base = at.get("backprop")
+        ok = base is not None and base["reached"] and base["ideal_time"]
+        ratios = {label: (e["ideal_time"] / base["ideal_time"] if ok and e["reached"] else None)
+                  for label, e in sorted(at.items()) if label != "backprop"}
+        done = {label: v for label, v in ratios.items() if v is not None}
+        winner = min(done, key=done.get) if done else None
+        rows.append({"batch_size": batch, "ratios": ratios, "best_local": winner,
+                     "best_ratio": done.get(winner), "steps": {label: e["steps"] for label, e in sorted(at.items())}})
     return rows
 
 
@@ -158,81 +172,39 @@ def ranking_finding(records: list, problem: str) -> dict | None:
     gap_best = None if best is None else sign * (base - local[best][0])
     gap_greedy = None if greedy is None else sign * (base - local[greedy][0])
     expected = bool(order) and order[0].startswith("chunked") and order[-1].startswith("greedy")
+    # per seed, as "goodness" (accuracy points, or minus the loss): the paired comparisons need the seeds
+    per_seed = defaultdict(dict)
+    for r in records:
+        if r["problem"] == problem and r.get(key) is not None:
+            per_seed[r["label"]][r.get("seed")] = sign * scale * r[key]
+    paired = {label: analysis.paired_bootstrap(per_seed["backprop"], per_seed[label]) for label in order}
+    checks = order_checks(per_seed, order)
+    gap_goal = RANKING_GAP_PT if use_accuracy else None
+    resolved = bool(checks) and all(c["holds"] for c in checks)
     return {"problem": problem, "metric": "test accuracy (%)" if use_accuracy else "test loss (nats/byte)",
             "rows": rows, "order": order, "best_local": best, "gap_best": gap_best, "gap_greedy": gap_greedy,
-            "gap_goal": RANKING_GAP_PT if use_accuracy else None, "ordering_as_paper": expected}
+            "gap_goal": gap_goal, "ordering_as_paper": expected, "paired": paired, "checks": checks,
+            "contrary": [c for c in checks if c["high"] is not None and c["high"] < 0],
+            "reproduced": resolved and (gap_goal is None or (gap_best is not None and gap_best <= gap_goal))}
 
 
-# -- memory per device -----------------------------------------------------------------------------------
-def _example(spec: dict):
-    batch = int(spec["batch"])
-    if "seq_len" in spec:
-        tokens = jax.ShapeDtypeStruct((batch, int(spec["seq_len"])), np.int32)
-        return tokens, tokens
-    return (jax.ShapeDtypeStruct((batch, *spec["input_shape"]), np.float32),
-            jax.ShapeDtypeStruct((batch,), np.int32))
-
-
-def _builder_options(spec: dict, builder) -> dict:
-    """The builder's keywords from a memory case; ``input_shape`` only shapes the example where the
-    builder does not take it (the ResNets read in_channels)."""
-    accepted = inspect.signature(builder).parameters
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()
-            if k not in ("model", "batch") and k in accepted}
-
-
-def stage_peaks(trainer, x, y) -> list:
-    """Peak bytes per stage: the larger of its compiled training step (forward, own loss, backward, VJP
-    residuals it keeps) and its optimizer update, from XLA's memory analysis."""
-    peaks, h = [], x
-    for rule in trainer.rules:
-        state = jax.eval_shape(rule.init_state)
-        training = analyse(lambda s, inp, lab, rule=rule: forward_leaves(rule, s, inp, lab), state, h, y)
-        update = analyse(rule.update, state)
-        peaks.append(None if None in (training.peak_bytes, update.peak_bytes)
-                     else max(training.peak_bytes, update.peak_bytes))
-        h = jax.eval_shape(lambda s, inp, lab, rule=rule: rule.forward(s, inp, lab, True)[1], state, h, y)
-    return peaks
-
-
-def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked") -> dict:
-    """Backprop's whole network on one device against the largest stage of a memory-balanced cut at each K."""
-    from lpjax import Trainer, stage_network
-    from lpjax.core.methods import make_method
-    from lpjax.models import MODELS
-
-    x, y = _example(spec)
-
-    def peaks(num_stages, method_name):
-        builder = MODELS[spec["model"]]
-        network = builder(**_builder_options(spec, builder), rngs=nnx.Rngs(0))
-        split = "balanced_memory" if num_stages > 1 else None
-        model = stage_network(network, num_stages=num_stages, split_points=split, example=(x, y), rngs=nnx.Rngs(1))
-        trainer = Trainer(model, method=make_method(method_name), optimizer=optax.adam(1e-3))
-        return stage_peaks(trainer, x, y), (model.split.points if model.split else [])
-
-    (backprop,), _ = peaks(1, "backprop")
-    row = {"name": name, "model": spec["model"], "batch": int(spec["batch"]), "backprop_bytes": backprop,
-           "method": method, "local": {}}
-    for k in stages:
-        per_stage, points = peaks(int(k), method)
-        largest = None if None in per_stage else max(per_stage)
-        row["local"][int(k)] = {"stage_bytes": per_stage, "largest": largest, "split_points": points,
-                                "ratio": None if largest is None or not backprop else largest / backprop}
-    return row
-
-
-def memory_table(memory: dict, method: str = "chunked") -> list:
-    """``memory_case`` of every model in a sweep's ``memory`` section ({stages, models})."""
-    stages = tuple(memory.get("stages", (2, 4, 8)))
-    return [memory_case(name, spec, stages, method) for name, spec in memory["models"].items()]
-
-
-def memory_verdict(rows: list) -> dict:
-    ratios = {r["name"]: r["local"].get(4, {}).get("ratio") for r in rows}
-    done = [v for v in ratios.values() if v is not None]
-    return {"ratios_k4": ratios, "goal": MEMORY_GOAL, "paper": PAPER_MEMORY,
-            "reproduced": bool(done) and all(v <= MEMORY_GOAL for v in done)}
+def order_checks(per_seed: dict, order: list) -> list:
+    """The paper's order as paired comparisons ``better - worse`` over seeds (``per_seed``: label ->
+    {seed: goodness}; ``order``: the local labels): the closest chunked method above every other kind
+    of local method, and every local method above greedy. Each comparison ``holds`` when its
+    bootstrap interval (``analysis.paired_bootstrap``) lies above 0."""
+    chunked = [label for label in order if label.startswith("chunked")]
+    greedy = next((label for label in order if label.startswith("greedy")), None)
+    pairs = []
+    if chunked:
+        pairs += [(chunked[0], label) for label in order if not label.startswith("chunked")]
+    if greedy:
+        pairs += [(label, greedy) for label in order if label != greedy and (label, greedy) not in pairs]
+    checks = []
+    for better, worse in pairs:
+        b = analysis.paired_bootstrap(per_seed[better], per_seed[worse])
+        checks.append({"better": better, "worse": worse, **b, "holds": b["low"] is not None and b["low"] > 0})
+    return checks
 
 
 # -- all together ----------------------------------------------------------------------------------------
@@ -246,7 +218,7 @@ def findings(summary: dict, records: list, sweep: dict) -> dict:
            "alignment": alignment_finding(summary, spec.get("pareto", ())),
            "capacity": [c for c in (capacity_finding(records, p) for p in _as_list(spec.get("capacity", ()))) if c],
            "ranking": [r for r in (ranking_finding(records, p) for p in _as_list(spec.get("ranking", ()))) if r],
-           "missing": dict(missing)}
+           "missing": dict(missing), "expected_time": dict(spec.get("expected_time") or {})}
     for key in ("pareto", "capacity", "ranking"):
         for row in out[key]:
             row["missing_runs"] = missing.get(row["problem"], 0)
@@ -257,6 +229,31 @@ def findings(summary: dict, records: list, sweep: dict) -> dict:
 
 def _fmt(value, fmt=".2f", suffix=""):
     return "-" if value is None else f"{format(value, fmt)}{suffix}"
+
+
+def _interval(b, unit: str) -> str:
+    if not b or b.get("mean") is None:
+        return "-"
+    return f"{b['mean']:+.2f}{unit} [{b['low']:+.2f}, {b['high']:+.2f}] ({b['n']} seeds)"
+
+
+def _check_text(c: dict) -> str:
+    if c["holds"]:
+        return "holds"
+    return "the order is reversed" if c["high"] is not None and c["high"] < 0 else "not resolved"
+
+
+def _ranking_reason(r: dict, unit: str) -> str:
+    """Why the order is or is not the paper's, from the paired comparisons."""
+    if r["contrary"]:
+        return "the order differs from the paper's beyond the interval (a finding of ours): " + "; ".join(
+            f"{c['worse']} above {c['better']} by {-c['mean']:.2f}{unit} [{-c['high']:.2f}, {-c['low']:.2f}]"
+            for c in r["contrary"])
+    unresolved = [c for c in r.get("checks", []) if not c["holds"]]
+    if unresolved:
+        return "not resolved by the seeds: " + "; ".join(
+            f"{c['better']} - {c['worse']} {_interval(c, unit)}" for c in unresolved)
+    return "every comparison beyond its interval"
 
 
 def _fastest_text(f: dict) -> str:
@@ -277,6 +274,9 @@ def render(found: dict, memory_rows: list | None = None) -> list:
     lines = ["## Paper findings (Laskin, Metz et al. 2020)", "",
              f"Command: `{COMMAND}`. Every figure below is measured by this run; the paper's figure is "
              "quoted beside it, and the criterion for \"reproduced\" is stated with each finding.", "",
+             *([("Expected run time of the suite: " + "; ".join(f"{machine}: {t}" for machine, t in
+                                                           found["expected_time"].items()) + "."), ""]
+               if found.get("expected_time") else []),
              "| finding | ours | paper | verdict |", "|---|---|---|---|"]
     for row in found["pareto"]:
         lines.append(f"| F1 Pareto crossover, {row['problem']} (best local / backprop ideal time to target, "
@@ -298,15 +298,16 @@ def render(found: dict, memory_rows: list | None = None) -> list:
     for r in found["ranking"]:
         unit = " pt" if r["gap_goal"] is not None else " nats"
         goal = f"; backprop - best local <= {r['gap_goal']} pt" if r["gap_goal"] is not None else ""
-        ok = r["ordering_as_paper"] and (r["gap_goal"] is None or (r["gap_best"] is not None
-                                                                   and r["gap_best"] <= r["gap_goal"]))
-        lines.append(f"| F4 ranking, {r['problem']} ({r['metric']}; chunked closest, greedy furthest{goal}) | "
+        lines.append(f"| F4 ranking, {r['problem']} ({r['metric']}; chunked closest, greedy furthest, each "
+                     f"beyond the paired 95 % bootstrap interval over seeds{goal}) | "
                      f"order {' > '.join(r['order'])}; backprop - best local {_fmt(r['gap_best'], '.2f', unit)}, "
-                     f"backprop - greedy {_fmt(r['gap_greedy'], '.2f', unit)} | chunked closest to backprop, "
-                     f"greedy furthest | {_verdict(ok, r)} |")
+                     f"backprop - greedy {_fmt(r['gap_greedy'], '.2f', unit)}; {_ranking_reason(r, unit)} | "
+                     f"chunked closest to backprop, greedy furthest | {_verdict(r['reproduced'], r)} |")
     if "memory" in found:
         m = found["memory"]
-        ours = ", ".join(f"{k} {_fmt(v, '.2f', 'x')}" for k, v in m["ratios_k4"].items())
+        even = m.get("even_k4") or {}
+        ours = ", ".join(f"{k} {_fmt(v, '.2f', 'x')} (even cut {_fmt(even.get(k), '.2f', 'x')})"
+                         for k, v in m["ratios_k4"].items())
         lines.append(f"| Memory per device, largest local stage / backprop at K = 4 (goal <= {m['goal']}) | {ours} | "
                      f"{m['paper']} | {_verdict(m['reproduced'])} |")
     lines.append("")
@@ -320,43 +321,33 @@ def render(found: dict, memory_rows: list | None = None) -> list:
             ratios = ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in row["per_step_ratio"].items())
             lines.append(f"| {row['problem']} | {row['batch_size']} | {_fmt(row['critical_batch_size'], '.0f')} | "
                          f"{ratios} |")
+        lines += ["", "### F1: ideal time to target at every batch size, local / backprop", "",
+                  "As the paper's figure: at each batch size, each local method's ideal time to target (its best "
+                  "learning rate) over backprop's at the same batch size; steps to target in brackets.", "",
+                  "| problem | batch | backprop steps | best local | ratio by method (steps) |",
+                  "|---|---|---|---|---|"]
+        for row in found["pareto"]:
+            for b in row.get("by_batch", []):
+                ratios = ", ".join(f"{label} {_fmt(v, '.2f', 'x')} ({_fmt(b['steps'].get(label), 'd')})"
+                                   for label, v in b["ratios"].items())
+                best = "-" if b["best_local"] is None else f"{b['best_local']} {_fmt(b['best_ratio'], '.2f', 'x')}"
+                lines.append(f"| {row['problem']} | {b['batch_size']} | {_fmt(b['steps'].get('backprop'), 'd')} | "
+                             f"{best} | {ratios} |")
         lines.append("")
     for r in found["ranking"]:
+        unit = " pt" if r["gap_goal"] is not None else " nats"
         lines += [f"### F4: {r['problem']}, {r['metric']}, mean ± std over seeds", "",
-                  "| method | mean | std | seeds |", "|---|---|---|---|"]
+                  "Backprop - method: how much better backprop is (accuracy points, or nats of loss), the mean of "
+                  "the per-seed differences with its 95 % paired bootstrap interval.", "",
+                  "| method | mean | std | seeds | backprop - method [95 % interval] |", "|---|---|---|---|---|"]
         for label in ["backprop", *r["order"]]:
             mean, std, n = r["rows"][label]
-            lines.append(f"| {label} | {_fmt(mean, '.3f')} | {_fmt(std, '.3f')} | {n} |")
+            lines.append(f"| {label} | {_fmt(mean, '.3f')} | {_fmt(std, '.3f')} | {n} | "
+                         f"{_interval(r.get('paired', {}).get(label), unit)} |")
+        lines += ["", "The paper's order as paired comparisons (better - worse; holds when the interval is "
+                  "above 0):", ""]
+        lines += [f"- {c['better']} - {c['worse']}: {_interval(c, unit)}: {_check_text(c)}" for c in r.get("checks", [])]
         lines.append("")
     if memory_rows:
         lines += memory_lines(memory_rows)
     return lines
-
-
-def memory_lines(rows: list) -> list:
-    stages = sorted({k for r in rows for k in r["local"]})
-    lines = ["### Memory per device (XLA memory analysis of the compiled stage programs)", "",
-             "Peak bytes of one device's programs (arguments + outputs + temporaries - aliased): backprop holds "
-             f"the whole network and its activations; a local method ({rows[0]['method'] if rows else 'chunked'}, "
-             "memory-balanced cut) holds one stage. Nothing is trained.", "",
-             "| model | batch | backprop, 1 device | " + " | ".join(f"K = {k}: largest stage" for k in stages) + " |",
-             "|---|---|---|" + "---|" * len(stages)]
-    for r in rows:
-        cells = []
-        for k in stages:
-            c = r["local"].get(k, {})
-            cells.append("-" if c.get("largest") is None else
-                         f"{format_bytes(c['largest'])} ({_fmt(c['ratio'], '.2f', 'x')})")
-        base = format_bytes(r["backprop_bytes"])
-        lines.append(f"| {r['name']} | {r['batch']} | {base} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
-
-
-def format_bytes(value) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value} B"

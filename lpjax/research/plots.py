@@ -7,6 +7,11 @@ in the legend. Every figure has a title naming the run or suite; log axes are la
 (or every digit across less than a decade); stages are numbered 0..K-1 from the input side, as
 everywhere else in lpjax. SVG text stays text (``svg.fonttype = none``), so labels remain editable
 and searchable in a paper's figure.
+
+The sweep figures share their arguments: ``best`` (the entries of ``analysis.best_runs``: one per
+problem, method and batch size), ``outdir`` (created if missing), ``name`` (the file name without
+its suffix) and ``title`` (the figure's title, e.g. the suite). Each returns the paths it wrote,
+``outdir/NAME.png`` and ``outdir/NAME.svg``, overwriting files of those names.
 """
 
 import math
@@ -97,7 +102,8 @@ def _problems(entries):
 def pareto_figure(best, outdir, name="pareto", title=None) -> list:
     """The paper's headline figure: ideal time to target against compute to target, one point per
     (method, batch size) at its best rate, labelled with the batch size; the lines join each
-    method's lower-left frontier."""
+    method's lower-left frontier. Arguments and return value: the module docstring. Runs that did
+    not reach the target are left out."""
     problems = _problems(best)
     fig, panels = _panels(problems)
     fronts = analysis.frontiers(best)
@@ -122,9 +128,19 @@ def pareto_figure(best, outdir, name="pareto", title=None) -> list:
 
 def loss_curves_figure(runs, best, outdir, x="compute", name=None, window=analysis.DEFAULT_WINDOW,
                        title=None) -> list:
-    """Training loss (last head, smoothed as in the analysis) against ``x`` (compute, ideal_time or
-    wall_time) for each method's best-rate run at every batch size: colour = method, line style =
-    batch size, and each (method, batch size) in the legend."""
+    """Training loss (last head, smoothed as in the analysis) for each method's best-rate run at every
+    batch size: colour = method, line style = batch size, and each (method, batch size) in the legend.
+
+    Args:
+      runs: the sweep's run records (``results.jsonl``), which hold the curves ``best`` points at.
+      x: the horizontal axis, a curve of the records: "compute", "ideal_time", "wall_time" or "steps".
+      name: default ``loss_vs_X``.
+      window: the running-mean width the loss is smoothed with.
+      best, outdir, title: as in the module docstring.
+
+    Returns:
+      The paths written.
+    """
     names = {"compute": "compute [FLOPs]", "ideal_time": "ideal time [FLOPs on the critical path]",
              "wall_time": "wall time [s]", "steps": "steps"}
     by_id = {r["run_id"]: r for r in runs}
@@ -156,7 +172,8 @@ def loss_curves_figure(runs, best, outdir, x="compute", name=None, window=analys
 
 def steps_to_target_figure(best, outdir, name="steps_vs_batch", title=None) -> list:
     """Steps to target against batch size per method; the dotted line is perfect scaling (steps ∝ 1/B)
-    from the smallest batch, so the critical batch size is where the curves leave it."""
+    from the smallest batch, so the critical batch size is where the curves leave it. Arguments and
+    return value: the module docstring."""
     problems = _problems(best)
     fig, panels = _panels(problems)
     curves = analysis.steps_vs_batch(best)
@@ -186,8 +203,14 @@ def alignment_figure(rows, outdir, name="alignment", title=None) -> list:
     """Cosine between each stage's local gradient and the true gradient, by stage (0 = the input
     side, K-1 = the output stage), per method and batch size.
 
-    ``rows``: dicts with ``problem``, ``label``, ``alignment`` (one value or None per stage) and
-    optionally ``batch_size``."""
+    Args:
+      rows: dicts with ``problem``, ``label``, ``alignment`` (one value or None per stage) and
+        optionally ``batch_size``; rows without alignment are left out.
+      outdir, name, title: as in the module docstring.
+
+    Returns:
+      The paths written (a figure saying "no alignment measured" when no row has any).
+    """
     rows = [r for r in rows if r.get("alignment")]
     problems = _problems(rows) or ["(no alignment measured)"]
     fig, panels = _panels(problems)
@@ -225,9 +248,16 @@ def _log_axes(ax, xlabel, ylabel, title):
 
 # -- one training run -------------------------------------------------------------------------------------
 def plot_run(workdir: str) -> list:
-    """Learning curves of one training run from ``workdir/metrics.jsonl``: per-stage loss and accuracy,
-    train (solid) and test (circles); a third panel with gradient alignment when the run logged it.
-    Writes ``workdir/curves.png`` and ``curves.svg`` and returns their paths."""
+    """Learning curves of one training run: per-stage loss and accuracy, train (solid) and test
+    (circles); a third panel with gradient alignment when the run logged it.
+
+    Args:
+      workdir: a training run's directory, holding ``metrics.jsonl``.
+
+    Returns:
+      The paths of ``workdir/curves.png`` and ``curves.svg``. Records it cannot draw are skipped; no
+      metrics file, no drawable record or an unwritable workdir is a ConfigError of one line.
+    """
     from lpjax.errors import ConfigError
 
     path = os.path.join(workdir, "metrics.jsonl")

@@ -2,8 +2,9 @@
 
 A sweep recipe (``recipes/sweeps/NAME.py``) has ``get_config()`` returning an ml_collections config:
 
-    problems.NAME.recipe          path of a training recipe; a relative path is looked up in the
-                                  working directory, then from the sweep file's folder upwards
+    problems.NAME.recipe          a training recipe: PATH or PATH:ARG (ARG goes to its get_config);
+                                  a relative path is looked up in the working directory, then from
+                                  the sweep file's folder upwards, then among the shipped recipes
     problems.NAME.overrides       nested config keys set on top of the recipe (e.g. {"model": {"width": 64}})
     problems.NAME.methods         {method: stages}, stages an int or a tuple of ints to sweep
     problems.NAME.batch_sizes     tuple of batch sizes
@@ -54,7 +55,6 @@ compilation out: step 1 is counted as long as a typical (median) step.
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -64,8 +64,10 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache as cc
 
+from lpjax.config import catalog
 from lpjax.config.build import build_experiment, merge_into
 from lpjax.config.checks import positive_int, positive_number
+from lpjax.config.recipe_file import load_recipe
 from lpjax.training.metrics_log import read_records
 from lpjax.research.costs import DEFAULT_COST_BATCH, experiment_cost
 from lpjax.errors import ConfigError
@@ -83,6 +85,8 @@ MEASURES = ("time_to_target", "final")
 
 @dataclasses.dataclass
 class RunSpec:
+    """One planned training run of a sweep; ``run_id`` is unique in the sweep and changes with the config."""
+
     run_id: str
     problem: str
     method: str
@@ -97,25 +101,32 @@ class RunSpec:
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def load_config_file(path: str, what: str = "sweep recipe"):
-    """``get_config()`` of a Python recipe file; any failure is one ConfigError line."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} {path!r} does not exist; give the path of a .py file with get_config()")
-    try:
-        spec = importlib.util.spec_from_file_location(f"_lpjax_recipe_{abs(hash(path))}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
-    except ConfigError:
-        raise
-    except Exception as err:
-        first = (str(err).splitlines() or [""])[0]
-        raise ConfigError(f"{what} {path!r} failed to load ({type(err).__name__}: {first}); "
-                          f"it must define get_config() returning a config") from None
+def load_config_file(path: str):
+    """The config a sweep (or recipe) file's ``get_config()`` returns.
+
+    Args:
+      path: ``PATH`` or ``PATH:ARG`` of a Python file defining ``get_config``.
+
+    Returns:
+      Its ml_collections config. Any failure (no file, an exception, no config returned) is a
+      ConfigError of one line naming the file and, where the file raised, the line.
+    """
+    config, reason = load_recipe(path)
+    if reason:
+        raise ConfigError(reason)
+    return config
 
 
 def check_sweep(sweep) -> dict:
-    """The sweep config as plain dicts, with defaults filled in; ConfigError naming the first problem."""
+    """A sweep checked against the format in this module's docstring.
+
+    Args:
+      sweep: the sweep file's config (a ConfigDict or a dict).
+
+    Returns:
+      The sweep as plain dicts with the optional keys' defaults filled in. Raises ConfigError naming
+      the first problem (an unknown key, a value of the wrong type or range) and the fix.
+    """
     cfg = sweep.to_dict() if isinstance(sweep, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)) \
         else dict(sweep)
     unknown = sorted(set(cfg) - SWEEP_KEYS)
@@ -212,30 +223,54 @@ def _rates_per_batch(value, num_batches: int, key: str) -> list:
 
 
 def find_recipe(recipe: str, sweep_path: str | None) -> str:
-    """``recipe`` as given if it exists, else looked up from the sweep file's folder upwards."""
-    if os.path.isfile(recipe):
+    """The training recipe a sweep problem names, as a spec ``load_recipe`` takes.
+
+    Args:
+      recipe: ``PATH`` or ``PATH:ARG`` (ARG goes to ``get_config``), or a shipped recipe's name
+        (``mnist_mlp``, ``cifar10_resnet:18``; lpjax.config.catalog).
+      sweep_path: the sweep file, whose folder and its parents are searched for a relative PATH.
+
+    Returns:
+      ``PATH`` or ``PATH:ARG`` of an existing file: as given if it exists in the working directory,
+      else found from the sweep file's folder upwards, else the shipped recipe of that name. Raises
+      ConfigError when none exists.
+    """
+    path, colon, arg = recipe.partition(":")
+    if os.path.isfile(path):
         return recipe
-    if sweep_path and not os.path.isabs(recipe):
+    if sweep_path and not os.path.isabs(path):
         folder = os.path.dirname(os.path.abspath(sweep_path))
         while True:
-            candidate = os.path.join(folder, recipe)
+            candidate = os.path.join(folder, path)
             if os.path.isfile(candidate):
-                return candidate
+                return candidate + colon + arg
             parent = os.path.dirname(folder)
             if parent == folder:
                 break
             folder = parent
-    raise ConfigError(f"recipe {recipe!r} not found (looked in the working directory and above the sweep file); "
-                      f"give a path to an existing recipe file")
+    shipped = catalog.find_recipe(recipe)
+    if os.path.isfile(shipped.partition(":")[0]):
+        return shipped
+    raise ConfigError(f"recipe {recipe!r} not found (looked in the working directory, above the sweep file and "
+                      f"among the shipped recipes); give a path to an existing recipe file or a name from `lpjax recipes`")
 
 
 # -- planning -------------------------------------------------------------------------------------------
 def plan_runs(sweep, sweep_path: str | None = None) -> list:
-    """Every ``RunSpec`` of the sweep, in a fixed order (problem, method, stages, batch, rate)."""
+    """Every run of the sweep, without training anything.
+
+    Args:
+      sweep: the sweep config (checked with ``check_sweep``).
+      sweep_path: the sweep file, from whose folder relative recipe paths are found (``find_recipe``).
+
+    Returns:
+      A list of ``RunSpec`` in a fixed order (problem by priority and name, method, stages, batch
+      size, rate, seed). Every recipe is loaded, so a bad one raises ConfigError before any training.
+    """
     cfg = check_sweep(sweep)
     specs = []
     for problem, p in sorted(cfg["problems"].items(), key=lambda item: (item[1].get("priority", 0), item[0])):
-        recipe = load_config_file(find_recipe(p["recipe"], sweep_path), what="recipe")
+        recipe = load_config_file(find_recipe(p["recipe"], sweep_path))
         base = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
         merge_into(base, p.get("overrides", {}))
         batches = _as_tuple(p["batch_sizes"], "batch_sizes")
@@ -277,6 +312,7 @@ def _run_config(base, method, stages, batch, lr, num_steps, probe_every, split_p
 
 # -- results file ---------------------------------------------------------------------------------------
 def append_jsonl(path: str, record: dict) -> None:
+    """Append ``record`` as one JSON line to ``path`` and fsync it: a line is whole once this returns."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -304,7 +340,17 @@ def read_curve(metrics_path: str) -> dict:
 
 # -- running --------------------------------------------------------------------------------------------
 def run_sweep(sweep, workdir: str, *, sweep_path: str | None = None, verbose: bool = True) -> list:
-    """Run every planned run not yet in ``workdir/results.jsonl``; returns all the sweep's run records."""
+    """Train every planned run not yet in ``workdir/results.jsonl``, appending each record as it finishes.
+
+    Args:
+      sweep: the sweep config.
+      workdir: a local directory (created if missing); ConfigError for a URL.
+      sweep_path: the sweep file, for relative recipe paths.
+      verbose: print one line per run.
+
+    Returns:
+      Every run's record (``make_record``), in ``plan_runs`` order, the ones found already done included.
+    """
     from lpjax.training.loop import train_and_evaluate  # the train loop imports the whole stack; keep this module light
 
     from lpjax.training.workdir import check_local

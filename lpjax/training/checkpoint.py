@@ -36,21 +36,18 @@ import json
 import os
 import shutil
 import sys
-from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lpjax.training import workdir as files
+# state_summary: a checkpoint's check of one stage, imported from here by callers (tests/test_nonfinite.py)
+from lpjax.core.state_summary import SAVED_FIELDS, is_prng_key, state_summaries, state_summary, storable  # noqa: F401
 from lpjax.errors import ConfigError, NonFiniteError
+from lpjax.executors.base import ShardedStates, ShardedTarget
+from lpjax.training import workdir as files
 from lpjax.training.workdir import CORRUPT as CORRUPT_DIR
 
-SAVED_FIELDS = ("params", "rest", "opt_state", "grad_norm", "skipped")
-# What must be finite to be saved or restored. grad_norm is a logged metric: under nonfinite=skip it is
-# NaN right after a skipped update, and that must not block the save (the update itself never landed).
-GUARDED_FIELDS = ("params", "rest", "opt_state")
 META_FINGERPRINT = "meta_fingerprint"
 SHARDED_ITEM = "state"  # a sharded checkpoint's one item: the SPMD executor's stacked state buffers
 
@@ -59,77 +56,22 @@ class CheckpointError(Exception):
     """A checkpoint could not be read back as it was written."""
 
 
-def _is_key(leaf) -> bool:
-    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
-def _storable(state) -> dict:
-    """The saved part of a ``StageState`` as a dict, typed PRNG keys as their raw key data."""
-    tree = {name: getattr(state, name) for name in SAVED_FIELDS}
-    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
-
-
 def _abstract(state) -> dict:
     """The restore target: shapes, dtypes and shardings of the current state's saved part."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _storable(state))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), storable(state))
 
 
 def _host_target(state) -> dict:
     """A restore target of numpy arrays: read back onto the host, placed later by the executor."""
-    return jax.tree.map(lambda a: np.zeros(np.shape(a), a.dtype), _storable(state))
+    return jax.tree.map(lambda a: np.zeros(np.shape(a), a.dtype), storable(state))
 
 
 def _rebuild(like, restored: dict):
     """A ``StageState`` like ``like`` with its saved fields taken from ``restored``."""
     current = {name: getattr(like, name) for name in SAVED_FIELDS}
     fields = jax.tree.map(lambda old, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
-                          if _is_key(old) else new, current, restored)
+                          if is_prng_key(old) else new, current, restored)
     return dataclasses.replace(like, **fields)
-
-
-def _bits(flat):
-    """The raw bits of a flat array as uint32 (wider words folded), so a flipped bit always shows."""
-    if not jnp.issubdtype(flat.dtype, jnp.floating):
-        return flat.astype(jnp.uint32)
-    unsigned = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[flat.dtype.itemsize]
-    bits = jax.lax.bitcast_convert_type(flat, unsigned)
-    if flat.dtype.itemsize == 8:
-        bits = bits ^ (bits >> 32)
-    return bits.astype(jnp.uint32)
-
-
-@jax.jit
-def _summary(tree):
-    """``(fingerprint, finite)``: a position-weighted sum of the bits of every leaf, modulo 2**32
-    (any single changed word changes it), and whether every floating leaf of the guarded fields is
-    finite."""
-    total, finite = jnp.uint32(0), jnp.bool_(True)
-    # the leaves in jax.tree.leaves(tree)'s order (dict keys sorted), each with its field's name
-    leaves = [(name, leaf) for name in sorted(tree) for leaf in jax.tree.leaves(tree[name])]
-    for i, (name, leaf) in enumerate(leaves):
-        flat = jnp.ravel(leaf)
-        if jnp.issubdtype(flat.dtype, jnp.floating) and name in GUARDED_FIELDS:
-            finite &= jnp.all(jnp.isfinite(flat))
-        weights = jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(2 * i + 1)
-        total += jnp.sum(_bits(flat) * weights, dtype=jnp.uint32)
-    return total, finite
-
-
-def stage_summary_on_device(state):
-    """``(fingerprint, finite)`` of one stage's saved state as device scalars (traceable: the SPMD
-    executor computes it inside its mesh program, where each stage lives)."""
-    return _summary(_storable(state))
-
-
-def state_summaries(states) -> list:
-    """``(fingerprint, finite)`` of each stage's saved state, as Python values, in one wait on the
-    devices."""
-    return [(int(f), bool(ok)) for f, ok in jax.device_get([_summary(_storable(s)) for s in states])]
-
-
-def state_summary(state) -> tuple:
-    """``(fingerprint, finite)`` of one stage's saved state."""
-    return state_summaries([state])[0]
 
 
 def meta_fingerprint(meta: dict) -> str:
@@ -146,28 +88,6 @@ def _json_view(meta: dict) -> dict:
 
 def _warn(message: str) -> None:
     print(f"lpjax: warning: {message}", file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class ShardedStates:
-    """The SPMD executor's stacked state buffers, ``{dtype name: [stages, length]}`` global arrays
-    whose rows live on each stage's devices, and each stage's ``(fingerprint, finite)``: what a
-    sharded checkpoint saves (``SpmdExecutor.sharded_states``)."""
-
-    tree: dict
-    summaries: list
-
-
-@dataclasses.dataclass
-class ShardedTarget:
-    """What a sharded checkpoint is restored onto (``SpmdExecutor.sharded_target``): the buffers'
-    shapes and shardings on the current mesh, the function that fingerprints such buffers, and
-    function giving every stage's current ``StageState`` in this process (to read a per-stage
-    checkpoint instead, through the host)."""
-
-    abstract: dict
-    summarize: Callable
-    host_like: Callable
 
 
 class Checkpointer:
@@ -220,7 +140,7 @@ class Checkpointer:
         if isinstance(states, ShardedStates):
             summaries, trees = states.summaries, {SHARDED_ITEM: states.tree}
         else:
-            summaries, trees = state_summaries(states), {name: _storable(s) for name, s in zip(self.names, states)}
+            summaries, trees = state_summaries(states), {name: storable(s) for name, s in zip(self.names, states)}
         bad = [k for k, (_, finite) in enumerate(summaries) if not finite]
         if bad:
             raise NonFiniteError(f"stage(s) {', '.join(map(str, bad))} hold non-finite values at step {step}; "

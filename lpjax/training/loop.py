@@ -234,7 +234,7 @@ def _resume(run, checkpointer, say):
     """``(start_step, batches)``: the newest intact checkpoint loaded into the trainer (or step 0),
     and the training stream positioned right after the last batch that checkpoint had seen."""
     batches = run.batches()
-    restored = checkpointer.restore_latest(_restore_target(run.trainer))
+    restored = checkpointer.restore_latest(run.trainer.checkpoint_target())
     if restored is None:
         return 0, batches
     states, meta = restored
@@ -299,8 +299,9 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
                     test = run.evaluate("test")
                     log.write(step, time.perf_counter() - loop_start, "test", test)
                 if save:
-                    checkpointer.save(step, _saved_states(trainer), {"data_state": batches.get_state(), "config": cfg,
-                                                                     "data_shard": list(trainer.data_shard)})
+                    checkpointer.save(step, trainer.checkpoint_states(checkpointer.sharded),
+                                      {"data_state": batches.get_state(), "config": cfg,
+                                       "data_shard": list(trainer.data_shard)})
                     saved = step
                 if preempted:
                     raise Preempted(step, stops.signum)  # after the checkpoint: the caller's finally waits for it
@@ -310,20 +311,6 @@ def _loop(run, checkpointer, log, batches, start_step, progress, say):
     if test is None:  # nothing left to train: the checkpoint already held the last step
         test = run.evaluate("test")
     return time.perf_counter() - loop_start, test
-
-
-def _saved_states(trainer):
-    """What a checkpoint holds: the live stage states, or, over several processes, the SPMD
-    executor's state buffers where they live (a sharded checkpoint; see lpjax/training/checkpoint.py)."""
-    return trainer.stage_states if jax.process_count() == 1 else trainer.executor.sharded_states()
-
-
-def _restore_target(trainer):
-    """What a checkpoint is read onto: the SPMD executor's sharded buffers (which also take a
-    per-stage checkpoint, through the host), else the live stage states."""
-    if hasattr(trainer.executor, "sharded_target"):
-        return trainer.executor.sharded_target()
-    return trainer.stage_states
 
 
 class NullLog:

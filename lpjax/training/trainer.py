@@ -7,6 +7,7 @@ from flax import nnx
 
 from lpjax.errors import ConfigError
 from lpjax.executors import make_executor
+from lpjax.executors.base import Executor
 from lpjax.core.stage_rule import StageRule
 from lpjax.core.losses import check_logits_match_labels, get_loss
 from lpjax.core.methods import Method
@@ -48,13 +49,12 @@ class Trainer:
         optimizers = per_stage_optimizers(optimizer, len(model), method)
         self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path, remat=remat)
                         for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
-        self.executor = make_executor(self.rules, self.schedule, layout)
+        self.executor: Executor = make_executor(self.rules, self.schedule, layout)
         self.steps = 0
         self.stage_examples = [0] * len(model)  # examples each stage has run forward so far
         self._done_seen, self._microbatch_rows = [0] * len(model), 0
         self._checked_shapes = False
-        self._predict, self._logits = {}, {}
-        self._mesh_evaluator = None  # multi-process evaluation's programs (lpjax/executors/spmd/eval.py)
+        self._logits = {}
 
     @property
     def num_stages(self):
@@ -82,7 +82,12 @@ class Trainer:
         (lpjax/data/dataset.py). ``(0, 1)``, every row, in one process; over several processes whose
         count divides the layout's ``data`` axis, each holds a block of data columns of every stage
         and feeds only their rows."""
-        return getattr(self.executor, "data_shard", (0, 1))
+        return self.executor.data_shard
+
+    @property
+    def num_data(self):
+        """Devices per stage: the size of the layout's ``data`` axis (1 on the reference executor)."""
+        return self.executor.placement.num_data
 
     # -- training ----------------------------------------------------------------------------
     def own_rows(self, x, y):
@@ -102,7 +107,7 @@ class Trainer:
         """``local``: ``(x, y)`` are this process's rows of the batch (``data_shard``)."""
         batch = len(x)
         count = self.data_shard[1] if local else 1
-        parts = self.microbatches * self.executor.placement.num_data // count
+        parts = self.microbatches * self.num_data // count
         if len(y) != batch:
             raise ConfigError(f"batch has {batch} inputs but {len(y)} labels")
         if batch % parts:
@@ -156,35 +161,37 @@ class Trainer:
         return self.executor.host_states()
 
     def load_states(self, states, steps: int | None = None):
-        """Continue from restored stage states (``StageState`` pytrees, one per stage, or the
-        SPMD executor's ``ShardedStates`` from a sharded checkpoint). ``steps``: the optimizer
-        steps those states have taken, which a method's refresh rule counts from (a shared
-        readout's copy); the step counter is left as it is when omitted."""
-        from lpjax.training.checkpoint import ShardedStates
+        """Continue from restored stage states.
 
-        if isinstance(states, ShardedStates):
-            self.executor.load_sharded(states.tree)
-        else:
-            self.executor.load_states(states)
+        Args:
+          states: ``StageState`` pytrees, one per stage, or the SPMD executor's ``ShardedStates``
+            from a sharded checkpoint (what ``Checkpointer.restore_latest`` gives).
+          steps: the optimizer steps those states have taken, which a method's refresh rule counts
+            from (a shared readout's copy); the step counter is left as it is when omitted.
+        """
+        self.executor.load_states(states)
         if steps is not None:
             self.steps = steps
 
+    def checkpoint_states(self, sharded: bool = False):
+        """What a checkpoint saves now: the live stage states, or with ``sharded`` (``lpjax train``
+        over several processes; the spmd executor only) the state buffers where they live, with
+        their fingerprints (``ShardedStates``; a collective)."""
+        return self.executor.checkpoint_states(sharded)
+
+    def checkpoint_target(self):
+        """What ``Checkpointer.restore_latest`` reads a checkpoint onto: the live stage states, or
+        on the spmd executor a ``ShardedTarget`` (which also reads a per-stage checkpoint, through
+        the host)."""
+        return self.executor.checkpoint_target()
+
     def health(self):
         """Per stage, the gradient norm at its last update and the updates skipped so far because a
-        loss or gradient was not finite: device scalars in one process; over several, numpy
-        scalars read where each stage lives and gathered as two numbers per stage (a collective:
-        every process calls it), never the stage states."""
-        if jax.process_count() == 1:
-            return [{"grad_norm": s.grad_norm, "skipped": s.skipped} for s in self.stage_states]
-        norms, skipped = self._on_mesh("health()").stage_scalars()
+        loss or gradient was not finite, never gathering the stage states: device scalars on the
+        dataflow executors; on the spmd executor numpy scalars read where each stage lives and
+        gathered as two numbers per stage (a collective: every process calls it)."""
+        norms, skipped = self.executor.stage_scalars()
         return [{"grad_norm": n, "skipped": s} for n, s in zip(norms, skipped)]
-
-    def _on_mesh(self, what):
-        """The executor, which must run on a mesh (the spmd executor) in a multi-process run."""
-        if not hasattr(self.executor, "stage_scalars"):
-            raise ConfigError(f"{what} over several processes needs the spmd executor; "
-                              f"build the trainer with lpjax.Layout(..., executor='spmd')")
-        return self.executor
 
     def _count_examples(self):
         for k, done in enumerate(self.executor.done):
@@ -261,47 +268,12 @@ class Trainer:
         own devices (lpjax/executors/spmd/eval.py): no host gathers another stage's parameters.
         The totals are summed over all processes and every process gets them."""
         self.drain()
-        if jax.process_count() > 1:
-            return self._evaluate_on_mesh(batches, local)
-        totals, count = np.zeros((self.num_stages, 2)), 0
-        place = self.executor.placement
-        for xb, yb in batches:
-            h = xb
-            for k in range(self.num_stages):
-                h, loss_sum, correct = self._predict_fn(k)(self.executor.states[k], place.put_state(k, h),
-                                                           place.put_state(k, yb))
-                totals[k] += (float(loss_sum), float(correct))
-            count += np.size(yb)
-        return self._eval_figures(totals, count)
-
-    def _evaluate_on_mesh(self, batches, local):
-        from lpjax.executors.spmd.eval import MeshEvaluator
-
-        executor = self._on_mesh("evaluation")
-        if self._mesh_evaluator is None:
-            self._mesh_evaluator = MeshEvaluator(executor, self.loss_fn)
-        if not local:  # the same batches everywhere: each process contributes its block of rows
-            me, processes = jax.process_index(), jax.process_count()
-            batches = ((x[len(x) * me // processes:len(x) * (me + 1) // processes],
-                        y[len(y) * me // processes:len(y) * (me + 1) // processes]) for x, y in batches)
-        return self._eval_figures(*self._mesh_evaluator.totals(batches))
+        return self._eval_figures(*self.executor.evaluate(batches, local=local))
 
     def _eval_figures(self, totals, count):
         if count == 0:
             raise ConfigError("the evaluation split is empty; check the dataset's test split")
         return [{"loss": float(loss / count), "accuracy": float(correct / count)} for loss, correct in totals]
-
-    def _predict_fn(self, k):
-        if k not in self._predict:
-            rule = self.rules[k]
-
-            def predict(state, x, y):
-                h, logits = rule.predict(state, x)
-                n = y.size
-                return h, self.loss_fn(logits, y) * n, (jnp.argmax(logits, -1) == y).sum()
-
-            self._predict[k] = jax.jit(predict)
-        return self._predict[k]
 
 
 def _copy_of(stage: Stage) -> Stage:

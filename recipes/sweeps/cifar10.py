@@ -28,7 +28,7 @@ def get_config():
             "target_loss": 1.0,
         },
         "cifar10_resnet18": {
-            "recipe": "recipes/cifar10_resnet18.py",  # 9 layers (stem + 8 blocks)
+            "recipe": "recipes/cifar10_resnet.py:18",  # ResNet-18: 9 layers (stem + 8 blocks)
             "overrides": {"optimizer": constant, "eval_every": 0, "num_epochs": None},
             "methods": {"backprop": 1, "greedy": 9, "chunked": 4, "overlapping": 4},
             "batch_sizes": (128, 512, 2048, 8192),

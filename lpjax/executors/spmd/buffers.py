@@ -4,8 +4,9 @@ The SPMD executor keeps every stage's state, activations and residuals in arrays
 ``stage`` axis; stages of a heterogeneous model (a ResNet's stages change shape) fit that mould only
 after flattening and padding to the longest stage. Packing is a concatenation (a full copy) and
 unpacking a slice per leaf (a copy of each leaf XLA cannot fuse into its consumer), so what a task
-reads and writes at every clock uses ``SharedLayout`` instead: when the stages' leaves have the same
-shapes (stages of a repeated block), each leaf keeps its own array, and nothing is copied.
+reads and writes at every clock uses ``SlotFormat`` instead (``shared_format`` picks it): when the
+stages' leaves have the same shapes (stages of a repeated block), each leaf keeps its own array, and
+nothing is copied.
 """
 
 import dataclasses

@@ -3,7 +3,7 @@ forward-only pipelined program, so no host ever holds another stage's parameters
 
 What a multi-process run evaluates with (``Trainer.evaluate_batches``); one process keeps its own
 per-stage path. Each eval batch is split into ``M = K`` microbatches and its rows over the ``data``
-axis; one ``lax.scan`` runs the fill-and-drain forward pipeline, in the style of ``spmd.py``::
+axis; one ``lax.scan`` runs the fill-and-drain forward pipeline, in the style of ``program.py``::
 
     for c in range(M + K - 1):                        # clocks
       k = axis_index("stage"); m = c - k              # stage k scores microbatch m, if 0 <= m < M
@@ -20,6 +20,11 @@ size does not divide by ``data x M`` are padded with masked copies of their last
 processes agree before every batch on how many rows each holds (their shards may differ in length
 and in batch count: a process that has run out feeds masked rows only).
 
+The program is built and kept by the executor's one program builder (``mesh.MeshPrograms``). It
+is its own loop, not the training program's: a training clock runs a task's forward with its
+gradients, writes mailboxes and steps optimizers, while an evaluation clock runs the stage in
+eval mode on a masked batch and only sums.
+
 Precision: each (stage, data slice, microbatch) loss sum is formed in float32 on its device (the
 per-stage path sums a whole batch in float32), and the host adds them in float64; correct counts
 are integers throughout.
@@ -35,7 +40,9 @@ from jax.sharding import NamedSharding
 
 from lpjax.errors import ConfigError
 from lpjax.executors.spmd.buffers import TreePacker, common_lengths, zeros
-from lpjax.executors.spmd.executor import local_state
+from lpjax.executors.spmd.mesh import global_array
+from lpjax.executors.spmd.program import to_next_stage
+from lpjax.executors.spmd.state import local_state
 
 P = jax.P
 
@@ -51,7 +58,6 @@ class MeshEvaluator:
         self.capacity = 0  # rows per process of the programs run so far; only grows, so a ragged
         # last batch reuses the full batches' program
         self.spec = None  # (x row shape, x dtype, y row shape, y dtype) of this process's batches
-        self._programs = {}
 
     # -- host side ---------------------------------------------------------------------------
     def totals(self, batches):
@@ -96,7 +102,7 @@ class MeshEvaluator:
         from jax.experimental import multihost_utils
 
         mine = np.array([[rows, self.spec is not None, uneven]], np.int32)
-        if jax.process_count() == 1:
+        if self.executor.processes == 1:
             return mine
         return np.asarray(multihost_utils.process_allgather(mine, tiled=True)).reshape(-1, 3)
 
@@ -113,32 +119,33 @@ class MeshEvaluator:
 
     def _placed(self, arrays):
         """The padded rows as global arrays split over the mesh's ``data`` axis."""
-        from lpjax.executors.spmd.executor import _global
-
-        executor, processes = self.executor, jax.process_count()
+        executor, processes = self.executor, self.executor.processes
         sharding = NamedSharding(executor.mesh, P("data"))
         if processes == 1:
-            return _global(arrays, sharding)
+            return global_array(arrays, sharding)
         if executor.data_shard[1] == processes:  # each process feeds its block of data columns
             return [jax.make_array_from_process_local_data(sharding, a, (processes * len(a), *a.shape[1:]))
                     for a in arrays]
         # processes hold whole stages, whose devices each need every process's rows
         from jax.experimental import multihost_utils
 
-        return _global(multihost_utils.process_allgather(tuple(arrays), tiled=True), sharding)
+        return global_array(multihost_utils.process_allgather(tuple(arrays), tiled=True), sharding)
 
     # -- the program -------------------------------------------------------------------------
     def _program(self):
-        key = (self.capacity, self.spec)
-        if key not in self._programs:
-            self._programs[key] = self._build()
-        return self._programs[key]
+        """The program for this capacity and batch spec (``programs()`` lists those built)."""
+        return self.executor.programs.mapped(("eval", self.capacity, self.spec), self._build)
+
+    def programs(self):
+        """The evaluation programs built so far (one per capacity and batch spec)."""
+        return self.executor.programs.built("eval")
 
     def _build(self):
+        """``(fn, in_specs, out_specs)`` of the evaluation program (``mesh.MeshPrograms.mapped``)."""
         ex, loss_fn = self.executor, self.loss_fn
         K, D, M = ex.num_stages, ex.num_data, self.microbatches
         x_row, x_dtype, y_row, _ = self.spec
-        processes = jax.process_count()
+        processes = ex.processes
         rows = self.capacity * processes // D // M  # per device and microbatch
         positions = int(np.prod(y_row, dtype=np.int64))  # label positions per row
 
@@ -146,13 +153,13 @@ class MeshEvaluator:
         h = jax.ShapeDtypeStruct((rows, *x_row), x_dtype)
         packers = []
         for k, rule in enumerate(ex.rules):
-            state = jax.eval_shape(lambda k=k: ex.state_packers[k].unpack(zeros(ex.state_lengths)))
+            state = jax.eval_shape(lambda k=k: ex.format.zeros_state(k))
             h, _ = jax.eval_shape(rule.predict, state, h)
             packers.append(TreePacker(h))
         lengths = common_lengths(packers[:-1])
 
         def score(k, written, fixed, received, x, y, mask):
-            state = ex.stage_state(k, written, fixed)  # this device's own stage only
+            state = ex.format.stage_state(k, written, fixed)  # this device's own stage only
             h, logits = ex.rules[k].predict(state, x if k == 0 else packers[k - 1].unpack(received))
             # per row, so padded rows can be left out; loss_fn is a mean over label positions
             per_row = jax.vmap(lambda logit, label: loss_fn(logit[None], label[None]))(logits, y) * positions
@@ -178,13 +185,11 @@ class MeshEvaluator:
                 out, loss, correct = lax.cond((m >= 0) & (m < M), lambda *a: lax.switch(k, stages, *a), idle,
                                               *operands)
                 if K > 1:
-                    received = lax.ppermute(out, "stage", [(s, s + 1) for s in range(K - 1)])
+                    received = to_next_stage(out, K)
                 return received, (loss, correct)
 
             _, (losses, correct) = lax.scan(clock, zeros(lengths), jnp.arange(M + K - 1))
             gather = lambda a: lax.all_gather(lax.all_gather(a, "data"), "stage")  # noqa: E731
             return gather(losses), gather(correct)
 
-        mapped = jax.shard_map(program, mesh=ex.mesh, in_specs=(ex.state_spec(), P("data"), P("data"), P("data")),
-                               out_specs=(P(), P()), axis_names={"stage", "data"}, check_vma=False)
-        return jax.jit(mapped)
+        return program, (ex.state_spec(), P("data"), P("data"), P("data")), (P(), P())

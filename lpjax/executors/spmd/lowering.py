@@ -9,8 +9,8 @@ are written after every task of the clock, so a slot freed by a read may be reus
 
 Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
 
-- ``op``: 0 idle, 1 forward only (a task that consumes nothing), 2 backward (the consumed
-  cotangents only), 3 forward then the consumed cotangents (``LOCAL`` with messages to apply);
+- ``op`` (``Op``): idle, forward only (a task that consumes nothing), backward (the consumed
+  cotangents only), local: forward then the consumed cotangents (``Phase.LOCAL`` with messages to apply);
   ``first``, ``update``: the task's flags (a backward task that consumes nothing is lowered to
   idle: only its ``update`` flag acts). Forward-only and forward-then-consume are distinct
   opcodes because the scan runs one static branch per opcode: a forward branch that also
@@ -25,10 +25,22 @@ Arrays, ``[clocks, stages, ...]`` int32 (``-1`` = nothing):
   own loss's cotangent, message ``1 + i`` the cotangent of its source ``i`` passed on.
 """
 
+import enum
+
 import numpy as np
 
-IDLE, FORWARD_OP, BACKWARD_OP, LOCAL_OP = 0, 1, 2, 3  # the opcodes
-RUNS_FORWARD = (FORWARD_OP, LOCAL_OP)
+
+class Op(enum.IntEnum):
+    """A task's opcode at one clock: ints, so that they fill the ``op`` array and index the
+    program's branches (``offsets[k] + op``)."""
+
+    IDLE = 0
+    FORWARD = 1  # forward only: the task consumes no cotangent
+    BACKWARD = 2  # the consumed cotangents only
+    LOCAL = 3  # forward, then the consumed cotangents
+
+
+RUNS_FORWARD = (Op.FORWARD, Op.LOCAL)
 
 
 class SlotPool:
@@ -80,8 +92,8 @@ class Lowering:
                 k, m = task.stage, task.microbatch
                 # a backward that consumes nothing (1F1B's last stage: its forward applied its own
                 # loss) runs nothing; its update flag still acts, outside the opcode's branch
-                out["op"][t, k] = (LOCAL_OP if task.consumes else FORWARD_OP) if task.runs_forward else \
-                    BACKWARD_OP if task.consumes else IDLE
+                out["op"][t, k] = (Op.LOCAL if task.consumes else Op.FORWARD) if task.runs_forward else \
+                    Op.BACKWARD if task.consumes else Op.IDLE
                 out["first"][t, k], out["update"][t, k] = task.first, task.update
                 if task.runs_forward and k > 0:
                     out["input"][t, k] = slot = self.act_at.pop((k, m))

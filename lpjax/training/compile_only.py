@@ -63,13 +63,13 @@ class CompileReport:
         """The first program that does not fit, and by how much; None when all do."""
         return next((p.memory.shortfall_line() for p in self.programs if p.memory.fits is False), None)
 
-    def step_bytes_per_axis(self, prefix: str = "step") -> dict:
-        """Bytes per mesh axis summed over the programs whose name starts with ``prefix``."""
+    def step_bytes_per_axis(self) -> dict:
+        """Bytes per step per mesh axis of the step programs (the largest of them, axis by axis)."""
         out = {}
         for program in self.programs:
-            if program.name.startswith(prefix):
+            if program.name.startswith("step"):
                 for axis, n in hlo_collectives.bytes_per_axis(program.collectives).items():
-                    out[axis] = out.get(axis, 0) + n
+                    out[axis] = max(out.get(axis, 0), n)
         return out
 
     def as_dict(self) -> dict:

@@ -42,8 +42,17 @@ class Trainer:
             raise ConfigError(f"method must be an lpjax method such as lpjax.Greedy(), got {method!r}")
         factory = model if callable(model) and not isinstance(model, nnx.Module) else None
         on_device = factory is not None and layout is not None and layout.executor == "spmd"
-        if factory is not None:
-            model = nnx.eval_shape(factory) if on_device else factory()
+        if on_device:  # traced: shapes only, with the readout's read-only copies in place
+            found = {}
+
+            def traced():
+                built = factory()
+                found["paths"] = _readout_paths(built, method)
+                return built
+
+            model = nnx.eval_shape(traced)
+        elif factory is not None:
+            model = factory()
         method.check(model)
         self.model, self.method = model, method
         self.schedule = schedule or Sequential(1)
@@ -53,7 +62,7 @@ class Trainer:
             raise ConfigError(f"a shared readout is refreshed at step boundaries, which streaming does not have; "
                               f"use a flushing schedule (sequential, gpipe or 1f1b), not {self.schedule!r}")
         # the user's model gets the read-only copies too, so export() writes into the same structure
-        paths = share_readout(model) if method.shared is not None else holds_no_copies(model)
+        paths = found["paths"] if on_device else _readout_paths(model, method)
         self.layout = layout
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
@@ -295,14 +304,19 @@ def _copy_of(stage: Stage) -> Stage:
     return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, state))
 
 
+def _readout_paths(model, method):
+    """Where each stage's head keeps the readout: with a shared readout (lpjax/core/shared_readout.py)
+    the auxiliary heads of ``model`` get read-only copies of the last one, in place."""
+    return share_readout(model) if method.shared is not None else holds_no_copies(model)
+
+
 def _stage_builder(factory, k, method):
     """Stage k of a fresh model from ``factory``, its readout shared as the trainer shares it: what
     ``StageRule.make_stage`` builds in a jitted initialiser (the other stages' arrays are traced but
     never computed)."""
     def build():
         model = factory()
-        if method.shared is not None:
-            share_readout(model)
+        _readout_paths(model, method)
         return model[k]
 
     return build

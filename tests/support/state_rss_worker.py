@@ -38,7 +38,7 @@ def peak_mib():
 
 trainer = build_experiment(CONFIG).trainer
 before = peak_mib()
-checkpointer = Checkpointer(checkpoints, trainer.num_stages, asynchronous=False)
+checkpointer = Checkpointer(checkpoints, trainer.num_stages, asynchronous=False, sharded=True)
 if mode == "restore":
     states, meta = checkpointer.restore_latest(trainer.checkpoint_target())
     trainer.load_states(states)

@@ -215,9 +215,9 @@ def compile_only(config, topology: str, workdir: str | None = None, *, num_slice
             report.programs.append(compile_program(name, lowered, target.hbm_bytes, mesh, target.wrap, seconds))
             if progress is not None:
                 memory = report.programs[-1].memory
-                of = f" of {memory_report.gib(memory.hbm)}" if memory.hbm else ""
-                progress(f"compiled {name} in {memory.compile_seconds:.1f} s: {memory_report.gib(memory.needed)} "
-                         f"per device with its code{of}")
+                of = f", HBM {memory_report.gib(memory.hbm)}" if memory.hbm else ""
+                progress(f"compiled {name} in {memory.compile_seconds:.1f} s: peak + code "
+                         f"{memory_report.gib(memory.needed)} per device{of}")
     report.notes += _slice_notes(report, target)
     write_report(report, workdir)
     return report
@@ -244,5 +244,5 @@ def _slice_notes(report: CompileReport, target) -> list:
     if target.num_slices > 1:
         used = "stage"  # make_stage_mesh's default (torus.choose_slice_axis without a measurement)
         line += f"; this run put its {target.num_slices} slices on '{used}'" + (
-            "" if used == best else f": rerun the layout with slices on '{best}'")
+            "" if used == best else f", where '{best}' would send less over DCN (make_stage_mesh(..., slices_on='{best}'))")
     return [line]

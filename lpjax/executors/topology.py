@@ -233,6 +233,9 @@ def describe(text: str, num_slices: int | None = None) -> Topology:
     if str(text).strip().lower() == CPU:
         import jax
 
+        if num_slices not in (None, 1):
+            raise ConfigError(f"the host's CPU devices are one slice, not {num_slices}; drop --num-slices")
+
         return Topology(CPU, list(jax.devices(CPU)), None)
     spec = parse_topology(text, num_slices)
     require_libtpu()

@@ -189,7 +189,7 @@ class SpmdExecutor(ShardedCheckpoints, HostStates, ExecutorBase):
         Args:
           x, y: one whole microbatch's inputs and labels (every data slice), as ``ShapeDtypeStruct``s.
           eval_batch: an evaluation batch ``(x, y)`` as ``ShapeDtypeStruct``s, for the evaluation
-            program that runs on the mesh over several processes; None leaves it out.
+            program a run over several processes (hosts) uses (``eval.py``); None leaves it out.
 
         Yields:
           ``(name, lowered, seconds)``: the state initialiser, the mailboxes', the pipeline program of
@@ -246,7 +246,7 @@ class SpmdExecutor(ShardedCheckpoints, HostStates, ExecutorBase):
             from lpjax.executors.spmd.eval import MeshEvaluator
 
             evaluator = MeshEvaluator(self, self.rules[-1].loss_fn)
-            yield timed("evaluate", lambda: evaluator.lowered(*eval_batch, state))
+            yield timed("evaluate on the mesh", lambda: evaluator.lowered(*eval_batch, state))
 
     def _mean_metrics(self, entries):
         """Per stage, the mean over the host calls' per-stage means, weighted by their task counts."""

@@ -3,6 +3,7 @@
     lpjax train --config NAME|FILE [--config.KEY=VALUE ...] --workdir DIR   train, or resume DIR
     lpjax train --config NAME|FILE --print-config                           the resolved config, as JSON
     lpjax train --config NAME|FILE --workdir DIR --dry-run                  build and check, train nothing
+    lpjax train --config NAME|FILE --topology v5e:4x4 --compile-only        will it fit? compile for a TPU pod
     lpjax bench --suite NAME|FILE --workdir DIR                             compute-efficiency sweep
     lpjax plot --workdir DIR                                                learning curves, PNG + SVG
     lpjax recipes                                                           the shipped recipes and suites
@@ -15,7 +16,8 @@ any recipe path.
 A user's mistake (a bad config value, an unknown key, a config file that is missing or raises, a bad
 flag) ends with one line on stderr, ``lpjax: error: ...``, and exit code 2, before anything is written
 to the workdir. A run halted by a non-finite loss or gradient, by a lost peer process, or by a write
-that failed (a full disk) ends with one line and exit code 1. Anything else is a bug in lpjax and keeps its traceback.
+that failed (a full disk) ends with one line and exit code 1, as does a ``--compile-only`` whose
+programs do not fit the target's HBM (the line names the program and the shortfall). Anything else is a bug in lpjax and keeps its traceback.
 """
 
 import contextlib
@@ -37,7 +39,8 @@ from lpjax.training.loop import train_and_evaluate
 
 PROG = "lpjax"
 USAGES = {
-    "train": f"{PROG} train --config NAME|FILE [--config.KEY=VALUE ...] --workdir DIR [--print-config] [--dry-run]",
+    "train": f"{PROG} train --config NAME|FILE [--config.KEY=VALUE ...] --workdir DIR [--print-config] [--dry-run] "
+             f"[--topology NAME --compile-only [--num-slices N]]",
     "bench": f"{PROG} bench --suite NAME|FILE --workdir DIR",
     "plot": f"{PROG} plot --workdir DIR",
     "recipes": f"{PROG} recipes",
@@ -53,7 +56,12 @@ FLAGS = {  # per command: (flag, what it does)
               ("--config.KEY=VALUE", "override one config key (below), e.g. --config.method.name=chunked"),
               ("--workdir DIR", "the run's directory; one that holds checkpoints is resumed"),
               ("--print-config", "print the resolved config as JSON (data and model built to fill it) and stop"),
-              ("--dry-run", "build and check data, model, trainer and workdir; print the header; train nothing")],
+              ("--dry-run", "build and check data, model, trainer and workdir; print the header; train nothing"),
+              ("--topology NAME", "with --compile-only: the target, e.g. v5e:4x4, v5p:4x4x4, 2xv4:4x4x4, or cpu"),
+              ("--compile-only", "compile every training program for --topology (no TPU needed: pip install "
+                                 "'lpjax[tpu]'); print memory per device against HBM, compile times and "
+                                 "collectives; exit 1 if a program does not fit; --workdir optional"),
+              ("--num-slices N", "with --compile-only: slices of the topology (or an Nx prefix: 2xv4:4x4x4)")],
     "bench": [("--suite NAME|FILE", "a shipped sweep suite by name (lpjax recipes) or a sweep recipe file"),
               ("--workdir DIR", "the sweep's directory; finished runs in it are skipped")],
     "plot": [("--workdir DIR", "a training run's directory (reads metrics.jsonl, writes curves.png/.svg)")],
@@ -61,6 +69,7 @@ FLAGS = {  # per command: (flag, what it does)
 }
 USAGE = "usage: " + " | ".join(USAGES.values())
 COMMANDS = tuple(USAGES)
+COMPILE_ONLY_FLAGS = ("topology", "num-slices", "compile-only")
 EXIT_USAGE = 2
 EXIT_HALTED = 1
 
@@ -98,6 +107,8 @@ def _run(argv) -> int:
 
             check_local(options["workdir"])  # gs://... : one line naming the fix, for every command
         if command == "train":
+            if options["compile_only"]:
+                return _compile_only(options)
             if options["print_config"]:
                 from lpjax.config.build import build_experiment
 
@@ -177,8 +188,9 @@ def parse(argv):
         raise UsageError(f"unknown command {' '.join(positional)!r}{did_you_mean(positional[0], COMMANDS)}; {USAGE}")
     command = positional[0]
     usage = f"usage: {USAGES[command]}"
-    given = [name for name in ("config", "suite", "workdir", "print-config", "dry-run") if flag_values[name].present]
-    wanted = {"train": ["config", "workdir", "print-config", "dry-run"], "bench": ["suite", "workdir"],
+    given = [name for name in ("config", "suite", "workdir", "print-config", "dry-run", *COMPILE_ONLY_FLAGS)
+             if flag_values[name].present]
+    wanted = {"train": ["config", "workdir", "print-config", "dry-run", *COMPILE_ONLY_FLAGS], "bench": ["suite", "workdir"],
               "plot": ["workdir"], "recipes": []}[command]
     for name in given:
         if name not in wanted:
@@ -190,7 +202,10 @@ def parse(argv):
             raise UsageError(_load_config_only(argv)[1] or f"missing --config; {usage}")
         raise UsageError(f"missing --config; {usage}")
     print_config = command == "train" and flag_values["print-config"].value
-    if not flag_values.workdir and not print_config:
+    compile_only = command == "train" and flag_values["compile-only"].value
+    if command == "train":
+        _check_compile_only_flags(flag_values, usage)
+    if not flag_values.workdir and not print_config and not compile_only:
         raise UsageError(f"missing --workdir; {usage}")
     if command == "bench":
         if not flag_values.suite:
@@ -202,7 +217,34 @@ def parse(argv):
         _, error = _load_config_only(argv)
         raise UsageError(error or "the config file did not load with the given --config overrides")
     return command, {"config": flag_values.config, "workdir": flag_values.workdir, "print_config": print_config,
-                     "dry_run": flag_values["dry-run"].value}
+                     "dry_run": flag_values["dry-run"].value, "compile_only": compile_only,
+                     "topology": flag_values.topology, "num_slices": flag_values["num-slices"].value}
+
+
+def _check_compile_only_flags(flag_values, usage: str) -> None:
+    if flag_values["compile-only"].value:
+        if not flag_values.topology:
+            raise UsageError(f"--compile-only needs --topology, e.g. --topology v5e:4x4 (or cpu); {usage}")
+        if flag_values["print-config"].value or flag_values["dry-run"].value:
+            raise UsageError("--compile-only takes no --print-config or --dry-run; give one of them")
+    else:
+        for name in ("topology", "num-slices"):
+            if flag_values[name].present:
+                raise UsageError(f"--{name} is for --compile-only; add --compile-only to compile for it")
+
+
+def _compile_only(options) -> int:
+    """Compile the recipe's programs for ``--topology``; 0 when all fit, else 1 with the shortfall line."""
+    from lpjax.training.compile_only import compile_only
+
+    report = compile_only(options["config"], options["topology"], options["workdir"],
+                          num_slices=options["num_slices"], progress=lambda line: print(line, flush=True))
+    print(report.text(), flush=True)
+    line = report.shortfall_line()
+    if line is not None:
+        print(f"{PROG}: {line}", file=sys.stderr)
+        return EXIT_HALTED
+    return 0
 
 
 def _config_failed(flag_values) -> bool:
@@ -223,6 +265,12 @@ def _define_flags(argv) -> flags.FlagValues:
     flags.DEFINE_string("suite", None, "bench: 'small', or a sweep recipe file.", flag_values=flag_values)
     flags.DEFINE_boolean("print-config", False, "train: print the resolved config and stop.", flag_values=flag_values)
     flags.DEFINE_boolean("dry-run", False, "train: build and check everything, train nothing.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("topology", None, "train --compile-only: the TPU topology to compile for.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num-slices", None, "train --compile-only: slices of the topology.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("compile-only", False, "train: compile for --topology and report; train nothing.",
                          flag_values=flag_values)
     return flag_values
 

@@ -176,11 +176,14 @@ def resolve(config) -> dict:
     return merged
 
 
-def build_experiment(config) -> Experiment:
+def build_experiment(config, *, devices=None, abstract: bool | None = None) -> Experiment:
     """Build and check everything a training run needs, cheapest checks first.
 
     Args:
       config: a recipe's config (ConfigDict or dict), as ``resolve`` takes it.
+      devices: the devices of the layout's mesh (``jax.devices()`` when None; a topology's for compile-only).
+      abstract: build the model as shapes only and give the trainer its factory, so each stage's state
+        is created on the devices that hold it (the spmd executor's path: the default for it).
 
     Returns:
       The ``Experiment``: its ``config`` is the resolved config with the model options derived from
@@ -197,16 +200,15 @@ def build_experiment(config) -> Experiment:
     schedule = make_schedule(cfg["schedule"]["name"], cfg["schedule"]["microbatches"])
 
     dataset = _load_dataset(cfg)
-    rngs = nnx.Rngs(cfg["seed"])  # one stream for layers and heads, so no two get the same draws
-    network = _build_network(cfg, dataset, rngs)
-    model = _cut(cfg, network, rngs, dataset)
+    abstract = cfg["layout"]["executor"] == "spmd" if abstract is None else abstract
+    network, model, factory = _model(cfg, dataset, abstract)
     num_stages = len(model)
 
     num_steps = _num_steps(cfg, dataset)
     optimizer = build_optimizers(ml_collections.ConfigDict(cfg["optimizer"]), num_stages, num_steps, method)
     layout = _layout(cfg, num_stages)
-    trainer = Trainer(model, method=method, optimizer=optimizer, schedule=schedule, layout=layout,
-                      num_classes=dataset.num_classes, remat=cfg["remat"])
+    trainer = Trainer(factory if abstract else model, method=method, optimizer=optimizer, schedule=schedule,
+                      layout=layout, num_classes=dataset.num_classes, remat=cfg["remat"], devices=devices)
     _dry_run_checks(trainer, dataset, cfg["batch_size"])
     return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
                       num_steps=num_steps, stage_layers=stage_layers(model), split=model.split,
@@ -360,6 +362,24 @@ def _build_network(cfg, dataset, rngs):
     if (precision["compute"], precision["params"]) != ("float32", "float32"):
         network = with_precision(network, precision["compute"], precision["params"])
     return network
+
+
+def _model(cfg, dataset, abstract):
+    """``(network, model, factory)`` built with the seed (one stream for layers and heads, so no two get
+    the same draws): abstract (``nnx.eval_shape``) with the factory of the real ones, or real ones."""
+    def build():
+        rngs = nnx.Rngs(cfg["seed"])
+        network = _build_network(cfg, dataset, rngs)
+        return network, _cut(cfg, network, rngs, dataset)
+
+    if not abstract:
+        return (*build(), None)
+    if isinstance(cfg["split_points"], str):
+        raise ConfigError(f"split_points={cfg['split_points']!r} measures a built model, and the spmd executor builds "
+                          f"none on the host; give the split points as indices, or use layout.executor=mpmd")
+    built = {}  # the network of the abstract build: its name and layer count are all that is read
+    model = nnx.eval_shape(lambda: built.setdefault("network", build())[1])
+    return built["network"][0], model, lambda: build()[1]
 
 
 def _cut(cfg, network, rngs, dataset=None):

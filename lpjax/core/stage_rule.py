@@ -128,11 +128,26 @@ def _split(module):
     return graphdef, params, rest
 
 
-class StageRule:
-    """The update rule of stage ``k`` of ``K`` for one method, as pure functions."""
+def _arrays(stage):
+    """A stage's ``(params, rest)`` in train mode, each ``{"body", "head"}``."""
+    stage.train()
+    _, body_params, body_rest = _split(stage.body)
+    _, head_params, head_rest = _split(stage.head)
+    return {"body": body_params, "head": head_params}, {"body": body_rest, "head": head_rest}
 
-    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None, remat="none"):
+
+class StageRule:
+    """The update rule of stage ``k`` of ``K`` for one method, as pure functions.
+
+    ``stage`` may be abstract (``nnx.eval_shape`` of the model: shapes only) when ``make_stage`` is
+    given: a function that builds the stage afresh (from the model's factory, with its seed), which
+    ``init_state`` calls under ``jax.jit``, so that the stage's arrays are created on the devices that
+    hold them and never on a host.
+    """
+
+    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None, remat="none", make_stage=None):
         self.k, self.num_stages = k, num_stages
+        self.make_stage = make_stage
         self.remat = check_remat(remat)  # lpjax/core/remat.py: what the forward keeps for the backward
         # shared readout (lpjax/core/shared_readout.py): where this stage's head keeps the readout; the
         # last stage owns it (a Param), the others hold a read-only copy in their non-trainable state
@@ -147,17 +162,27 @@ class StageRule:
         stage.eval()
         self.body_eval_def, _, _ = _split(stage.body)
         self.head_eval_def, _, _ = _split(stage.head)
-        stage.train()
-        self.body_def, body_params, body_rest = _split(stage.body)
-        self.head_def, head_params, head_rest = _split(stage.head)
-        self._initial = ({"body": body_params, "head": head_params}, {"body": body_rest, "head": head_rest})
+        self._initial = _arrays(stage)
+        self.body_def, self.head_def = _split(stage.body)[0], _split(stage.head)[0]
 
     # -- state -------------------------------------------------------------------------------
     def trainable(self, params):
         return params if self.trains_head else {"body": params["body"]}
 
-    def init_state(self) -> StageState:
-        params, rest = self._initial
+    def initial(self):
+        """``(params, rest)``, each ``{"body", "head"}``: the stage's arrays as given, or, with
+        ``make_stage``, those of a stage built in the current trace (call it under ``jax.jit`` or
+        ``jax.eval_shape``: eagerly it would build the whole model on this host)."""
+        return self._initial if self.make_stage is None else _arrays(self.make_stage())
+
+    def state_shapes(self) -> StageState:
+        """The stage's ``StageState`` as ``jax.ShapeDtypeStruct``s; builds nothing."""
+        return jax.eval_shape(self.init_state, self._initial)
+
+    def init_state(self, initial=None) -> StageState:
+        """The state training starts from: ``initial`` (``(params, rest)``; ``self.initial()`` when
+        None), fresh optimizer state and zero gradient sums."""
+        params, rest = self.initial() if initial is None else initial
         trainable = self.trainable(params)
         return StageState(
             params=params,

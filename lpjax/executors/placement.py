@@ -5,6 +5,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from lpjax.errors import ConfigError
+from lpjax.executors import torus
 
 
 class SingleDevice:
@@ -58,7 +59,21 @@ class PerStageMeshes:
         return jax.device_put(array, self.batch_sharding(k))
 
 
-def make_stage_mesh(stages: int, data: int = 1, devices=None) -> Mesh:
+def make_stage_mesh(stages: int, data: int = 1, devices=None, *, slices_on: str | None = None) -> Mesh:
+    """The ``(stage, data)`` mesh a layout runs on.
+
+    Args:
+      stages, data: the layout.
+      devices: the devices to use (``jax.devices()`` when None); a compile-only run passes a
+        topology's (``lpjax.executors.topology.describe``).
+      slices_on: over several slices, the axis laid across them (``torus.choose_slice_axis``).
+
+    Returns:
+      The mesh. Devices with coordinates (TPU) are placed along the torus (``torus.place``): stage
+      neighbours on neighbouring chips, data groups compact. Others keep their order, except that
+      over several processes each process takes whole data columns (``_columns_per_process``).
+      ``ConfigError`` for a layout that needs more devices than there are, or that cannot be placed.
+    """
     devices = list(jax.devices() if devices is None else devices)
     needed = stages * data
     if needed > len(devices):
@@ -69,10 +84,29 @@ def make_stage_mesh(stages: int, data: int = 1, devices=None) -> Mesh:
     # Auto axes: the stage axis is manual inside shard_map anyway, and the data axis is left to the
     # compiler's sharding propagation, which handles reshapes and reductions of a split batch.
     axis_types = (AxisType.Auto, AxisType.Auto)
+    if torus.has_coordinates(devices):
+        return Mesh(_torus_grid(devices, stages, data, slices_on), ("stage", "data"), axis_types=axis_types)
     grid = _columns_per_process(devices[:needed], stages, data)
     if grid is not None:
         return Mesh(grid, ("stage", "data"), axis_types=axis_types)
     return jax.make_mesh((stages, data), ("stage", "data"), axis_types=axis_types, devices=devices[:needed])
+
+
+def _torus_grid(devices, stages: int, data: int, slices_on):
+    """``torus.place``'s grid over all ``devices``, or over the first ``stages * data`` when they fill
+    a box; a part of a slice that is no box goes to ``jax.make_mesh``, whose refusal becomes a
+    ``ConfigError`` naming the layouts that fit."""
+    needed = stages * data
+    if needed == len(devices) or torus.physical_grid(devices[:needed])[0] is not None:
+        return torus.place(devices[:needed], stages, data, slices_on=slices_on).devices
+    try:
+        mesh = jax.make_mesh((stages, data), ("stage", "data"), devices=devices[:needed])
+    except (NotImplementedError, ValueError, AssertionError):
+        grids, dims = torus.physical_grid(devices)
+        fits = torus.format_layouts(torus.fitting_layouts(len(devices), dims, len(grids or [0])))
+        raise ConfigError(f"layout stages={stages} x data={data} cannot be placed on the first {needed} of "
+                          f"{len(devices)} devices; layouts that use them all: {fits}") from None
+    return mesh.devices
 
 
 def _columns_per_process(devices, stages: int, data: int):

@@ -29,12 +29,32 @@ class Trainer:
     which would otherwise delete the caller's), so ``model`` keeps working and one model can start
     several trainers. ``export()`` writes the trained parameters and statistics back into ``model``;
     ``lpjax.fit`` does so when it ends.
+
+    ``model`` may also be a function that builds the ``StagedModel`` (its factory, seeded). With the
+    spmd executor the model is then only traced (``nnx.eval_shape``: ``self.model`` holds shapes)
+    and each stage's state is created by a jitted initialiser on the devices that hold it, so no host
+    ever holds another host's stages; the other executors build it. ``devices``: the devices the
+    layout's mesh is laid on (``jax.devices()`` when None; a TPU topology's for compile-only).
     """
 
     def __init__(self, model, *, method: Method, optimizer, loss="softmax_cross_entropy",
-                 schedule: Schedule | None = None, layout=None, num_classes: int | None = None, remat: str = "none"):
+                 schedule: Schedule | None = None, layout=None, num_classes: int | None = None, remat: str = "none",
+                 devices=None):
         if not isinstance(method, Method):
             raise ConfigError(f"method must be an lpjax method such as lpjax.Greedy(), got {method!r}")
+        factory = model if callable(model) and not isinstance(model, nnx.Module) else None
+        on_device = factory is not None and layout is not None and layout.executor == "spmd"
+        if on_device:  # traced: shapes only, with the readout's read-only copies in place
+            found = {}
+
+            def traced():
+                built = factory()
+                found["paths"] = _readout_paths(built, method)
+                return built
+
+            model = nnx.eval_shape(traced)
+        elif factory is not None:
+            model = factory()
         method.check(model)
         self.model, self.method = model, method
         self.schedule = schedule or Sequential(1)
@@ -44,14 +64,15 @@ class Trainer:
             raise ConfigError(f"a shared readout is refreshed at step boundaries, which streaming does not have; "
                               f"use a flushing schedule (sequential, gpipe or 1f1b), not {self.schedule!r}")
         # the user's model gets the read-only copies too, so export() writes into the same structure
-        paths = share_readout(model) if method.shared is not None else holds_no_copies(model)
+        paths = found["paths"] if on_device else _readout_paths(model, method)
         self.layout = layout
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
         optimizers = per_stage_optimizers(optimizer, len(model), method)
-        self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path, remat=remat)
-                        for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
-        self.executor: Executor = make_executor(self.rules, self.schedule, layout)
+        self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path, remat=remat,
+                                make_stage=_stage_builder(factory, k, method) if on_device else None)
+                      for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
+        self.executor: Executor = make_executor(self.rules, self.schedule, layout, devices=devices)
         self.steps = 0
         self.stage_examples = [0] * len(model)  # examples each stage has run forward so far
         self._done_seen, self._microbatch_rows = [0] * len(model), 0
@@ -204,10 +225,10 @@ class Trainer:
 
     def check_shapes(self, x, y):
         """Fail before compiling anything if a head's output cannot be scored against the labels."""
-        h = jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
+        h = jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype))
         for k, rule in enumerate(self.rules):
             try:
-                h, logits = jax.eval_shape(rule.predict, jax.eval_shape(rule.init_state), h)
+                h, logits = jax.eval_shape(rule.predict, rule.state_shapes(), h)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"stage {k} cannot take an input of shape {h.shape}: {str(err).splitlines()[0]}") from None
             if rule.trains_head or k == self.num_stages - 1:
@@ -284,6 +305,25 @@ class Trainer:
 
 
 def _copy_of(stage: Stage) -> Stage:
-    """The stage with fresh copies of all its arrays: what the trainer trains (and donates)."""
+    """The stage with fresh copies of all its arrays: what the trainer trains (and donates). An
+    abstract stage's shapes stay as they are."""
     graphdef, state = nnx.split(stage)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a, state))
+
+
+def _readout_paths(model, method):
+    """Where each stage's head keeps the readout: with a shared readout (lpjax/core/shared_readout.py)
+    the auxiliary heads of ``model`` get read-only copies of the last one, in place."""
+    return share_readout(model) if method.shared is not None else holds_no_copies(model)
+
+
+def _stage_builder(factory, k, method):
+    """Stage k of a fresh model from ``factory``, its readout shared as the trainer shares it: what
+    ``StageRule.make_stage`` builds in a jitted initialiser (the other stages' arrays are traced but
+    never computed)."""
+    def build():
+        model = factory()
+        _readout_paths(model, method)
+        return model[k]
+
+    return build

@@ -131,6 +131,19 @@ class MeshEvaluator:
 
         return global_array(multihost_utils.process_allgather(tuple(arrays), tiled=True), sharding)
 
+    def lowered(self, x, y, state):
+        """The evaluation program for batches shaped like ``x``, ``y`` (whole batches, as
+        ``ShapeDtypeStruct``s), lowered over ``state`` (the state buffers' shapes): what compile-only
+        compiles; nothing runs."""
+        canonical = jax.dtypes.canonicalize_dtype
+        self.spec = (tuple(x.shape[1:]), canonical(x.dtype), tuple(y.shape[1:]), canonical(y.dtype))
+        unit = self.executor.num_data * self.microbatches
+        self.capacity = -(-max(x.shape[0], 1) // unit) * unit
+        sharding = NamedSharding(self.executor.mesh, P("data"))
+        rows = [jax.ShapeDtypeStruct((self.capacity, *shape), dtype, sharding=sharding)
+                for shape, dtype in ((self.spec[0], self.spec[1]), (self.spec[2], self.spec[3]), ((), np.int32))]
+        return self._program().lower(state, *rows)
+
     # -- the program -------------------------------------------------------------------------
     def _program(self):
         """The program for this capacity and batch spec (``programs()`` lists those built)."""

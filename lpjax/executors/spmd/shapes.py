@@ -11,7 +11,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lpjax.errors import ConfigError
 from lpjax.executors.spmd.buffers import TreePacker, common_lengths, shared_format, zeros
@@ -64,32 +63,32 @@ def trace_shapes(rules, fmt, x, y, synchronous) -> Shapes:
     return Shapes(act_packers, res_plans, act_lengths, res_format, (x.shape, x.dtype), (y.shape, y.dtype))
 
 
-def grown_mailboxes(shapes, num_stages, num_data, capacity, wanted, current):
-    """Mailboxes with at least ``wanted`` slots per stage of each kind, keeping what is in the
-    existing slots.
+def mailbox_grower(shapes, num_stages, num_data, capacity, wanted):
+    """The function that makes mailboxes with ``wanted`` slots per stage of each kind from the current
+    ones, keeping what their slots hold; jit it with ``out_shardings`` over ``(stage, data)`` so that
+    each device creates only its own rows.
 
     Args:
       shapes: the executor's ``Shapes``.
       num_stages, num_data: the mesh's axis sizes.
       capacity: the current ``(activation, cotangent, residual)`` slots per stage (zeros: none yet).
-      wanted: the slots a host call needs.
-      current: the executor's buffers, holding the current mailboxes (global arrays) if there are any.
+      wanted: the slots per stage to make room for (each at least ``capacity``'s).
 
     Returns:
-      ``(mailboxes, capacity)``: new host arrays ``{"acts", "cots", "res"}`` ``[K, D, slots + 1,
-      ...]`` and their capacity, or ``(None, capacity)`` when the current ones are large enough.
+      ``grow(current)``: ``current`` is the mailboxes ``{"acts", "cots", "res"}`` (None when there are
+      none yet); it returns the new ones, ``[K, D, slots + 1, ...]`` (one more row than slots: the
+      scratch row that messages nobody keeps are written to, program._put).
     """
-    wanted = tuple(max(1, w, c) for w, c in zip(wanted, capacity))
-    if wanted == tuple(capacity):
-        return None, capacity
     K, D = num_stages, num_data
-    # one more row than slots: the scratch row that messages nobody keeps are written to (program._put)
-    fresh = {"acts": zeros(shapes.act_lengths, (K, D, wanted[0] + 1)),
-             "cots": zeros(shapes.act_lengths, (K, D, wanted[1] + 1)),
-             "res": shapes.res_format.zeros((K, D, wanted[2] + 1))}
-    fresh = jax.tree.map(np.array, jax.device_get(fresh))
-    if any(capacity):
-        for name, old in zip(MAILBOXES, capacity):
-            for new, buf in zip(jax.tree.leaves(fresh[name]), jax.tree.leaves(jax.device_get(current[name]))):
-                new[:, :, :old] = buf[:, :, :old]
-    return fresh, wanted
+
+    def grow(current):
+        fresh = {"acts": zeros(shapes.act_lengths, (K, D, wanted[0] + 1)),
+                 "cots": zeros(shapes.act_lengths, (K, D, wanted[1] + 1)),
+                 "res": shapes.res_format.zeros((K, D, wanted[2] + 1))}
+        if current is None:
+            return fresh
+        return {name: jax.tree.map(lambda new, old, kept=kept: new.at[:, :, :kept].set(old[:, :, :kept]),
+                                   fresh[name], current[name])
+                for name, kept in zip(MAILBOXES, capacity)}
+
+    return grow

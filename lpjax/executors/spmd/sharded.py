@@ -98,4 +98,4 @@ class ShardedCheckpoints:
 
             return split, ({g: P("stage") for g in fmt.lengths},), self.state_spec()
 
-        self.buffers.update(self.programs.mapped(("split",), build)(dict(flat)))
+        self._replace_state(self.programs.mapped(("split",), build)(dict(flat)))

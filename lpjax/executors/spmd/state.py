@@ -37,11 +37,14 @@ class StateFormat:
     per-dtype ``lengths``."""
 
     def __init__(self, initial):
-        """``initial``: every stage's ``StageState`` (their shapes and dtypes are what counts)."""
+        """``initial``: every stage's ``StageState``, or its shapes (``StageRule.state_shapes``): only
+        their shapes and dtypes count."""
         self.packers = [TreePacker(s) for s in initial]
         self.lengths = common_lengths(self.packers)
         self.task_format = shared_format([part(s, TASK_FIELDS) for s in initial])
         self.fixed_format = shared_format([part(s, FIXED_FIELDS) for s in initial])
+        # one stage's rows of the stacked buffers, as shapes (the same for every stage)
+        self.row_shapes = jax.eval_shape(lambda state: stage_rows(*self.parts(0, state)), initial[0])
 
     def parts(self, k, state):
         """Stage k's ``(written, fixed)`` rows of ``state``."""
@@ -70,6 +73,30 @@ class StateFormat:
         stacked = {name: jax.tree.map(lambda *r: np.stack(r), *[row[i] for row in rows])
                    for i, name in enumerate(STATE_PARTS)}
         return global_array(stacked, NamedSharding(mesh, P("stage")))
+
+
+    def initialiser(self, rules):
+        """The per-device function that creates the stacked state buffers where they live: each device
+        builds only its own stage's rows (a ``lax.switch`` on its stage index over each stage's
+        ``StageRule.init_state``, which builds the stage in the trace), so no array of the model is
+        ever on a host. For ``MeshPrograms.mapped`` with no arguments; ``row_spec()`` is its out_specs."""
+        branches = [functools.partial(lambda k, rule: stage_rows(*self.parts(k, rule.init_state())), k, rule)
+                    for k, rule in enumerate(rules)]
+
+        def init():
+            return lax.switch(lax.axis_index("stage"), branches)
+
+        return init
+
+    def row_spec(self):
+        """The partition specs of the stacked state buffers: every leaf over ``stage``."""
+        return jax.tree.map(lambda _: P("stage"), self.row_shapes)
+
+    def abstract(self, mesh):
+        """The stacked state buffers as ``ShapeDtypeStruct``s placed on ``mesh`` (what compile-only lowers with)."""
+        K, sharding = mesh.shape["stage"], NamedSharding(mesh, P("stage"))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((K, *a.shape[1:]), a.dtype, sharding=sharding),
+                            self.row_shapes)
 
 
 def state_spec(buffers):

@@ -48,7 +48,7 @@ class Streams:
         """
         K = self.num_stages
         (x_slice, x_dtype), (y_slice, y_dtype) = shapes.x_spec, shapes.y_spec
-        rows = max(1, sum(task is not None and task.stage == 0 and task.runs_forward for clock in clocks for task in clock))
+        rows = stream_rows(clocks)
         stream_x = np.zeros((rows, *self.fed_shape(x_slice)), x_dtype) if self.feeds_inputs else None
         stream_y = np.zeros((len(clocks), K, *self.fed_shape(y_slice)), y_dtype)
         for t, clock in enumerate(clocks):
@@ -67,6 +67,18 @@ class Streams:
         return (self._input_stream(stream_x, rows, shapes.x_spec),
                 self._rows(stream_y, P(None, "stage", "data"), (len(clocks), K, *self._full(y_slice))),
                 self._control_on_device(control))
+
+    def specs(self, clocks, control, shapes):
+        """What ``for_call`` sends for ``clocks``, as ``ShapeDtypeStruct``s placed on the mesh: the
+        program lowers from them without any data (compile-only)."""
+        (x_slice, x_dtype), (y_slice, y_dtype) = shapes.x_spec, shapes.y_spec
+
+        def placed(spec, shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
+
+        return (placed(P("stage", None, "data"), (self.num_stages, stream_rows(clocks), *self._full(x_slice)), x_dtype),
+                placed(P(None, "stage", "data"), (len(clocks), self.num_stages, *self._full(y_slice)), y_dtype),
+                {name: placed(P(None, "stage"), a.shape, a.dtype) for name, a in control.items()})
 
     def _full(self, slice_shape):
         return (slice_shape[0] * self.num_data, *slice_shape[1:])
@@ -116,3 +128,8 @@ class Streams:
                 self._controls.pop(next(iter(self._controls)))
             self._controls[key] = global_array(control, NamedSharding(self.mesh, P(None, "stage")))
         return self._controls[key]
+
+
+def stream_rows(clocks) -> int:
+    """Rows of a host call's input stream: one per forward stage 0 runs in ``clocks``, at least one."""
+    return max(1, sum(task is not None and task.stage == 0 and task.runs_forward for clock in clocks for task in clock))

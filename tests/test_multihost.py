@@ -5,8 +5,6 @@ gathering stage states to a host made to fail in the workers) and in the per-sta
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -15,6 +13,7 @@ import pytest
 
 import lpjax
 
+import workers
 from multihost_run import EVAL_BATCH, eval_split, train_four_stages
 
 HERE = Path(__file__).parent
@@ -31,19 +30,8 @@ def run_workers(tmp_path, *layout):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE / "support"), os.environ.get("PYTHONPATH", "")]))
     env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [subprocess.Popen([sys.executable, str(HERE / "support" / "multihost_worker.py"), str(port), "2", str(pid),
-                               str(tmp_path / f"p{pid}.npz"), *map(str, layout)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for pid in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=300)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-    return outputs
+    return workers.run_workers(HERE / "support" / "multihost_worker.py",
+                               lambda pid: [port, 2, pid, tmp_path / f"p{pid}.npz", *layout], 2, env, timeout=300)
 
 
 def assert_same_evaluation_and_health(tmp_path, reference):

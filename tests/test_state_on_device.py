@@ -7,8 +7,6 @@ tests/test_multihost.py)."""
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +15,7 @@ import pytest
 from flax import nnx
 
 from lpjax.config.build import build_experiment
+import workers
 
 HERE = Path(__file__).parent
 slow = pytest.mark.skipif(os.environ.get("LPJAX_SLOW_TESTS") != "1", reason="multi-GB runs; LPJAX_SLOW_TESTS=1 runs them")
@@ -57,20 +56,9 @@ def run(tmp_path, name, processes, devices, mode):
     port, checkpoints = free_port(), tmp_path / f"{name}_checkpoints"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE / "support"), os.environ.get("PYTHONPATH", "")]))
     env.pop("JAX_NUM_CPU_DEVICES", None)
-    procs = [subprocess.Popen([sys.executable, str(HERE / "support" / "state_rss_worker.py"), str(port),
-                               str(processes), str(pid), str(devices), str(checkpoints),
-                               str(tmp_path / f"{name}_{mode}_p{pid}.json"), mode],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in range(processes)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    workers.run_workers(HERE / "support" / "state_rss_worker.py",
+                        lambda pid: [port, processes, pid, devices, checkpoints, tmp_path / f"{name}_{mode}_p{pid}.json",
+                                     mode], processes, env, timeout=600)
     return [json.loads((tmp_path / f"{name}_{mode}_p{pid}.json").read_text()) for pid in range(processes)]
 
 

@@ -141,6 +141,97 @@ def test_a_loop_without_known_trip_count_has_its_trips_read_off_the_counter():
     assert all(c.loops == [("w", 5)] and c.per_step_count == 5 for c in colls)  # from 2 while < 7, +1
 
 
+BRANCHES = """HloModule m, num_partitions=4
+
+%update (p: (s32[], f32[64], pred[])) -> (s32[], f32[64], pred[]) {
+  %p = (s32[], f32[64], pred[]) parameter(0)
+  %c = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%c, %one)
+  %g = f32[64] get-tuple-element(%p), index=1
+  %ar = f32[64] all-reduce(%g), channel_id=1, replica_groups=[2,2]<=[4], use_global_device_ids=true, to_apply=%add
+  %f = pred[] get-tuple-element(%p), index=2
+  ROOT %t = (s32[], f32[64], pred[]) tuple(%next, %ar, %f)
+}
+
+%once (q: (s32[], f32[64], pred[])) -> pred[] {
+  %q = (s32[], f32[64], pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  %flag = pred[] get-tuple-element(%q), index=2
+  %n = s32[] convert(%flag)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%update2 (p2: (s32[], f32[16], pred[])) -> (s32[], f32[16], pred[]) {
+  %p2 = (s32[], f32[16], pred[]) parameter(0)
+  %c2 = s32[] get-tuple-element(%p2), index=0
+  %one2 = s32[] constant(1)
+  %next2 = s32[] add(%c2, %one2)
+  %g2 = f32[16] get-tuple-element(%p2), index=1
+  %ar2 = f32[16] all-reduce(%g2), channel_id=2, replica_groups=[2,2]<=[4], use_global_device_ids=true, to_apply=%add
+  %f2 = pred[] get-tuple-element(%p2), index=2
+  ROOT %t2 = (s32[], f32[16], pred[]) tuple(%next2, %ar2, %f2)
+}
+
+%clock (p: (s32[], f32[64], f32[16], pred[], pred[])) -> (s32[], f32[64], f32[16], pred[], pred[]) {
+  %p = (s32[], f32[64], f32[16], pred[], pred[]) parameter(0)
+  %c = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%c, %one)
+  %zero = s32[] constant(0)
+  %a = f32[64] get-tuple-element(%p), index=1
+  %b = f32[16] get-tuple-element(%p), index=2
+  %fa = pred[] get-tuple-element(%p), index=3
+  %fb = pred[] get-tuple-element(%p), index=4
+  %ia = (s32[], f32[64], pred[]) tuple(%zero, %a, %fa)
+  %wa = (s32[], f32[64], pred[]) while(%ia), condition=%once, body=%update
+  %ib = (s32[], f32[16], pred[]) tuple(%zero, %b, %fb)
+  %wb = (s32[], f32[16], pred[]) while(%ib), condition=%once2, body=%update2
+  %ra = f32[64] get-tuple-element(%wa), index=1
+  %rb = f32[16] get-tuple-element(%wb), index=1
+  ROOT %t = (s32[], f32[64], f32[16], pred[], pred[]) tuple(%next, %ra, %rb, %fa, %fb)
+}
+
+%once2 (q2: (s32[], f32[16], pred[])) -> pred[] {
+  %q2 = (s32[], f32[16], pred[]) parameter(0)
+  %i2 = s32[] get-tuple-element(%q2), index=0
+  %flag2 = pred[] get-tuple-element(%q2), index=2
+  %n2 = s32[] convert(%flag2)
+  ROOT %lt2 = pred[] compare(%i2, %n2), direction=LT
+}
+
+%clocks (q: (s32[], f32[64], f32[16], pred[], pred[])) -> pred[] {
+  %q = (s32[], f32[64], f32[16], pred[], pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[64], b: f32[16], fa: pred[], fb: pred[]) -> f32[64] {
+  %a = f32[64] parameter(0)
+  %b = f32[16] parameter(1)
+  %fa = pred[] parameter(2)
+  %fb = pred[] parameter(3)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64], f32[16], pred[], pred[]) tuple(%zero, %a, %b, %fa, %fb)
+  %w = (s32[], f32[64], f32[16], pred[], pred[]) while(%init), condition=%clocks, body=%clock
+  ROOT %out = f32[64] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_in_each_stages_update_branch_count_once_per_device():
+    """Two 0-or-1-trip loops in a 6-clock loop, each all-reducing its stage's gradient over data:
+    a device runs only its own stage's, so the largest branch is what one device moves."""
+    colls = H.collectives(BRANCHES, axis_map=AxisMap(("stage", "data"), (2, 2)))
+    assert sorted((c.bytes, c.scope, c.per_step_count) for c in colls) == [
+        (64, "per clock, one branch", 6), (256, "per clock, one branch", 6)]
+    assert H.bytes_per_axis(colls) == {"data": 6 * 256}  # the larger branch, at every clock at most
+    (row,) = H.summarize(colls)
+    assert (row["count"], row["bytes"], row["branches"], row["per_step_bytes"]) == (1, 256, 2, 6 * 256)
+    assert row["trip_counts"] == [6, "0-1"] and "one branch: in one of 2 loops" in H.format_table([row])
+
+
 def tpu(name):
     pytest.importorskip("libtpu", reason="libtpu is not installed (pip install 'lpjax[tpu]')")
     return T.describe(name)

@@ -6,6 +6,10 @@ once, with the ``-done`` result's bytes: a ``collective-permute-start`` tuple al
 and two context scalars. A collective inside while loops runs once per iteration of the innermost
 one, which for lpjax's SPMD program is the scan over clocks ("per clock"); its per-step count is the
 product of the loops' trip counts (``hlo_text.trip_count``). Outside any loop it runs once per step.
+Inside a 0-or-1-trip loop (lpjax's per-stage task and update branches, ``hlo_text.runs_at_most_once``)
+it runs only on its stage's devices and only when the branch runs: its scope says "one branch", its
+per-step count is an upper bound (every clock), and a device's bytes per step count only the largest
+of the branches, since each device runs its own stage's.
 
 A multi-slice TPU program is compiled per slice: collectives within a slice are ordinary ones, and
 the cross-slice part is a ``send``/``recv`` pair for the megascale runtime over DCN, counted once per
@@ -19,10 +23,11 @@ import json
 import math
 import re
 
-from lpjax.distributed.hlo_text import called_computations, closing, parse_module, shape_bytes, trip_count
+from lpjax.distributed.hlo_text import called_computations, closing, parse_module, runs_at_most_once, shape_bytes, trip_count
 from lpjax.distributed.replica_groups import AxisMap, parse_groups
 from lpjax.executors.torus import NO_WRAP
 
+BRANCH = "0-1"  # the trip count of a 0-or-1-trip loop in ``Collective.loops``
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "collective-broadcast",
          "ragged-all-to-all")
 _PRIMITIVES = {"ppermute": "collective-permute", "psum": "all-reduce", "pmean": "all-reduce", "pmax": "all-reduce",
@@ -40,20 +45,27 @@ class Collective:
     groups: list | None = None
     pairs: list | None = None  # (source, target) mesh positions (index into mesh.devices.flat)
     shifts: list | None = None  # for pairs along one axis: target - source
-    loops: list = dataclasses.field(default_factory=list)  # [(while name, trips or None)], outermost first
+    loops: list = dataclasses.field(default_factory=list)  # [(while, trips, None or BRANCH)], outermost first
     is_async: bool = False
     op_name: str | None = None  # the JAX operation it came from
     pair_hops: list | None = None  # per pair, ICI hops (None across slices)
     dcn: bool = False  # a cross-slice transfer, not an ICI collective
 
     @property
+    def branch(self) -> str | None:
+        """The innermost 0-or-1-trip loop it runs in (a stage's task or update branch), or None."""
+        return next((name for name, trips in reversed(self.loops) if trips == BRANCH), None)
+
+    @property
     def scope(self) -> str:
-        return "per clock" if self.loops else "per step"
+        counted = any(trips != BRANCH for _, trips in self.loops)
+        return ("per clock" if counted else "per step") + (", one branch" if self.branch else "")
 
     @property
     def per_step_count(self):
-        """Runs per execution of the program: the product of its loops' trip counts (None if one is unknown)."""
-        trips = [t for _, t in self.loops]
+        """Runs per execution of the program: the product of its loops' trip counts (None if one is
+        unknown); inside a branch, at most that."""
+        trips = [t for _, t in self.loops if t != BRANCH]
         return None if any(t is None for t in trips) else math.prod(trips)
 
     def as_dict(self) -> dict:
@@ -78,7 +90,8 @@ def _loop_chains(computations, entry) -> dict:
         for inst in computations[name]:
             for callee, role in called_computations(inst):
                 if inst.opcode == "while" and role == "body":
-                    stack.append((callee, chain + ((inst.name, trip_count(inst, computations)[0]),)))
+                    trips = BRANCH if runs_at_most_once(inst, computations) else trip_count(inst, computations)[0]
+                    stack.append((callee, chain + ((inst.name, trips),)))
                 elif not (inst.opcode == "while" and role == "condition"):
                     stack.append((callee, chain))
     return out
@@ -163,36 +176,50 @@ def _dcn_collective(inst, chain, axis_map) -> Collective:
 
 
 def summarize(colls) -> list:
-    """Rows ``{kind, axis, scope, count, bytes, per_step_count, per_step_bytes, trip_counts,
-    max_pair_hops}``: per clock (one iteration of the innermost loop) and per step (times the trips)."""
-    rows = {}
+    """Rows ``{kind, axis, scope, count, bytes, branches, per_step_count, per_step_bytes, trip_counts,
+    max_pair_hops}``: per clock (one iteration of the innermost loop) and per step (times the trips).
+    Collectives in 0-or-1-trip branches are one row per kind, axis and loops, holding the largest
+    branch (what one device runs) and how many branches there are."""
+    groups = {}
     for c in colls:
         kind = c.kind + (" (dcn)" if c.dcn else "")
         key = (kind, c.axis, c.scope, tuple(t for _, t in c.loops))
-        row = rows.setdefault(key, {"kind": kind, "axis": c.axis, "scope": c.scope, "count": 0, "bytes": 0,
-                                    "per_step_count": 0, "per_step_bytes": 0, "trip_counts": [t for _, t in c.loops],
-                                    "max_pair_hops": None})
-        row["count"] += 1
-        row["bytes"] += c.bytes
-        if c.per_step_count is None or row["per_step_count"] is None:
-            row["per_step_count"] = row["per_step_bytes"] = None
-        else:
-            row["per_step_count"] += c.per_step_count
-            row["per_step_bytes"] += c.per_step_count * c.bytes
-        if c.dcn:
-            row["max_pair_hops"] = "dcn"
-        elif c.pair_hops:
-            known = [h for h in c.pair_hops if h is not None]
-            most = "dcn" if len(known) < len(c.pair_hops) else max(known, default=None)
-            row["max_pair_hops"] = most if row["max_pair_hops"] in (None, most) else "mixed"
-    return sorted(rows.values(), key=lambda r: (r["scope"] != "per clock", r["kind"], str(r["axis"])))
+        groups.setdefault(key, {}).setdefault(c.branch, []).append(c)
+    rows = []
+    for (kind, axis, scope, trips), by_branch in groups.items():
+        members = max(by_branch.values(), key=lambda cs: sum(c.bytes for c in cs))
+        counts = [c.per_step_count for c in members]
+        known = None not in counts
+        row = {"kind": kind, "axis": axis, "scope": scope, "count": len(members), "bytes": sum(c.bytes for c in members),
+               "branches": len(by_branch) if None not in by_branch else 0,
+               "per_step_count": sum(counts) if known else None,
+               "per_step_bytes": sum(n * c.bytes for n, c in zip(counts, members)) if known else None,
+               "trip_counts": list(trips), "max_pair_hops": None}
+        for c in (c for cs in by_branch.values() for c in cs):
+            if c.dcn:
+                row["max_pair_hops"] = "dcn"
+            elif c.pair_hops:
+                ici = [h for h in c.pair_hops if h is not None]
+                most = "dcn" if len(ici) < len(c.pair_hops) else max(ici, default=None)
+                row["max_pair_hops"] = most if row["max_pair_hops"] in (None, most) else "mixed"
+        rows.append(row)
+    return sorted(rows, key=lambda r: (not r["scope"].startswith("per clock"), r["scope"], r["kind"], str(r["axis"])))
 
 
 def bytes_per_axis(colls) -> dict:
-    """Per mesh axis label, bytes moved per step (unknown trip counts count once)."""
-    out = {}
+    """Per mesh axis label, the bytes one device moves per step (unknown trip counts count once).
+    Of the collectives in 0-or-1-trip branches only the largest branch counts, at every clock: a
+    device runs its own stage's, at most once a clock, so this is an upper bound."""
+    out, branches = {}, {}
     for c in colls:
-        out[c.axis] = out.get(c.axis, 0) + c.bytes * (c.per_step_count or 1)
+        moved = c.bytes * (c.per_step_count or 1)
+        if c.branch is None:
+            out[c.axis] = out.get(c.axis, 0) + moved
+        else:
+            axis = branches.setdefault(c.axis, {})
+            axis[c.branch] = axis.get(c.branch, 0) + moved
+    for axis, sizes in branches.items():
+        out[axis] = out.get(axis, 0) + max(sizes.values())
     return out
 
 
@@ -210,14 +237,20 @@ def hop_pairs(colls) -> list:
 
 
 def format_table(rows) -> str:
-    head = (f"{'scope':<10} {'kind':<25} {'axis':<12} {'count':>5} {'bytes':>14} {'trips':>8} {'step count':>10} "
+    head = (f"{'scope':<21} {'kind':<25} {'axis':<12} {'count':>5} {'bytes':>14} {'trips':>8} {'step count':>10} "
             f"{'step bytes':>16} {'hops':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         trips = "x".join("?" if t is None else str(t) for t in r["trip_counts"]) or "-"
         hops = "-" if r["max_pair_hops"] is None else r["max_pair_hops"]
-        lines.append(f"{r['scope']:<10} {r['kind']:<25} {str(r['axis']):<12} {r['count']:>5} {r['bytes']:>14,} "
-                     f"{trips:>8} {_count(r['per_step_count']):>10} {_count(r['per_step_bytes']):>16} {hops:>5}")
+        bound = "<=" if r["branches"] else ""
+        lines.append(f"{r['scope']:<21} {r['kind']:<25} {str(r['axis']):<12} {r['count']:>5} {r['bytes']:>14,} "
+                     f"{trips:>8} {bound + _count(r['per_step_count']):>10} {bound + _count(r['per_step_bytes']):>16} "
+                     f"{hops:>5}")
+    branches = max((r["branches"] for r in rows), default=0)
+    if branches:
+        lines.append(f"one branch: in one of {branches} loops of 0 or 1 trips (a stage's task or update), which run only "
+                     f"on their stage's devices; the largest is shown, and its step figures are at most that")
     return "\n".join(lines)
 
 

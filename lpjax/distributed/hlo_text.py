@@ -4,7 +4,8 @@ computations, instructions, shape sizes, what an instruction calls, and while-lo
 Trip counts come from XLA's ``known_trip_count`` annotation where it writes one (the CPU compiler
 does for ``lax.scan``), else they are read off the loop: a counter that starts at a constant
 (through copies), a ``counter < constant`` condition and a ``+1`` step, which is what the TPU
-compiler leaves of every scan tried. ``compiled.cost_analysis()`` multiplies by no trip count.
+compiler leaves of every scan tried. ``compiled.cost_analysis()`` multiplies by no trip count. A loop
+whose condition compares its counter with a flag it carries runs 0 or 1 times (``runs_at_most_once``).
 """
 
 import dataclasses
@@ -174,3 +175,16 @@ def trip_count(loop: Instruction, computations) -> tuple:
         return max(0, end - start), "inferred"
     except (KeyError, AttributeError, IndexError):
         return None, None
+
+
+def runs_at_most_once(loop: Instruction, computations) -> bool:
+    """Whether a while loop's condition compares its counter with a ``pred[]`` it carries: lpjax's
+    0-or-1-trip loop (``program._once``), which runs a stage's task or update only on the devices
+    whose stage it is, and only when the flag is set."""
+    roles = {role: name for name, role in called_computations(loop) if role == "condition"}
+    condition = computations.get(roles.get("condition"), [])
+    if not condition:
+        return False
+    by_name = {i.name: i for i in condition}
+    read = [_through(by_name.get(o), by_name) for o in _root(condition).operands]
+    return any(r is not None and r.opcode == "get-tuple-element" and r.shape.startswith("pred[]") for r in read)

@@ -239,8 +239,8 @@ def _slice_notes(report: CompileReport, target) -> list:
         return []
     best = torus.choose_slice_axis(measured)
     other = "data" if best == "stage" else "stage"
-    line = (f"across slices belongs '{best}': the step programs move {measured.get(best, 0) / 2**20:,.1f} MiB per step "
-            f"over it against {measured.get(other, 0) / 2**20:,.1f} MiB over '{other}'")
+    line = (f"across slices belongs '{best}': the step programs move {memory_report.gib(measured.get(best, 0))} per "
+            f"step and device over it against {memory_report.gib(measured.get(other, 0))} over '{other}'")
     if target.num_slices > 1:
         used = "stage"  # make_stage_mesh's default (torus.choose_slice_axis without a measurement)
         line += f"; this run put its {target.num_slices} slices on '{used}'" + (

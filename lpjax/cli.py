@@ -364,7 +364,7 @@ def command_help(command: str) -> str:
     if FLAGS[command]:
         lines += ["", "flags:"] + [f"  {flag:<24} {what}" for flag, what in FLAGS[command]]
     if command == "train":
-        lines += ["", "config keys (--config.KEY=VALUE; default in brackets; details in lpjax/config/build.py):"]
+        lines += ["", "config keys (--config.KEY=VALUE; default in brackets; details in lpjax/config/base.py):"]
         lines += config_key_lines()
     if command in ("train", "bench"):
         names = catalog.recipe_names() if command == "train" else catalog.suite_names()
@@ -374,7 +374,7 @@ def command_help(command: str) -> str:
 
 
 def config_key_lines() -> list:
-    from lpjax.config import build as config_module
+    from lpjax.config import base as config_module
 
     described = _key_descriptions(config_module.__doc__ or "")
     flat = _flatten(config_module.base_config().to_dict())
@@ -387,7 +387,7 @@ def config_key_lines() -> list:
 
 
 def _key_descriptions(doc: str) -> dict:
-    """``{key: description}`` from the key table in lpjax/config/build.py's docstring."""
+    """``{key: description}`` from the key table in lpjax/config/base.py's docstring."""
     found, key = {}, None
     for line in doc.splitlines():
         if line.startswith("    ") and not line.startswith("     "):

@@ -111,7 +111,7 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
     ``data``: an ``lpjax.data`` data source such as ``load_dataset("digits")`` or
     ``lpjax.data.Dataset`` around your own arrays (see docs/extending.md), or a tuple
     ``(train_x, train_y, test_x, test_y)``. The keyword arguments mirror the config keys of the same
-    meaning (lpjax/config/build.py). Running again in the same workdir resumes; a workdir that holds a
+    meaning (lpjax/config/base.py). Running again in the same workdir resumes; a workdir that holds a
     different model, method or data is refused with ``ConfigError``. Learning rates are logged per
     stage when the optimizer exposes them (``optax.inject_hyperparams``).
     """

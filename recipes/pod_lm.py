@@ -4,9 +4,9 @@
 #         The ~8B model: --config.model.dim=4096 --config.model.depth=32 --config.model.heads=32
 #         (with --topology v5e:16x16 --config.stages=16 --config.layout.data=16).
 # Expect: compile-only on v5e:4x4: every program fits the 15.75 GiB a v5e chip offers; the step
-#         program's peak per device and its collectives are what the command prints (README, "Will it
-#         fit on my pod?"). Training itself is not measured: the corpus is CPython's pydoc text
-#         (about 200 windows of 2048 bytes), a stand-in that only gives the shapes of a real LM run.
+#         program needs 9.51 GiB per device (peak 9.28 GiB + 243 MiB of code), the initial state
+#         4.58 GiB (README, "Will it fit on my pod?"). Training itself is not measured: the corpus is
+#         CPython's pydoc text (about 200 windows of 2048 bytes), a stand-in that only gives the shapes.
 """A ~1.2B-parameter byte-level pre-LN Transformer LM (width 2048, 24 blocks, 16 heads, 2048-byte context)
 for a 16-chip TPU slice: chunked local updates over 4 stages x 4 data, streaming, on the SPMD executor."""
 

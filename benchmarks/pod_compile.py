@@ -94,6 +94,7 @@ def compile_row(recipe, topology, overrides, workdir, programs) -> int:
     import contextlib
 
     from lpjax.config.recipe_file import load_recipe
+    from lpjax.errors import ConfigError
     from lpjax.training.compile_only import compile_only
 
     config, error = load_recipe(os.path.join(REPO, recipe))
@@ -110,9 +111,13 @@ def compile_row(recipe, topology, overrides, workdir, programs) -> int:
         import tensorflow_datasets as tfds
 
         config.dataset.data_dir = workdir
-        data = tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_CODE)
-    with data:
-        report = compile_only(config, topology, workdir, programs=programs)
+        data = tfds.testing.mock_data(num_examples=2048, policy=tfds.testing.MockPolicy.USE_CODE)  # > any batch
+    try:
+        with data:
+            report = compile_only(config, topology, workdir, programs=programs)
+    except ConfigError as err:  # a row that cannot be built (greedy on a model of thick stages): its reason
+        print(err, file=sys.stderr)
+        return 2
     print(report.text())
     return 0 if report.fits else 1
 

@@ -10,7 +10,8 @@ about 5 minutes on 2 CPU cores; the drain and evaluation programs add about as m
 
 The ladder (issue 25):
 - ``transformer_lm`` ~1.2B (width 2048, 24 blocks, 16 heads, seq 2048; recipes/pod_lm.py) and ~8B
-  (width 4096, 32 blocks, 32 heads), fp32, Adam, batch 32 in 8 microbatches;
+  (width 4096, 32 blocks, 32 heads), fp32, Adam, batch 32 in 8 microbatches (8 x data where the
+  data axis is wider than 4, so that each data slice gets a row);
 - topologies v5e:4x4, v5e:16x16 and v5p:4x4x4, with K in {4, 8, 16} stages and the rest as data;
 - backprop with 1F1B against chunked, greedy and overlapping (window 2) with streaming. Greedy trains
   one layer per stage, so on the LM (25 and 33 layers) its rows say why they cannot be built;
@@ -59,9 +60,11 @@ def ladder(models, topologies, stages, methods):
                     data = TOPOLOGIES[topology] // k
                     for method in methods:
                         overrides, schedule = METHODS[method]
+                        # the recipe's 8 microbatches of 4 rows, or one row per data slice where more
                         rows.append((f"{model} {method}", "recipes/pod_lm.py", topology, {
                             **LM[model], **overrides, "schedule.name": schedule, "stages": k,
-                            "layout.data": data, "layout.executor": "spmd"}))
+                            "layout.data": data, "layout.executor": "spmd", "batch_size": max(32, 8 * data),
+                            "eval_batch_size": max(32, k * data)}))
         else:
             rows.append((model, RESNETS[model], "v5e:2x2", {"layout.executor": "spmd", "layout.data": 1, "stages": 4}))
     return rows

@@ -42,6 +42,7 @@ Run from the repository root (the default takes about a minute on 2 CPU cores):
     python benchmarks/greedy_overhead.py
     python benchmarks/greedy_overhead.py --width 512 --steps 20 --rounds 7
     python benchmarks/greedy_overhead.py --no-donate   # baseline without buffer donation, as lpjax
+    python benchmarks/greedy_overhead.py --nonfinite skip   # lpjax checking what each update writes
 
 Exit status is 0 whether or not the goal is met, 1 if the two disagree on the parameters.
 """
@@ -129,8 +130,9 @@ class HandWritten:
 
 
 class Lpjax:
-    def __init__(self, model, tx):
-        self.trainer = lpjax.Trainer(model, method=lpjax.Greedy(), optimizer=tx, schedule=Sequential(1))
+    def __init__(self, model, tx, nonfinite):
+        self.trainer = lpjax.Trainer(model, method=lpjax.Greedy(), optimizer=tx, schedule=Sequential(1),
+                                     nonfinite=nonfinite)
         self.metrics = None
 
     def step(self, x, y):
@@ -170,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-donate", action="store_true", help="hand-written step without buffer donation")
+    parser.add_argument("--nonfinite", choices=("halt", "skip"), default="halt",
+                        help="lpjax's policy: skip also checks what each update writes (one more optax step)")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
@@ -179,7 +183,7 @@ def main(argv=None):
     model = build_model(args)
     start = [as_plain(nnx.state(s.body, nnx.Param), nnx.state(s.head, nnx.Param)) for s in model]
     tx = optax.adam(args.lr)
-    runners = {"lpjax": Lpjax(model, tx), "hand-written": HandWritten(start, tx, donate=not args.no_donate)}
+    runners = {"lpjax": Lpjax(model, tx, args.nonfinite), "hand-written": HandWritten(start, tx, donate=not args.no_donate)}
 
     for runner in runners.values():
         seconds_per_step(runner, batches, args.warmup)
@@ -196,8 +200,9 @@ def main(argv=None):
     same = all(np.allclose(got[k][n], want[k][n], rtol=1e-4, atol=1e-6) for k in range(args.stages) for n in want[k])
     worst = max(float(np.max(np.abs(got[k][n] - want[k][n]))) for k in range(args.stages) for n in want[k])
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; "
-          f"{args.stages} stages, width {args.width}, batch {args.batch}; greedy + adam; "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} "
+          f"at the end; {args.stages} stages, width {args.width}, batch {args.batch}; greedy + adam, "
+          f"nonfinite={args.nonfinite}; "
           f"hand-written {'without' if args.no_donate else 'with'} donation; "
           f"{args.rounds} rounds x {args.steps} steps, median per step")
     median = {name: statistics.median(t) for name, t in wall.items()}

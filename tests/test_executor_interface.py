@@ -54,9 +54,10 @@ def test_every_executor_implements_the_interface(name):
     assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(saved))
     assert_trees_equal(params(states), params(saved))
 
-    norms, skipped = executor.stage_scalars()
+    norms, skipped, finite = executor.stage_scalars()
     assert [float(n) for n in norms] == [float(s.grad_norm) for s in states]
     assert min(float(n) for n in norms) > 0 and [int(s) for s in skipped] == [0, 0]
+    assert [bool(f) for f in finite] == [True, True]
 
     totals, count = executor.evaluate([(x, y)])
     assert np.shape(totals) == (2, 2) and count == len(y)

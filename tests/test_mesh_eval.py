@@ -70,10 +70,11 @@ def test_mesh_evaluation_equals_the_per_stage_evaluation_and_moves_no_stage_stat
     assert len(evaluator.programs()) == 1  # the ragged batch ran on the full batches' program, masked
 
     # health() reads the scalars where each stage lives; they equal the stage states' own
-    norms, skipped = trainer.executor.stage_scalars()
+    norms, skipped, finite = trainer.executor.stage_scalars()
     assert [float(h["grad_norm"]) for h in trainer.health()] == list(norms)
     assert [float(s.grad_norm) for s in trainer.stage_states] == pytest.approx(list(norms), rel=1e-6)
     assert min(norms) > 0 and [int(s.skipped) for s in trainer.stage_states] == list(skipped)
+    assert list(finite) == [True] * trainer.num_stages
 
     # what is compiled moves activations and a few sums, never a stage's state buffer: the largest
     # collective result is smaller than the smallest stage's packed state

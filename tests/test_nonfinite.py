@@ -20,7 +20,7 @@ from lpjax.training.checkpoint import Checkpointer, state_summary
 from lpjax.config.build import build_experiment
 from lpjax.data import load_dataset
 from lpjax.data.registry import DATASETS
-from lpjax.errors import NonFiniteError
+from lpjax.errors import ConfigError, NonFiniteError
 from lpjax.training.nonfinite import STALLED_STEPS, NonfiniteGuard, halt_on_skipped, streaming_lags
 from tiny import stage_params, tiny_batch, tiny_model
 
@@ -231,7 +231,8 @@ def test_fit_stops_a_diverged_model_with_non_finite_error(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 12)).astype(np.float32), rng.integers(0, 5, 64).astype(np.int32)
     # tanh layers keep the loss finite whatever the weights; a rate past float32's range overflows every update
-    trainer = lpjax.Trainer(tiny_model(num_stages=2), method=lpjax.methods.Greedy(), optimizer=optax.sgd(1e39))
+    trainer = lpjax.Trainer(tiny_model(num_stages=2), method=lpjax.methods.Greedy(), optimizer=optax.sgd(1e39),
+                            nonfinite="skip")
     with pytest.raises(NonFiniteError, match="skipped every update of steps 1-10"):
         lpjax.fit(trainer, (x, y, x, y), workdir=str(tmp_path / "fit"), steps=40, batch_size=16, log_every=5,
                   checkpoint_every=5, nonfinite="skip", progress=False, verbose=False)
@@ -251,7 +252,7 @@ def test_a_backprop_step_that_would_overflow_one_stage_is_skipped_by_every_stage
     bias = model[1].head.bias
     bias[...] = jnp.full(bias[...].shape, np.finfo(np.float32).max)
     trainer = lpjax.Trainer(model, method=lpjax.methods.Backprop(), optimizer=optax.sgd(1e33),
-                            layout=LAYOUTS[executor])
+                            layout=LAYOUTS[executor], nonfinite="skip")
     before = stage_params(trainer)
     trainer.step(*tiny_batch())
     health = jax.device_get(trainer.health())
@@ -269,13 +270,64 @@ def test_a_backprop_step_that_would_overflow_one_stage_is_skipped_by_every_stage
                          ids=["sgd", "momentum", "adam"])
 def test_trainer_steps_never_write_a_non_finite_value(optimizer, executor):
     trainer = lpjax.Trainer(tiny_model(num_stages=2), method=lpjax.methods.Greedy(), optimizer=optimizer,
-                            layout=LAYOUTS[executor])
+                            layout=LAYOUTS[executor], nonfinite="skip")
     for seed in range(6):
         trainer.step(*tiny_batch(n=16, seed=seed))
     for state in jax.device_get(trainer.stage_states):
         for leaf in jax.tree.leaves((state.params, state.rest, state.opt_state, state.grad_norm)):
             if np.issubdtype(np.asarray(leaf).dtype, np.inexact):
                 assert np.isfinite(leaf).all()
+
+
+@pytest.mark.parametrize("executor", sorted(LAYOUTS))
+def test_under_halt_an_overflowing_update_shows_in_health_and_export_refuses_it(executor):
+    """halt leaves the written-state check out of the step: the overflow is written, and every way
+    out of the trainer says so instead of handing the values on."""
+    trainer = lpjax.Trainer(tiny_model(num_stages=2), method=lpjax.methods.Greedy(), optimizer=optax.sgd(1e39),
+                            layout=LAYOUTS[executor])
+    assert trainer.nonfinite == "halt"
+    assert [bool(h["finite"]) for h in jax.device_get(trainer.health())] == [True, True]
+    trainer.step(*tiny_batch(n=16))
+    health = jax.device_get(trainer.health())
+    assert [bool(h["finite"]) for h in health] == [False, False]
+    assert [int(h["skipped"]) for h in health] == [0, 0]  # the gradient was finite: nothing was skipped
+    with pytest.raises(NonFiniteError, match=r"^export\(\): stage 0's parameters or optimizer state are not finite"):
+        trainer.export()
+
+
+@pytest.mark.parametrize("executor", sorted(EXECUTOR_FLAGS))
+def test_halt_stops_an_overflowing_run_at_the_first_record_naming_the_stage(executor, tmp_path, capsys):
+    workdir = tmp_path / "W"
+    code = cli.main(["lpjax", "train", f"--config={MNIST_MLP}", "--config.dataset.name=digits",
+                     "--config.dataset.test_size=300", "--config.model.width=64", "--config.optimizer.name=sgd",
+                     "--config.optimizer.learning_rate=1e30", "--config.optimizer.decay=constant",
+                     "--config.num_steps=40", "--config.log_every=5", "--config.checkpoint.every_steps=10",
+                     *EXECUTOR_FLAGS[executor], f"--workdir={workdir}"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("lpjax: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    # the first update overflows stage 0 (or, where its loss is already NaN, it is skipped); either way step 5 stops it
+    assert lines[0].startswith("lpjax: error: stage 0") or lines[0].startswith("lpjax: error: non-finite"), lines[0]
+    assert "no checkpoint was written yet" in lines[0], lines[0]
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
+    assert not (workdir / "results.json").exists()
+
+
+def test_fit_refuses_skip_over_a_trainer_that_writes_updates_unchecked(tmp_path):
+    trainer = lpjax.Trainer(tiny_model(num_stages=2), method=lpjax.methods.Greedy(), optimizer=optax.sgd(0.1))
+    x, y = np.zeros((16, 12), np.float32), np.zeros(16, np.int32)
+    with pytest.raises(ConfigError, match=r"nonfinite='skip'\)$"):
+        lpjax.fit(trainer, (x, y, x, y), workdir=str(tmp_path / "fit"), steps=2, batch_size=16,
+                  nonfinite="skip", progress=False, verbose=False)
+    assert not (tmp_path / "fit").exists()
+
+
+def test_the_guard_stops_a_non_finite_stage_under_either_policy():
+    for policy in ("skip", "halt"):
+        guard = NonfiniteGuard(policy, [0, 0], 0, [0, 0])
+        with pytest.raises(NonFiniteError, match=r"^stage 1's parameters or optimizer state are not finite at step 5"):
+            guard.check([{"skipped": 0, "finite": True}, {"skipped": 0, "finite": False}], 5, saved=None)
 
 
 def test_a_save_of_a_non_finite_state_is_refused_naming_the_stage_and_the_fix(tmp_path):

@@ -43,8 +43,10 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
     checkpoint.keep         checkpoints kept (the newest ones)
     checkpoint.asynchronous save in the background while training goes on
     nonfinite               skip | halt: what a non-finite loss or gradient does. Either way the
-                            stage's update is skipped (its state never becomes non-finite) and
-                            counted; halt then stops the run with exit code 1
+                            stage's update is skipped and counted; halt then stops the run with exit
+                            code 1. skip also checks each update's written values before writing them
+                            (one more optax step per update) and skips one that overflows; halt writes
+                            it and stops at the next record (docs/semantics.md, "Non-finite values")
     remat                   none | nothing_saved | dots_saved | dots_no_batch_saved: what each stage's
                             forward keeps for its backward (lpjax/core/remat.py); the rest is recomputed
     precision.compute       float32 | bfloat16: what every layer computes in (lpjax/models/precision.py);

@@ -108,7 +108,8 @@ def build_experiment(config, *, devices=None, abstract: bool | None = None) -> E
     optimizer = build_optimizers(ml_collections.ConfigDict(cfg["optimizer"]), num_stages, num_steps, method)
     layout = _layout(cfg, num_stages)
     trainer = Trainer(factory if abstract else model, method=method, optimizer=optimizer, schedule=schedule,
-                      layout=layout, num_classes=dataset.num_classes, remat=cfg["remat"], devices=devices)
+                      layout=layout, num_classes=dataset.num_classes, remat=cfg["remat"], devices=devices,
+                      nonfinite=cfg["nonfinite"])
     _dry_run_checks(trainer, dataset, cfg["batch_size"])
     return Experiment(config=cfg, dataset=dataset, network=network, model=model, trainer=trainer,
                       num_steps=num_steps, stage_layers=stage_layers(model), split=model.split,

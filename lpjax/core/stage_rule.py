@@ -17,12 +17,15 @@ state and a gradient sum). Three pure functions act on it:
   builds) then sees the whole model's global norm and acts on this stage's leaves exactly as optax
   on the unstaged model would; the phantom's own update is dropped (``docs/semantics.md``).
   A non-finite gradient (or loss, which makes the gradient non-finite) leaves the parameters and
-  optimizer state as they were and is counted, so a stage's state never becomes non-finite; what to
-  do about it (carry on or halt) is the training loop's policy. This is ``optax.apply_if_finite``'s
-  rule, decided once per update with ``lax.cond`` on the gradient norm that is logged anyway:
-  apply_if_finite selects between old and new state leaf by leaf, which costs a pass over the
-  parameters and optimizer state every step (about 4 ms of 21 on the 1024-wide overhead benchmark;
-  docs/performance.md).
+  optimizer state as they were and is counted (``skipped``), decided once per update with
+  ``lax.cond`` on the gradient norm that is logged anyway. An update can also overflow with a finite
+  gradient (a learning rate times a gradient past float32's range). With ``check_writes`` (the
+  ``nonfinite=skip`` policy) the step is first computed into a finiteness check of everything it
+  would write and skipped as a whole if anything is not finite, so the state stays finite whatever
+  happens; that costs one more computation of the optax step per update (``optax.apply_if_finite``
+  judges the transformed updates the same way; benchmarks/greedy_overhead.py measures the price).
+  Without it (``nonfinite=halt``) an overflowing update is written and ``state_finite`` reports it
+  where the training loop reads its health, which then stops the run (lpjax/training/nonfinite.py).
 
 Stage boundaries are cut with ``jax.lax.stop_gradient``; a loss's gradient only crosses a boundary
 as an explicit cotangent message, which is what makes the window exact.
@@ -145,8 +148,10 @@ class StageRule:
     hold them and never on a host.
     """
 
-    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None, remat="none", make_stage=None):
+    def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None, remat="none", make_stage=None,
+                 check_writes=True):
         self.k, self.num_stages = k, num_stages
+        self.check_writes = check_writes  # see the module docstring: skip checks each write, halt each record
         self.make_stage = make_stage
         self.remat = check_remat(remat)  # lpjax/core/remat.py: what the forward keeps for the backward
         # shared readout (lpjax/core/shared_readout.py): where this stage's head keeps the readout; the
@@ -319,22 +324,28 @@ class StageRule:
         return optax.apply_updates(trainable, updates), opt_state
 
     def update_stays_finite(self, state: StageState, total_sq=None):
-        """Whether this stage's next optimizer step (``update`` with the same ``total_sq``) has a
-        finite gradient norm and writes only finite parameters and optimizer state (a device bool).
-        Executors of one-tree methods AND it over the stages and pass the result to every stage's
-        ``update``, so that the whole model steps or none of it does."""
+        """Whether this stage's next optimizer step (``update`` with the same ``total_sq``) will be
+        applied (a device bool): its gradient norm is finite and, with ``check_writes``, so is every
+        parameter and optimizer-state value it writes. Executors of one-tree methods AND it over the
+        stages and pass the result to every stage's ``update``, so that the whole model steps or none
+        of it does."""
         grads, norm, phantom = self._step_inputs(state, total_sq)
+        return self._applies(state, grads, norm, phantom)
+
+    def _applies(self, state, grads, norm, phantom):
+        if not self.check_writes:
+            return jnp.isfinite(norm)
         return jnp.isfinite(norm) & all_finite(self._stepped(state, grads, phantom))
 
     def update(self, state: StageState, total_sq=None, stays_finite=None) -> StageState:
-        """One optimizer step, or none: a step whose gradient norm is not finite, or that would write
-        a non-finite parameter or optimizer-state value (an update that overflows, whatever the
-        gradient), leaves the state as it was and is counted in ``skipped`` (``optax.apply_if_finite``
-        judges the transformed updates the same way). The step is computed twice: once into the
-        finiteness check, whose values only feed a reduction, and once in place inside the
-        ``lax.cond`` that applies it. Computing it once and choosing between old and new state after
-        the check would copy every leaf at every step (a select, or a cond that passes its operands
-        through), which costs more than reading them again.
+        """One optimizer step, or none: a step whose gradient norm is not finite, or, with
+        ``check_writes``, that would write a non-finite parameter or optimizer-state value (an
+        update that overflows, whatever the gradient), leaves the state as it was and is counted in
+        ``skipped``. The checked step is computed twice: once into the finiteness check, whose
+        values only feed a reduction, and once in place inside the ``lax.cond`` that applies it.
+        Computing it once and choosing between old and new state after the check would copy every
+        leaf at every step (a select, or a cond that passes its operands through), which measured
+        slower still (benchmarks/greedy_overhead.py).
 
         For one-tree methods (backprop) executors pass ``total_sq``, the sum of every stage's
         ``grad_sq_norm``, and ``stays_finite``, the AND of every stage's ``update_stays_finite``:
@@ -342,7 +353,7 @@ class StageRule:
         whole model (one stage; cost analysis)."""
         grads, norm, phantom = self._step_inputs(state, total_sq)
         if stays_finite is None:
-            stays_finite = jnp.isfinite(norm) & all_finite(self._stepped(state, grads, phantom))
+            stays_finite = self._applies(state, grads, norm, phantom)
         new_trainable, opt_state = jax.lax.cond(
             stays_finite, lambda _: self._stepped(state, grads, phantom),
             lambda _: (self.trainable(state.params), state.opt_state), None)
@@ -350,6 +361,11 @@ class StageRule:
         return dataclasses.replace(state, params=dict(state.params, **new_trainable), opt_state=opt_state,
                                    grad_norm=jnp.where(jnp.isfinite(norm), norm, NOT_FINITE),
                                    skipped=state.skipped + (~stays_finite).astype(jnp.int32))
+
+    def state_finite(self, state: StageState):
+        """Whether every parameter, non-trainable and optimizer-state value is finite (a device bool):
+        what the training loop reads at each record, and always true under ``check_writes``."""
+        return all_finite((state.params, state.rest, state.opt_state))
 
     # -- evaluation --------------------------------------------------------------------------
     def predict(self, state: StageState, x):

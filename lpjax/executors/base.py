@@ -98,11 +98,12 @@ class Executor(Protocol):
         Called at a step boundary of a flushing schedule, where nothing is in flight."""
 
     def stage_scalars(self) -> tuple:
-        """Per stage, the gradient norm at its last update and its count of skipped updates, read
-        where the stage lives, never gathering its state.
+        """Per stage, the gradient norm at its last update, its count of skipped updates and whether
+        its whole state is finite (``StageRule.state_finite``), read where the stage lives, never
+        gathering its state.
 
         Returns:
-          ``(grad_norms, skipped)``, each indexable by stage: device scalars on the dataflow
+          ``(grad_norms, skipped, finite)``, each indexable by stage: device scalars on the dataflow
           executor, numpy arrays ``[K]`` gathered over the mesh (a collective) on the SPMD executor.
         """
 
@@ -162,6 +163,7 @@ class ExecutorBase:
         self.fed = 0
         self._metrics = []  # entries of the tasks run since the last take_metrics(), as _mean_metrics reads them
         self._scorers = {}
+        self._finite_checks = None  # per stage, the jitted StageRule.state_finite (stage_scalars)
 
     # -- feeding and draining ----------------------------------------------------------------
     def _queue(self, microbatch_inputs, microbatch_labels, keep):
@@ -199,7 +201,10 @@ class ExecutorBase:
     def stage_scalars(self):
         self._one_process("health()")
         states = self.states
-        return [s.grad_norm for s in states], [s.skipped for s in states]
+        if self._finite_checks is None:
+            self._finite_checks = [jax.jit(rule.state_finite) for rule in self.rules]
+        finite = [check(state) for check, state in zip(self._finite_checks, states)]
+        return [s.grad_norm for s in states], [s.skipped for s in states], finite
 
     def evaluate(self, batches, *, local=False):
         """The per-stage evaluation: each batch through stage 0, 1, ... on each stage's devices."""

@@ -100,7 +100,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True, verbose: 
 
 def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: int = 0, log_every: int = 50,
         eval_every: int = 0, eval_batch_size: int = 500, checkpoint_every: int = 500, keep_checkpoints: int = 3,
-        asynchronous_checkpoints: bool = True, nonfinite: str = "halt", alignment_every: int = 0,
+        asynchronous_checkpoints: bool = True, nonfinite: str | None = None, alignment_every: int = 0,
         name: str = "custom model", progress: bool = True, verbose: bool = True) -> dict:
     """Train ``trainer`` on ``data`` for ``steps`` steps with everything ``lpjax train`` does: the
     workdir files (config.json, metrics.jsonl, tb/, checkpoints/, results.json), resume from the
@@ -113,7 +113,9 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
     ``(train_x, train_y, test_x, test_y)``. The keyword arguments mirror the config keys of the same
     meaning (lpjax/config/base.py). Running again in the same workdir resumes; a workdir that holds a
     different model, method or data is refused with ``ConfigError``. Learning rates are logged per
-    stage when the optimizer exposes them (``optax.inject_hyperparams``).
+    stage when the optimizer exposes them (``optax.inject_hyperparams``). ``nonfinite`` is the
+    trainer's (``Trainer(nonfinite=...)``) when None; ``"skip"`` needs a trainer built with it, whose
+    updates are checked before they are written.
     """
     process_hooks.install()  # lpjax.fit reports failures in one line, as the command line does
     data = _as_data_source(data)
@@ -127,7 +129,7 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
         "checkpoint": {"every_steps": non_negative_int(checkpoint_every, "checkpoint_every"),
                        "keep": positive_int(keep_checkpoints, "keep_checkpoints", "pass keep_checkpoints=N >= 1"),
                        "asynchronous": boolean(asynchronous_checkpoints, "asynchronous_checkpoints")},
-        "nonfinite": one_of(nonfinite, ("halt", "skip"), "nonfinite"),
+        "nonfinite": _policy(nonfinite, trainer),
         "probe": {"alignment_every": non_negative_int(alignment_every, "alignment_every")},
     }
     if batch_size > data.num_train:
@@ -151,6 +153,18 @@ def fit(trainer, data, *, workdir: str, steps: int, batch_size: int = 64, seed: 
     results = _run(run, workdir, progress=progress, verbose=verbose)
     trainer.export()
     return results
+
+
+def _policy(nonfinite, trainer):
+    """``fit``'s non-finite policy: the trainer's by default; ``skip`` over a trainer that writes
+    updates unchecked (``halt``) would not keep the state finite, so it is refused."""
+    if nonfinite is None:
+        return trainer.nonfinite
+    one_of(nonfinite, ("halt", "skip"), "nonfinite")
+    if nonfinite == "skip" and trainer.nonfinite != "skip":
+        raise ConfigError("fit(nonfinite='skip') needs a trainer that checks each update before writing it; "
+                          "build it with lpjax.Trainer(..., nonfinite='skip')")
+    return nonfinite
 
 
 def _as_data_source(data):
@@ -347,11 +361,11 @@ def _train_record(run, step, pending, seconds, examples_before) -> list:
     pending, health, injected = jax.device_get((pending, trainer.health(), injected))
     raise_on_bad_labels(pending, step, trainer.batch_checks.num_classes)
     means = mean_per_stage(pending, trainer.num_stages)
-    health = mean_per_stage([health], trainer.num_stages, names=("grad_norm", "skipped"))
+    health = mean_per_stage([health], trainer.num_stages, names=("grad_norm", "skipped", "finite"))
     stages = []
     for k in range(trainer.num_stages):
         record = dict(means[k] or {"loss": None, "accuracy": None}, **health[k])
-        record["skipped"] = int(record["skipped"])
+        record["skipped"], record["finite"] = int(record["skipped"]), bool(record["finite"])
         if record["grad_norm"] < 0:  # lpjax.core.stage_rule.NOT_FINITE: the last update's norm was not finite
             record["grad_norm"] = float("nan")
         record["examples_per_s"] = (trainer.stage_examples[k] - examples_before[k]) / max(seconds, 1e-9)

@@ -1,9 +1,13 @@
 """What the training loop does about skipped updates (``nonfinite``: halt or skip).
 
-A stage skips an update whose loss, gradient or written state would not be finite, and counts it
-(``StageRule.update``), so its state stays finite whatever the policy. At each train record, the
-loop's one sync, the policy reads the counts:
+A stage skips an update whose loss or gradient is not finite, and counts it (``StageRule.update``).
+Under ``skip`` it also checks every value an update would write, and skips (and counts) one that
+would overflow, so the state stays finite; under ``halt`` that check is left out of the step (it
+costs one more computation of the optax step per update) and an overflowing update is written. At
+each train record, the loop's one sync, the guard reads the counts and each stage's ``finite``:
 
+- a stage whose state is not finite stops the run under either policy, naming the checkpoint to
+  resume from (no checkpoint ever holds it: ``Checkpointer.save`` refuses non-finite state);
 - ``halt`` stops the run at the first skipped update, naming the checkpoint to resume from.
 - ``skip`` carries on past bad batches, but not past a dead model: a stage that skipped every update
   of the last ``STALLED_STEPS`` steps no longer trains (its loss, gradient or update is not finite on
@@ -41,6 +45,9 @@ class NonfiniteGuard:
         """Raise ``NonFiniteError`` as the policy says, for the record ``stages`` at ``step``.
 
         ``saved``: the step of the newest checkpoint, None when there is none yet."""
+        broken = [k for k, record in enumerate(stages) if not record.get("finite", True)]
+        if broken:  # halt writes updates unchecked: one that overflowed shows here, under either policy
+            raise NonFiniteError(_overflow_message(broken[0], step, saved))
         if self.policy == "halt":
             halt_on_skipped(stages, step, saved)
         window = step - self.last
@@ -65,6 +72,13 @@ def halt_on_skipped(stages, step, saved=None) -> None:
         raise NonFiniteError(f"non-finite loss or gradient by step {step}: skipped {where}; {kept}. Lower the "
                              f"learning rate or check the data, or set --config.nonfinite=skip to carry on past "
                              f"bad batches")
+
+
+def _overflow_message(k, step, saved) -> str:
+    kept = f"the checkpoint at step {saved} holds finite values" if saved else "no checkpoint was written yet"
+    return (f"stage {k}'s parameters or optimizer state are not finite at step {step}: an update overflowed (a "
+            f"learning rate times a gradient past float32's range); {kept}. Lower the learning rate, or set "
+            f"--config.nonfinite=skip, which checks every update before writing it and skips those that overflow")
 
 
 def _stalled_message(k, since, step, saved) -> str:

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lpjax.errors import ConfigError
+from lpjax.config.base import NONFINITE_POLICIES
+from lpjax.config.checks import one_of
+from lpjax.errors import ConfigError, NonFiniteError
 from lpjax.executors import make_executor
 from lpjax.data.checks import examples
 from lpjax.executors.base import Executor
@@ -39,7 +41,7 @@ class Trainer:
 
     def __init__(self, model, *, method: Method, optimizer, loss="softmax_cross_entropy",
                  schedule: Schedule | None = None, layout=None, num_classes: int | None = None, remat: str = "none",
-                 devices=None):
+                 devices=None, nonfinite: str = "halt"):
         if not isinstance(method, Method):
             raise ConfigError(f"method must be an lpjax method such as lpjax.Greedy(), got {method!r}")
         factory = model if callable(model) and not isinstance(model, nnx.Module) else None
@@ -69,8 +71,10 @@ class Trainer:
         self.num_classes = num_classes
         self.loss_fn = get_loss(loss)
         optimizers = per_stage_optimizers(optimizer, len(model), method)
+        self.nonfinite = one_of(nonfinite, NONFINITE_POLICIES, "nonfinite")
         self.rules = [StageRule(_copy_of(stage), k, len(model), method, tx, self.loss_fn, readout_path=path, remat=remat,
-                                make_stage=_stage_builder(factory, k, method) if on_device else None)
+                                make_stage=_stage_builder(factory, k, method) if on_device else None,
+                                check_writes=self.nonfinite == "skip")
                       for k, (stage, tx, path) in enumerate(zip(model, optimizers, paths))]
         self.executor: Executor = make_executor(self.rules, self.schedule, layout, devices=devices)
         self.steps = 0
@@ -211,12 +215,21 @@ class Trainer:
         return self.executor.checkpoint_target()
 
     def health(self):
-        """Per stage, the gradient norm at its last update and the updates skipped so far because a
-        loss or gradient was not finite, never gathering the stage states: device scalars on the
-        dataflow executors; on the spmd executor numpy scalars read where each stage lives and
-        gathered as two numbers per stage (a collective: every process calls it)."""
-        norms, skipped = self.executor.stage_scalars()
-        return [{"grad_norm": n, "skipped": s} for n, s in zip(norms, skipped)]
+        """Per stage, the gradient norm at its last update, the updates skipped so far because a
+        loss, gradient or (``nonfinite="skip"``) written value was not finite, and whether the
+        stage's whole state is finite (under ``nonfinite="halt"`` an update that overflows is
+        written, and this is where it shows), never gathering the stage states: device scalars on
+        the dataflow executors; on the spmd executor numpy scalars read where each stage lives and
+        gathered as three numbers per stage (a collective: every process calls it)."""
+        norms, skipped, finite = self.executor.stage_scalars()
+        return [{"grad_norm": n, "skipped": s, "finite": f} for n, s, f in zip(norms, skipped, finite)]
+
+    def _refuse_nonfinite(self, what):
+        bad = [k for k, h in enumerate(jax.device_get(self.health())) if not bool(h["finite"])]
+        if bad:
+            raise NonFiniteError(f"{what}: stage {bad[0]}'s parameters or optimizer state are not finite (an update "
+                                 f"overflowed); lower the learning rate, or build the Trainer with nonfinite='skip', "
+                                 f"which checks every update before writing it")
 
     def _count_examples(self):
         for k, done in enumerate(self.executor.done):
@@ -249,6 +262,7 @@ class Trainer:
         ``evaluate`` and ``health`` gather nothing of the kind.
         """
         self.drain()
+        self._refuse_nonfinite("export()")
         device = jax.devices()[0]
         for stage, state in zip(self.model, self.executor.host_states()):
             for part in ("body", "head"):

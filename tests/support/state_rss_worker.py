@@ -42,7 +42,7 @@ checkpointer = Checkpointer(checkpoints, trainer.num_stages, asynchronous=False,
 if mode == "restore":
     states, meta = checkpointer.restore_latest(trainer.checkpoint_target())
     trainer.load_states(states)
-norms, _ = trainer.executor.stage_scalars()  # the state, read where it lives (a collective)
+norms, _, _ = trainer.executor.stage_scalars()  # the state, read where it lives (a collective)
 figures = {"built_mib": before, "peak_mib": peak_mib(), "norms": [float(n) for n in norms]}
 if mode == "init":
     checkpointer.save(0, trainer.checkpoint_states(sharded=True), {"step": 0})

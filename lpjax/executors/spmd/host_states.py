@@ -55,22 +55,25 @@ class HostStates:
                 for k in range(self.num_stages)]
 
     def stage_scalars(self):
-        """Per stage, its gradient norm at the last update and its count of skipped updates, read
-        where the stage lives and all-gathered over ``stage`` (two numbers per stage, not the
-        states), as numpy arrays ``[K]``; a collective over the mesh."""
-        fmt = self.format
+        """Per stage, its gradient norm at the last update, its count of skipped updates and whether
+        its state is finite, read where the stage lives and all-gathered over ``stage`` (three
+        numbers per stage, not the states), as numpy arrays ``[K]``; a collective over the mesh."""
+        fmt, rules = self.format, self.rules
 
         def build():
             def read(k, written, fixed):
                 state = fmt.stage_state(k, written, fixed)
-                return state.grad_norm.astype(jnp.float32), state.skipped.astype(jnp.int32)
+                return (state.grad_norm.astype(jnp.float32), state.skipped.astype(jnp.int32),
+                        rules[k].state_finite(state))
 
             branches = [functools.partial(read, k) for k in range(self.num_stages)]
 
             def local(state):
-                norm, skipped = lax.switch(lax.axis_index("stage"), branches, *local_state(state))
-                return lax.all_gather(norm, "stage"), lax.all_gather(skipped, "stage")
+                norm, skipped, finite = lax.switch(lax.axis_index("stage"), branches, *local_state(state))
+                # a data replica holds its own copy of the stage: the stage is finite where every copy is
+                finite = lax.pmin(finite.astype(jnp.int32), "data").astype(bool)
+                return tuple(lax.all_gather(v, "stage") for v in (norm, skipped, finite))
 
-            return local, (self.state_spec(),), (P(), P())
+            return local, (self.state_spec(),), (P(), P(), P())
 
         return jax.device_get(self.programs.mapped(("scalars",), build)(self.state_buffers()))

@@ -26,6 +26,10 @@ Every configuration trains the same model from the same weights on the same batc
 - ``messages 2x1``: (diagnostic) no training: local 2x1's messages alone, one activation-sized
   ``lax.ppermute`` per clock from stage 0 to stage 1, M clocks a step, in the same two processes
   (``MessagesOnly``): the transport's share of local 2x1's step;
+- ``data 2x1`` and ``data 1x1``: the whole MLP as ONE stage, chunked on the streaming schedule, with
+  each microbatch split over 2 devices (``Layout(stages=1, data=2, executor="spmd")``, the same 2
+  processes) against the same on 1 core: data parallelism inside a stage, whose gradients are
+  all-reduced once per update (not per clock);
 - ``local 1x1 pair``: (diagnostic) two independent copies of ``local 1x1`` at once, one per core. Each
   copy does exactly the lone 1x1's work, so 2 x (1x1 time / pair time) is the most two cores of this
   machine give for this work when both are busy: the hardware ceiling for stage parallelism. On the
@@ -148,6 +152,12 @@ def worker(args):
                                        schedule=Streaming(M), layout=layout)}
     trainers["backprop"] = lpjax.Trainer(model(), method=lpjax.Backprop(), optimizer=tx,
                                          schedule=OneFOneB(M), layout=layout)
+    if args.worker != "spmd1":  # the whole MLP as one stage, its microbatches split over 2 devices
+        whole = mlp_stages(width=args.width, layers_per_stage=STAGES * args.layers, classes=args.classes,
+                           num_stages=1, seed=args.seed)
+        trainers["data"] = lpjax.Trainer(whole, method=lpjax.Chunked(), optimizer=tx, schedule=Streaming(M),
+                                         layout=None if layout is None else
+                                         lpjax.Layout(stages=1, data=STAGES, executor="spmd"))
     batch = M * args.microbatch  # same seed in every process: SPMD needs identical inputs
     batches = random_batches(args.seed, batch, args.width, args.classes)
     if args.worker == "pipe" and not args.no_diagnostics:
@@ -345,7 +355,7 @@ def main(argv=None):
     groups = {"2x1": Group("2x1", [base + ["--worker", "pipe", "--process-id", str(i), "--port", str(port),
                                            "--core", str(cores[i])] for i in range(STAGES)], cores[:STAGES], args.timeout),
               "1x1": Group("1x1", [base + ["--worker", "single", "--core", str(cores[0])]], cores[:1], args.timeout)}
-    configs = [("local", "2x1"), ("local", "1x1"), ("backprop", "2x1")]
+    configs = [("local", "2x1"), ("local", "1x1"), ("backprop", "2x1"), ("data", "2x1"), ("data", "1x1")]
     if not args.no_diagnostics:
         configs.append(("messages", "2x1"))
         groups["spmd@1"] = Group("spmd@1", [base + ["--worker", "spmd1", "--core", str(cores[0])]], cores[:1], args.timeout)
@@ -374,6 +384,7 @@ def main(argv=None):
                 busy = sum(after[c] - before[c] for c in group.cores)
                 others[key].append(max(0.0, busy - sum(a["cpu"] for a in answers)) / (wall[key][-1] * len(group.cores)))
         saved = {where: group.send("finish local") for where, group in groups.items() if where != "1x1 pair"}
+        saved_data = {where: groups[where].send("finish data") for where in ("2x1", "1x1")}
     finally:
         for group in groups.values():
             group.close()
@@ -416,6 +427,9 @@ def main(argv=None):
           f"limit 2.0x: {'met' if stage >= GOAL_STAGE else 'NOT met'})")
     M = args.microbatches
     bound = (M + STAGES - 1) / M
+    data, data_rounds = ratio("data 2x1", "data 1x1")
+    print(f"  data parallelism, the whole MLP as 1 stage x 2 data / the same on 1x1: {data:.2f}x ({data_rounds}; one "
+          f"all-reduce of the gradient per update, none per clock)")
     print(f"  against pipelined backprop, local 2x1 / 1F1B backprop 2x1 (M={M}): {bp:.2f}x ({bp_rounds}); bubble "
           f"bound (M+K-1)/M = {bound:.2f}x, goal >= 0.95 x bound = {0.95 * bound:.2f}x: "
           f"{'met' if bp >= 0.95 * bound else 'NOT met'}")
@@ -451,6 +465,17 @@ def main(argv=None):
               f"{2 / slower:.2f}x here (per round {paired[0]:.2f}..{paired[-1]:.2f})")
     print(table_idle(args))
 
+    for label_, runs in (("local", saved), ("data", saved_data)):
+        compare_parameters(label_, runs)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  total time {time.time() - started:.0f} s")
+    return 0
+
+
+def compare_parameters(name, saved):
+    """Each layout's parameters after the run (drained) against 1x1's, which ran the same steps."""
+    import numpy as np
+
     want = dict(np.load(saved["1x1"][0]["saved"]))
     for where in saved:
         if where == "1x1":
@@ -459,11 +484,8 @@ def main(argv=None):
         for answer in saved[where]:
             got.update(np.load(answer["saved"]))
         worst = max(float(np.max(np.abs(got[key] - want[key]))) if key in got else float("inf") for key in want)
-        print(f"  local {where} vs local 1x1 parameters after the run (drained): largest difference {worst:.2e} "
+        print(f"  {name} {where} vs {name} 1x1 parameters after the run (drained): largest difference {worst:.2e} "
               f"({'bit-for-bit' if worst == 0 else 'close' if worst <= 1e-5 else 'DIFFERENT'})")
-    shutil.rmtree(out, ignore_errors=True)
-    print(f"  total time {time.time() - started:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

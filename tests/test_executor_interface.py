@@ -105,3 +105,19 @@ def test_the_dataflow_executor_refuses_sharded_states():
     sharded = trainer_on(LAYOUTS["spmd"]).checkpoint_states(sharded=True)
     with pytest.raises(ConfigError, match="resumes with the spmd executor"):
         trainer.load_states(sharded)
+
+
+def test_a_one_stage_spmd_layout_hands_out_its_state_and_trains_as_the_reference():
+    """With one stage the ``stage`` axis has size 1 and a shard's index along it is ``slice(None)``,
+    not ``slice(0, 1)``: the state is still found (it once came back as None)."""
+    x, y = tiny_batch(8)
+    trained = []
+    for layout in (None, lpjax.Layout(stages=1, data=2, executor="spmd")):
+        trainer = lpjax.Trainer(tiny_model(1), method=make_method("chunked"), optimizer=optax.sgd(0.1),
+                                schedule=GPipe(2), layout=layout)
+        trainer.step(x, y)
+        (state,) = trainer.stage_states
+        assert state is not None
+        trained.append(jax.device_get(state.params))
+    for a, b in zip(jax.tree.leaves(trained[0]), jax.tree.leaves(trained[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", help="only this case of the paper suite (repeatable)")
     parser.add_argument("--method", default="chunked", help="local method of the stages (chunked, greedy, overlapping)")
     parser.add_argument("--tiny", action="store_true", help="a tiny MLP instead of the paper suite's cases")
+    parser.add_argument("--remat", default=None, help="K = 4 again with this remat policy on both sides "
+                        "(default: the paper suite's; none to skip)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -58,13 +60,18 @@ def main(argv=None) -> int:
             return 2
         models = {name: models[name] for name in args.case}
     stages = tuple(args.stages or memory["stages"])
-    rows = memory_table({"stages": stages, "models": models}, method=args.method)
+    remat = args.remat or memory.get("remat", "none")
+    rows = memory_table({"stages": stages, "models": models, "remat": remat if 4 in stages else "none"},
+                        method=args.method)
     print("\n".join(memory_lines(rows)))
     verdict = memory_verdict(rows)
     if 4 in stages:
         print(f"K = 4, largest local stage / backprop: "
               + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in verdict["ratios_k4"].items() if ratio is not None)
               + f" (goal <= {verdict['goal']}; {verdict['paper']})")
+        for name, r in verdict["remat_k4"].items():  # beside the verdict: the paper's backprop does not recompute
+            print(f"K = 4 with remat {r['policy']}, {name}: largest stage / backprop without remat "
+                  f"{r['vs_plain']:.2f}x, / backprop with it {r['vs_remat']:.2f}x")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)

@@ -149,7 +149,7 @@ def test_memory_benchmark_tiny(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "rows.json"
-    assert module.main(["--tiny", "--stages", "2", "4", "--json", str(out)]) == 0
+    assert module.main(["--tiny", "--stages", "2", "4", "--remat", "layers_nothing_saved", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     base, k2, k4 = row["backprop_bytes"], row["local"]["2"], row["local"]["4"]
     assert 0 < k4["largest"] < k2["largest"] < base
@@ -164,6 +164,19 @@ def test_memory_benchmark_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| tiny_mlp | 16 |" in printed and "K = 4, largest local stage / backprop: tiny_mlp" in printed
     assert "#### Where the bytes go, K = 4" in printed and "| tiny_mlp | stage 3 |" in printed
+    # K = 4 again with per-layer remat on both sides (the suite's policy): two ratios, each over its own
+    # backprop; the verdict judges only the ratios without remat
+    remat = row["remat"]
+    assert remat["policy"] == "layers_nothing_saved" and remat["k"] == 4 and len(remat["split_points"]) == 3
+    assert remat["vs_plain"] == remat["largest"] / base and remat["vs_remat"] == remat["largest"] / remat["backprop_bytes"]
+    assert remat["largest"] == max(remat["stage_bytes"]) <= remat["even"]["largest"]
+    (largest_part,) = [p for p in remat["breakdown"] if p["peak"] is not None]
+    assert largest_part["peak"] == remat["largest"]
+    verdict = memory.memory_verdict([{**row, "local": {4: k4}}])
+    assert verdict["remat_k4"]["tiny_mlp"]["vs_remat"] == remat["vs_remat"]
+    assert verdict["reproduced"] == (k4["ratio"] <= memory.MEMORY_GOAL)
+    assert "#### With remat (layers_nothing_saved), K = 4" in printed and "| / backprop with remat |" in printed
+    assert "K = 4 with remat layers_nothing_saved, tiny_mlp: largest stage / backprop without remat" in printed
     assert module.main(["--tiny", "--case", "nope"]) == 2
 
 

@@ -42,7 +42,7 @@ from flax import nnx
 
 from lpjax.core.losses import accuracy
 from lpjax.core.methods import ONE_TREE
-from lpjax.core.remat import check_remat, rematerialised
+from lpjax.core.remat import apply_layers, check_remat, rematerialised
 from lpjax.core.shared_readout import get_readout, set_readout
 
 
@@ -223,7 +223,7 @@ class StageRule:
     # -- pieces ------------------------------------------------------------------------------
     def _body(self, graphdef, body_params, body_rest, x):
         body = nnx.merge(graphdef, body_params, _fresh(body_rest))
-        h = body(x)
+        h = apply_layers(body, x, self.remat)  # a per-layer remat policy checkpoints each layer
         _, _, new_rest = _split(body)
         return h, new_rest
 

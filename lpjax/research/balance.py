@@ -142,10 +142,11 @@ def _pack_below(num_items, num_parts, cost, threshold):
     return points if cost(start, num_items) < threshold else None
 
 
-def measured_stage_memory(network, x, y, *, loss="softmax_cross_entropy", tx=None):
+def measured_stage_memory(network, x, y, *, loss="softmax_cross_entropy", tx=None, remat="none"):
     """``cost(i, j)``: peak bytes of a stage holding layers ``i .. j-1`` and the head at ``j-1``, compiled
     as a window-1 stage with ``tx`` (Adam by default) at inputs shaped like ``x`` and labels like ``y``
-    (``lpjax.research.costs.stage_peak``, the memory table's accounting), memoised."""
+    (``lpjax.research.costs.stage_peak``, the memory table's accounting) under the ``remat`` policy
+    (lpjax/core/remat.py), memoised."""
     from lpjax.core.losses import get_loss
     from lpjax.core.methods import make_method
     from lpjax.core.stage_rule import StageRule
@@ -165,7 +166,7 @@ def measured_stage_memory(network, x, y, *, loss="softmax_cross_entropy", tx=Non
     def cost(i, j):
         stage = Stage(nnx.Sequential(*network.layers[i:j]), network.make_head(j - 1, nnx.Rngs(0)), layers=j - i)
         # a window-1 stage computes the same whatever its index, except that stage 0 reads the data
-        rule = StageRule(stage, 0 if i == 0 else 1, 2, method, tx, loss_fn)
+        rule = StageRule(stage, 0 if i == 0 else 1, 2, method, tx, loss_fn, remat=remat)
         return stage_peak(rule, jax.eval_shape(rule.init_state), inputs[i], y)["peak"]
 
     return cost
@@ -261,8 +262,9 @@ def _structure_key(network, x, y, loss, tx):
 
 
 def balanced_split(network, num_stages: int, x, y, *, by: str = "flops", loss="softmax_cross_entropy",
-                   tx=None) -> BalancedSplit:
-    """The split points that minimise the slowest (``by="flops"``) or largest (``by="memory"``) stage."""
+                   tx=None, remat="none") -> BalancedSplit:
+    """The split points that minimise the slowest (``by="flops"``) or largest (``by="memory"``) stage;
+    ``remat``: the policy the stages' peaks are measured under (memory only)."""
     if by not in ("flops", "memory"):
         raise ConfigError(f"a balanced split is by 'flops' or 'memory', got {by!r}")
     key = _structure_key(network, x, y, loss, tx)
@@ -276,11 +278,11 @@ def balanced_split(network, num_stages: int, x, y, *, by: str = "flops", loss="s
     if by == "flops":
         return BalancedSplit(by=by, points=points, costs=stage_costs)
     shared = key is not None and tx is None  # the key tells optimizers apart only by being given or not
-    measured = _MEASURED_STAGES.get(key) if shared else None
+    measured = _MEASURED_STAGES.get((key, remat)) if shared else None
     if measured is None:
-        measured = measured_stage_memory(network, x, y, loss=loss, tx=tx)
+        measured = measured_stage_memory(network, x, y, loss=loss, tx=tx, remat=remat)
         if shared:  # peaks depend on shapes only: every K of the same network shares the stages
-            _MEASURED_STAGES[key] = measured
+            _MEASURED_STAGES[(key, remat)] = measured
     if measured(num_layers - 1, num_layers) is None:  # a backend whose XLA gives no peak: the model's cut
         return BalancedSplit(by=by, points=points, costs=stage_costs)
     even = even_split_points(num_layers, num_stages)

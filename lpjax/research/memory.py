@@ -17,6 +17,13 @@ window of 2 or more, the VJP residuals kept for later losses) and XLA's temporar
 activations kept for the stage's own backward pass. jax's count of those activations (the body's VJP
 residuals) is given beside the temporaries: XLA keeps less, since it fuses elementwise work into the
 backward pass.
+
+Remat (``memory["remat"]``, K = 4 only): the same accounting with a rematerialisation policy on both
+sides (lpjax/core/remat.py; ``layers_nothing_saved`` keeps each layer's input and recomputes one layer at
+a time), the cut balanced under it. Two ratios: the largest stage with remat over backprop *without*
+(``vs_plain``: what remat buys a local method over the paper's baseline) and over backprop *with* the
+same remat (``vs_remat``: like for like). The verdict uses neither: like the paper (arXiv 2012.03837,
+and InfoPro's figure), it compares local methods and backprop both without remat.
 """
 
 import inspect
@@ -110,31 +117,40 @@ def step_breakdown(trainer, x, y) -> dict:
     return {"peak": None} if sizes is None else _breakdown(states, (x, y), sizes)
 
 
-def stage_breakdowns(trainer, x, y) -> list:
-    """``stage_breakdown`` of every stage of ``trainer``, each at its own input."""
+def stage_breakdowns(trainer, x, y, only: int | None = None) -> list:
+    """``stage_breakdown`` of every stage of ``trainer`` (of stage ``only``; ``{"peak": None}`` for the
+    others), each at its own input."""
     out, h = [], x
     for rule in trainer.rules:
         state = jax.eval_shape(rule.init_state)
-        out.append(stage_breakdown(rule, state, h, y))
+        out.append(stage_breakdown(rule, state, h, y) if only in (None, rule.k) else {"peak": None})
         h = jax.eval_shape(lambda s, inp, lab, rule=rule: forward_leaves(rule, s, inp, lab)[1], state, h, y)
     return out
 
 
 # -- the table --------------------------------------------------------------------------------------
-def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked") -> dict:
+def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked", remat: str = "none") -> dict:
     """Backprop's whole network on one device against the largest stage of the memory-balanced cut and
-    of the even cut at each K, with the breakdown of every program."""
+    of the even cut at each K, with the breakdown of every program; with a ``remat`` policy, ``row["remat"]``
+    holds the same at K = 4 with that policy on both sides (``remat_case``)."""
     from lpjax import Trainer, stage_network
     from lpjax.core.methods import make_method
     from lpjax.models import MODELS
 
     x, y = example_shapes(spec)
 
-    def trainer(num_stages, method_name, split):
+    def trainer(num_stages, method_name, split, policy="none"):
         builder = MODELS[spec["model"]]
         network = builder(**builder_options(spec, builder), rngs=nnx.Rngs(0))
-        model = stage_network(network, num_stages=num_stages, split_points=split, example=(x, y), rngs=nnx.Rngs(1))
-        return Trainer(model, method=make_method(method_name), optimizer=optax.adam(1e-3)), model.split
+        if policy != "none" and num_stages > 1:  # the planner measures without remat: balance under it here
+            from lpjax.research.balance import balanced_split
+            split = balanced_split(network, num_stages, x, y, by="memory", remat=policy) if split else None
+            cut = {"split_points": split.points} if split else {"num_stages": num_stages}
+        else:
+            cut = {"num_stages": num_stages, "split_points": split}
+        model = stage_network(network, **cut, example=(x, y), rngs=nnx.Rngs(1))
+        return (Trainer(model, method=make_method(method_name), optimizer=optax.adam(1e-3), remat=policy),
+                split if policy != "none" else model.split)
 
     base = step_breakdown(trainer(1, "backprop", None)[0], x, y)
     row = {"name": name, "model": spec["model"], "batch": int(spec["batch"]), "backprop_bytes": base["peak"],
@@ -156,22 +172,52 @@ def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked"
         row["local"][k] = {"stage_bytes": per_stage, "largest": largest, "split_points": split.points,
                            "ratio": ratio(largest), "breakdown": parts,
                            "even": {"stage_bytes": even, "largest": even_largest, "ratio": ratio(even_largest)}}
+    if remat != "none":
+        row["remat"] = remat_case(trainer, x, y, method, remat, base["peak"])
     return row
 
 
+def remat_case(trainer, x, y, method: str, policy: str, plain_bytes, num_stages: int = 4) -> dict:
+    """Backprop and the memory-balanced cut (balanced under ``policy``) at ``num_stages``, both with the
+    remat ``policy``: the largest stage over backprop without remat (``vs_plain``) and with (``vs_remat``),
+    the even cut's beside them, and every program's breakdown."""
+    base = step_breakdown(trainer(1, "backprop", None, policy)[0], x, y)
+    local, split = trainer(num_stages, method, "balanced_memory", policy)
+    if method == "chunked" and split.even_costs is not None:  # the balance measured every stage: break down
+        per_stage = [int(c) for c in split.costs]  # only the largest (each breakdown is a compile)
+        parts = stage_breakdowns(local, x, y, only=per_stage.index(max(per_stage)))
+    else:
+        parts = stage_breakdowns(local, x, y)
+        per_stage = [p["peak"] for p in parts]
+    largest = None if None in per_stage else max(per_stage)
+    even = None if split.even_costs is None else int(max(split.even_costs))
+
+    def over(value, by):
+        return None if value is None or not by else value / by
+
+    return {"policy": policy, "k": num_stages, "backprop_bytes": base["peak"], "backprop_breakdown": base,
+            "split_points": split.points, "stage_bytes": per_stage, "largest": largest, "breakdown": parts,
+            "vs_plain": over(largest, plain_bytes), "vs_remat": over(largest, base["peak"]),
+            "even": {"largest": even, "vs_plain": over(even, plain_bytes), "vs_remat": over(even, base["peak"])}}
+
+
 def memory_table(memory: dict, method: str = "chunked") -> list:
-    """``memory_case`` of every model in a sweep's ``memory`` section ({stages, models})."""
+    """``memory_case`` of every model in a sweep's ``memory`` section ({stages, models, remat})."""
     stages = tuple(memory.get("stages", (2, 4, 8)))
-    return [memory_case(name, spec, stages, method) for name, spec in memory["models"].items()]
+    remat = memory.get("remat", "none")
+    return [memory_case(name, spec, stages, method, remat) for name, spec in memory["models"].items()]
 
 
 def memory_verdict(rows: list) -> dict:
-    """The K = 4 ratios of the balanced cut (``ratios_k4``) and of the even cut (``even_k4``) per case, and
-    whether every balanced ratio meets ``MEMORY_GOAL``."""
+    """The K = 4 ratios of the balanced cut (``ratios_k4``) and of the even cut (``even_k4``) per case, both
+    sides without remat as in the paper, and whether every balanced ratio meets ``MEMORY_GOAL``;
+    ``remat_k4``: the remat rows' ``{policy, vs_plain, vs_remat}`` per case, reported beside, not judged."""
     ratios = {r["name"]: _local(r, 4).get("ratio") for r in rows}
     even = {r["name"]: (_local(r, 4).get("even") or {}).get("ratio") for r in rows}
+    remat = {r["name"]: {key: r["remat"][key] for key in ("policy", "vs_plain", "vs_remat")}
+             for r in rows if r.get("remat")}
     done = [v for v in ratios.values() if v is not None]
-    return {"ratios_k4": ratios, "even_k4": even, "goal": MEMORY_GOAL, "paper": PAPER_MEMORY,
+    return {"ratios_k4": ratios, "even_k4": even, "remat_k4": remat, "goal": MEMORY_GOAL, "paper": PAPER_MEMORY,
             "reproduced": bool(done) and all(v <= MEMORY_GOAL for v in done)}
 
 
@@ -198,7 +244,31 @@ def memory_lines(rows: list) -> list:
         lines.append(f"| {r['name']} | {r['batch']} | {format_bytes(r['backprop_bytes'])} | "
                      + " | ".join(cells) + " |")
     lines.append("")
+    lines += remat_lines(rows)
     return lines + breakdown_lines(rows, 4 if 4 in stages or not stages else stages[len(stages) // 2])
+
+
+def remat_lines(rows: list) -> list:
+    """The remat rows (``remat_case``) as a table: both ratios, named, and the verdict's basis."""
+    rows = [r for r in rows if r.get("remat")]
+    if not rows:
+        return []
+    policy, k = rows[0]["remat"]["policy"], rows[0]["remat"]["k"]
+    lines = [f"#### With remat ({policy}), K = {k}", "",
+             "The same accounting with the remat policy on the local stages and on backprop, the cut balanced "
+             "under it. Two ratios: the largest stage with remat over backprop *without* remat (what remat buys "
+             "a local method against the paper's baseline; not like for like) and over backprop *with* the same "
+             "remat (like for like). The finding's verdict uses neither: like the paper, it compares both sides "
+             "without remat (the table above).", "",
+             "| model | backprop, no remat | backprop, remat | largest stage, remat (cut) | / backprop without remat "
+             "| / backprop with remat | even cut, remat |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, even = r["remat"], r["remat"]["even"]
+        lines.append(f"| {r['name']} | {format_bytes(r['backprop_bytes'])} | {format_bytes(m['backprop_bytes'])} | "
+                     f"{format_bytes(m['largest'])} at {m['split_points']} | {_ratio(m['vs_plain'])} | "
+                     f"{_ratio(m['vs_remat'])} | {format_bytes(even['largest'])} ({_ratio(even['vs_plain'])}; "
+                     f"{_ratio(even['vs_remat'])}) |")
+    return lines + [""]
 
 
 def breakdown_lines(rows: list, num_stages: int = 4) -> list:
@@ -218,6 +288,11 @@ def breakdown_lines(rows: list, num_stages: int = 4) -> list:
         for k, part in enumerate(c.get("breakdown") or []):
             largest = " (largest)" if part.get("peak") is not None and part["peak"] == c.get("largest") else ""
             programs.append((f"stage {k}{largest}", part))
+        m = r.get("remat") or {}
+        if m.get("k") == num_stages:  # with remat: backprop and the largest stage
+            programs.append((f"backprop, {m['policy']}", m.get("backprop_breakdown") or {}))
+            programs += [(f"stage {k} (largest), {m['policy']}", part) for k, part in enumerate(m.get("breakdown") or [])
+                         if part.get("peak") is not None][:1]
         for label, p in programs:
             if p.get("peak") is None:
                 continue

@@ -308,6 +308,11 @@ def render(found: dict, memory_rows: list | None = None) -> list:
         even = m.get("even_k4") or {}
         ours = ", ".join(f"{k} {_fmt(v, '.2f', 'x')} (even cut {_fmt(even.get(k), '.2f', 'x')})"
                          for k, v in m["ratios_k4"].items())
+        remat = m.get("remat_k4") or {}
+        if remat:  # beside the verdict, not judged: the paper's backprop does not recompute
+            ours += "; with remat " + ", ".join(
+                f"{k} ({r['policy']}) {_fmt(r['vs_plain'], '.2f', 'x')} of backprop without remat, "
+                f"{_fmt(r['vs_remat'], '.2f', 'x')} of backprop with it" for k, r in remat.items())
         lines.append(f"| Memory per device, largest local stage / backprop at K = 4 (goal <= {m['goal']}) | {ours} | "
                      f"{m['paper']} | {_verdict(m['reproduced'])} |")
     lines.append("")

@@ -121,6 +121,8 @@ def get_config():
         # the accounting of lpjax.research.memory: a memory.json kept from another accounting is not reused
         "accounting": "donated state; backprop's whole step; cut balanced by measured stage peaks",
         "stages": (2, 4, 8),
+        # K = 4 again with this remat on both sides, reported beside the verdict (lpjax.research.memory)
+        "remat": "layers_nothing_saved",
         "models": {
             "resnet32_cifar": {"model": "resnet32", "input_shape": (32, 32, 3), "num_classes": 10, "batch": 128},
             "lm_seq256": {"model": "transformer_lm", "seq_len": 256, "vocab_size": 256, "dim": 256, "depth": 8,

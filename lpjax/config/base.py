@@ -47,8 +47,9 @@ overridden on the command line (``--config.optimizer.learning_rate=3e-4``):
                             code 1. skip also checks each update's written values before writing them
                             (one more optax step per update) and skips one that overflows; halt writes
                             it and stops at the next record (docs/semantics.md, "Non-finite values")
-    remat                   none | nothing_saved | dots_saved | dots_no_batch_saved: what each stage's
-                            forward keeps for its backward (lpjax/core/remat.py); the rest is recomputed
+    remat                   none | nothing_saved | dots_saved | dots_no_batch_saved | layers_nothing_saved:
+                            what each stage's forward keeps for its backward (lpjax/core/remat.py); the
+                            rest is recomputed (layers_*: one layer at a time, which lowers the peak)
     precision.compute       float32 | bfloat16: what every layer computes in (lpjax/models/precision.py);
                             losses and normalisation statistics stay in float32
     precision.params        float32 | bfloat16: how parameters and optimizer state are stored

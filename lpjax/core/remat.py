@@ -14,11 +14,10 @@ Two scopes:
   recomputes the whole body before differentiating it, so every intermediate is held again
   (ResNet-32, batch 128, K = 4: the largest stage's peak is unchanged or slightly larger,
   lpjax.research.memory).
-- each layer (``layers_nothing_saved``, ``layers_dots_saved``): every layer of an ``nnx.Sequential``
-  body (a ResNet's block, a Transformer's block) is its own checkpoint. The forward keeps each
-  layer's input (and, for ``layers_dots_saved``, its matmul outputs); the backward recomputes one
-  layer at a time, so the peak holds one layer's intermediates, not the stage's. The head is not
-  checkpointed. A body that is not an ``nnx.Sequential`` runs as one checkpoint with the same policy.
+- each layer (``layers_nothing_saved``): every layer of an ``nnx.Sequential`` body (a ResNet's
+  block, a Transformer's block) is its own checkpoint. The forward keeps each layer's input; the
+  backward recomputes one layer at a time, so the peak holds one layer's intermediates, not the
+  stage's. The head is not checkpointed. A body that is not an ``nnx.Sequential`` runs as one checkpoint with the same policy.
 """
 
 import jax

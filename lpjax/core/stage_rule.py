@@ -149,9 +149,10 @@ class StageRule:
     """
 
     def __init__(self, stage, k, num_stages, method, tx, loss_fn, readout_path=None, remat="none", make_stage=None,
-                 check_writes=True):
+                 check_writes=False):
         self.k, self.num_stages = k, num_stages
-        self.check_writes = check_writes  # see the module docstring: skip checks each write, halt each record
+        # see the module docstring: skip checks each write, halt (Trainer's default, and this) each record
+        self.check_writes = check_writes
         self.make_stage = make_stage
         self.remat = check_remat(remat)  # lpjax/core/remat.py: what the forward keeps for the backward
         # shared readout (lpjax/core/shared_readout.py): where this stage's head keeps the readout; the

@@ -35,7 +35,10 @@ step's CPU, smaller than this benchmark's run-to-run spread on a busy machine. T
 per-round ratios (each lpjax round against the hand-written round beside it) is printed beside the
 goal's figure, which it does not replace. The same day the norm-as-constant measurement read 1.057x
 and 1.051x (1.090x and 1.058x with the norm, 21 rounds in one process), so on some days the norm is
-only part of the gap; BUILD_NOTES.md keeps the figures.
+only part of the gap; BUILD_NOTES.md keeps the figures. On
+2026-12-06, after ``nonfinite=skip`` began checking what each update writes (one more computation of
+the optax step, which ``halt``, the default, leaves out of the step): 1.035x and 1.026x with the
+default, 1.369x and 1.372x with ``--nonfinite skip`` (docs/performance.md has the forms tried).
 
 Run from the repository root (the default takes about a minute on 2 CPU cores):
 

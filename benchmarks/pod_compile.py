@@ -23,6 +23,8 @@ Run from the repository root; a 1.2B row compiles for minutes on 2 CPU cores, an
     python benchmarks/pod_compile.py --list                        # the ladder's rows and commands
     python benchmarks/pod_compile.py --models lm_1.2b --topologies v5e:4x4 --stages 4 --methods chunked
     python benchmarks/pod_compile.py --jobs 4 --json ladder.json   # all of it, 4 compiles at a time
+    python benchmarks/pod_compile.py --models lm_1.2b --topologies v5e:4x4 --stages 4 --methods backprop-1f1b \
+        --programs "step (first" --set remat=nothing_saved precision.compute=bfloat16   # remat, bf16 (issue 26)
 """
 
 import argparse

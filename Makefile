@@ -1,6 +1,6 @@
 # make demo: create .venv, install lpjax, train the default recipe (greedy, 4 stages, MNIST-5k).
 # make test: create .venv if needed and run the test suite on 2 workers (PYTEST_ARGS= for one).
-# make test-slow: the slow tests (multi-process runs, preemption, fresh-venv install, large recipes), skipped by make test.
+# make test-slow: the slow tests (multi-process runs, preemption, fresh-venv install, large recipes, multi-GB model states), skipped by make test.
 # Pick the interpreter with PYTHON=...; a different Python version rebuilds .venv from scratch.
 
 PYTHON ?= python3
@@ -21,9 +21,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The tests skipped by default: larger recipes, and a non-editable install into a fresh venv.
+# The tests skipped by default: multi-process runs, larger recipes and model states, and a non-editable install into a fresh venv.
 test-slow: $(STAMP)
-	LPJAX_SLOW_TESTS=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_multihost.py tests/test_multihost_train.py tests/test_multihost_data.py tests/test_multihost_models.py tests/test_preemption.py tests/test_install.py tests/test_real_recipes.py
+	LPJAX_SLOW_TESTS=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_multihost.py tests/test_multihost_train.py tests/test_multihost_data.py tests/test_multihost_models.py tests/test_preemption.py tests/test_install.py tests/test_real_recipes.py tests/test_state_on_device.py
 
 venv: $(STAMP)
 

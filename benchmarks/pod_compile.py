@@ -21,8 +21,10 @@ The ladder (issue 25):
 Run from the repository root; a 1.2B row compiles for minutes on 2 CPU cores, an 8B one for longer:
 
     python benchmarks/pod_compile.py --list                        # the ladder's rows and commands
-    python benchmarks/pod_compile.py --models lm1b --topologies v5e:4x4 --stages 4 --methods chunked
+    python benchmarks/pod_compile.py --models lm_1.2b --topologies v5e:4x4 --stages 4 --methods chunked
     python benchmarks/pod_compile.py --jobs 4 --json ladder.json   # all of it, 4 compiles at a time
+    python benchmarks/pod_compile.py --models lm_1.2b --topologies v5e:4x4 --stages 4 --methods backprop-1f1b \
+        --programs "step (first" --set remat=nothing_saved precision.compute=bfloat16   # remat, bf16 (issue 26)
 """
 
 import argparse
@@ -146,6 +148,17 @@ def columns(result):
             f"{report['shortfall'] or ''} |")
 
 
+def _setting(item):
+    """``KEY=VALUE`` from ``--set``: the value as a Python literal where it reads as one, else a string."""
+    import ast
+
+    key, _, value = item.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[*LM, *RESNETS], choices=[*LM, *RESNETS])
@@ -157,11 +170,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write every row's result here")
     parser.add_argument("--programs", nargs="+", default=None,
                         help="compile only programs whose names start so, e.g. 'init' 'step (first' (default: all)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every row, e.g. remat=dots_saved precision.compute=bfloat16")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # one row, in this process (run_row)
     args = parser.parse_args(argv)
     if args.row:
         return compile_row(*json.loads(args.row))
     rows = ladder(args.models, args.topologies, args.stages, args.methods)
+    extra = dict(_setting(item) for item in args.set)
+    rows = [(label, recipe, topology, {**overrides, **extra}) for label, recipe, topology, overrides in rows]
     if args.list:
         for label, recipe, topology, overrides in rows:
             print(f"{label:<28} {topology:<10} lpjax " + " ".join(command(recipe, topology, overrides, "DIR")))

@@ -245,3 +245,25 @@ def test_paper_long_suite_plans_the_same_findings_at_full_size():
     found = paper.findings({"headline": {}, "critical_batch_size": {}, "best": [], "alignment": []}, [], long)
     line = next(line for line in paper.render(found) if line.startswith("Expected run time of the suite: "))
     assert "2 idle CPU cores: " in line and "1 GPU (H100 or H200): " in line
+
+
+def test_the_exact_cut_is_never_worse_than_the_balanced_cut(tmp_path, capsys):
+    """memory_per_device.py --exact-cut compiles every run of layers as a stage: its min-max partition
+    bounds the suite's balanced cut (a descent over candidates) from below, in the same bytes."""
+    import importlib.util
+    import json
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("memory_per_device",
+                                                  os.path.join(repo, "benchmarks", "memory_per_device.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "rows.json"
+    assert module.main(["--tiny", "--stages", "2", "4", "--remat", "none", "--exact-cut", "--json", str(out)]) == 0
+    assert "exact cut, tiny_mlp, K = 4: [" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    found = module.exact_cut("tiny_mlp", module.TINY["tiny_mlp"], (2, 4))
+    for k in (2, 4):
+        points, costs = found[k]
+        assert len(points) == k - 1 and len(costs) == k
+        assert max(costs) <= row["local"][str(k)]["largest"]

@@ -296,19 +296,24 @@ def test_under_halt_an_overflowing_update_shows_in_health_and_export_refuses_it(
 
 
 @pytest.mark.parametrize("executor", sorted(EXECUTOR_FLAGS))
-def test_halt_stops_an_overflowing_run_at_the_first_record_naming_the_stage(executor, tmp_path, capsys):
+@pytest.mark.parametrize("rate,first_line", [
+    # past float32's range: the first update writes infinities, which the record at step 1 finds
+    ("1e39", "lpjax: error: stage 0's parameters or optimizer state are not finite at step 1: an update overflowed"),
+    # the first update is finite but huge; step 2's loss is NaN, and its update is skipped
+    ("1e30", "lpjax: error: non-finite loss or gradient by step 2: skipped stage 0"),
+], ids=["overflow", "nan-loss"])
+def test_halt_stops_a_diverging_run_at_the_first_record_naming_the_stage(executor, rate, first_line, tmp_path, capsys):
     workdir = tmp_path / "W"
     code = cli.main(["lpjax", "train", f"--config={MNIST_MLP}", "--config.dataset.name=digits",
                      "--config.dataset.test_size=300", "--config.model.width=64", "--config.optimizer.name=sgd",
-                     "--config.optimizer.learning_rate=1e30", "--config.optimizer.decay=constant",
-                     "--config.num_steps=40", "--config.log_every=5", "--config.checkpoint.every_steps=10",
+                     f"--config.optimizer.learning_rate={rate}", "--config.optimizer.decay=constant",
+                     "--config.num_steps=40", "--config.log_every=1", "--config.checkpoint.every_steps=10",
                      *EXECUTOR_FLAGS[executor], f"--workdir={workdir}"])
     err = capsys.readouterr().err
-    assert code == 1, err
     lines = [line for line in err.splitlines() if line.startswith("lpjax: error:")]
+    assert code == 1, err
     assert len(lines) == 1 and "Traceback" not in err, err
-    # the first update overflows stage 0 (or, where its loss is already NaN, it is skipped); either way step 5 stops it
-    assert lines[0].startswith("lpjax: error: stage 0") or lines[0].startswith("lpjax: error: non-finite"), lines[0]
+    assert lines[0].startswith(first_line), lines[0]
     assert "no checkpoint was written yet" in lines[0], lines[0]
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
     assert not (workdir / "results.json").exists()

@@ -90,21 +90,18 @@ def exact_cut(name, spec, stages):
     """The partition minimising the largest stage's measured peak over EVERY cut between layers: each
     contiguous run of layers compiled once as a stage (memoised), then dynamic programming. The
     suite's balanced cut is a descent from two candidates; this checks it against all of them."""
-    from flax import nnx
-
-    from lpjax.models import MODELS
     from lpjax.research.balance import measured_stage_memory, min_max_partition
-    from lpjax.research.memory import builder_options, example_shapes
+    from lpjax.research.memory import case_network, example_shapes
 
     x, y = example_shapes(spec)
-    builder = MODELS[spec["model"]]
-    network = builder(**builder_options(spec, builder), rngs=nnx.Rngs(0))
+    network = case_network(spec)
     cost = measured_stage_memory(network, x, y)
     found = {}
     for k in stages:
         points, costs = min_max_partition(len(network.layers), k, cost)
         found[k] = (points, costs)
-        print(f"exact cut, {name}, K = {k}: {points}, stages " + ", ".join(f"{c / 2 ** 20:.1f}" for c in costs)
+        sizes = ", ".join(f"{c / 2 ** 20:.1f}" for c in costs)
+        print(f"exact cut, {name}, K = {k}: {points}, stages {sizes}"
               + f" MiB; largest {max(costs) / 2 ** 20:.1f} MiB (every run of the {len(network.layers)} layers compiled)")
     return found
 

@@ -137,17 +137,24 @@ def test_ratios_by_batch_are_each_methods_ideal_time_over_backprops_at_that_batc
     assert paper.ratios_by_batch([entry("greedy", 16, 1.0, 5)], "p")[0]["ratios"] == {"greedy": None}
 
 
-def test_memory_benchmark_tiny(tmp_path, capsys):
-    """benchmarks/memory_per_device.py --tiny: the largest stage shrinks as K grows, below backprop's
-    single-device peak; each stage's figure is a compiled program's peak (weights at least)."""
+def memory_benchmark():
+    """benchmarks/memory_per_device.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-    import json
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("memory_per_device",
                                                   os.path.join(repo, "benchmarks", "memory_per_device.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_benchmark_tiny(tmp_path, capsys):
+    """benchmarks/memory_per_device.py --tiny: the largest stage shrinks as K grows, below backprop's
+    single-device peak; each stage's figure is a compiled program's peak (weights at least)."""
+    import json
+
+    module = memory_benchmark()
     out = tmp_path / "rows.json"
     assert module.main(["--tiny", "--stages", "2", "4", "--remat", "layers_nothing_saved", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
@@ -250,14 +257,9 @@ def test_paper_long_suite_plans_the_same_findings_at_full_size():
 def test_the_exact_cut_is_never_worse_than_the_balanced_cut(tmp_path, capsys):
     """memory_per_device.py --exact-cut compiles every run of layers as a stage: its min-max partition
     bounds the suite's balanced cut (a descent over candidates) from below, in the same bytes."""
-    import importlib.util
     import json
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("memory_per_device",
-                                                  os.path.join(repo, "benchmarks", "memory_per_device.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = memory_benchmark()
     out = tmp_path / "rows.json"
     assert module.main(["--tiny", "--stages", "2", "4", "--remat", "none", "--exact-cut", "--json", str(out)]) == 0
     assert "exact cut, tiny_mlp, K = 4: [" in capsys.readouterr().out

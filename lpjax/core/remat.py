@@ -17,7 +17,8 @@ Two scopes:
 - each layer (``layers_nothing_saved``): every layer of an ``nnx.Sequential`` body (a ResNet's
   block, a Transformer's block) is its own checkpoint. The forward keeps each layer's input; the
   backward recomputes one layer at a time, so the peak holds one layer's intermediates, not the
-  stage's. The head is not checkpointed. A body that is not an ``nnx.Sequential`` runs as one checkpoint with the same policy.
+  stage's. The head is not checkpointed. A body that is not an ``nnx.Sequential`` runs as one
+  checkpoint with the same policy.
 """
 
 import jax

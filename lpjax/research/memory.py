@@ -58,6 +58,14 @@ def builder_options(spec: dict, builder) -> dict:
             if k not in ("model", "batch") and k in accepted}
 
 
+def case_network(spec: dict):
+    """The unstaged network of a memory case, seeded as every figure of the table is."""
+    from lpjax.models import MODELS
+
+    builder = MODELS[spec["model"]]
+    return builder(**builder_options(spec, builder), rngs=nnx.Rngs(0))
+
+
 # -- what a program holds ---------------------------------------------------------------------------
 def _bytes(tree) -> int:
     return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
@@ -135,13 +143,11 @@ def memory_case(name: str, spec: dict, stages=(2, 4, 8), method: str = "chunked"
     holds the same at K = 4 with that policy on both sides (``remat_case``)."""
     from lpjax import Trainer, stage_network
     from lpjax.core.methods import make_method
-    from lpjax.models import MODELS
 
     x, y = example_shapes(spec)
 
     def trainer(num_stages, method_name, split, policy="none"):
-        builder = MODELS[spec["model"]]
-        network = builder(**builder_options(spec, builder), rngs=nnx.Rngs(0))
+        network = case_network(spec)
         if policy != "none" and num_stages > 1:  # the planner measures without remat: balance under it here
             from lpjax.research.balance import balanced_split
             split = balanced_split(network, num_stages, x, y, by="memory", remat=policy) if split else None

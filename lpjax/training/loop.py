@@ -28,6 +28,7 @@ from lpjax.distributed import multihost
 from lpjax.training import workdir as files
 from lpjax.training import process_hooks
 from lpjax.training.checkpoint import Checkpointer
+from lpjax.config.base import NONFINITE_POLICIES
 from lpjax.config.build import build_experiment, resolve, stage_layers
 from lpjax.config.checks import boolean, non_negative_int, one_of, positive_int
 from lpjax.errors import ConfigError
@@ -160,7 +161,7 @@ def _policy(nonfinite, trainer):
     updates unchecked (``halt``) would not keep the state finite, so it is refused."""
     if nonfinite is None:
         return trainer.nonfinite
-    one_of(nonfinite, ("halt", "skip"), "nonfinite")
+    one_of(nonfinite, NONFINITE_POLICIES, "nonfinite")
     if nonfinite == "skip" and trainer.nonfinite != "skip":
         raise ConfigError("fit(nonfinite='skip') needs a trainer that checks each update before writing it; "
                           "build it with lpjax.Trainer(..., nonfinite='skip')")

@@ -27,7 +27,9 @@ class HostStates:
             sharding = self.placement.state_sharding(k)
             row = []
             for buf in leaves:
-                shards = [s.data.reshape(buf.shape[1:]) for s in buf.addressable_shards if s.index[0].indices(buf.shape[0])[0] == k]
+                # indices(): along a size-1 stage axis a shard's index is slice(None), not slice(0, 1)
+                shards = [s.data.reshape(buf.shape[1:]) for s in buf.addressable_shards
+                          if s.index[0].indices(buf.shape[0])[0] == k]
                 if not shards:
                     break
                 row.append(jax.make_array_from_single_device_arrays(buf.shape[1:], sharding, shards))
